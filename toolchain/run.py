@@ -1,0 +1,158 @@
+"""Execute a plan locally: each stage runs under its key's lock, into a temp dir, and is committed atomically.
+
+A stage runner is `run(ctx) -> dict` (imported lazily, so a fully cached build never imports torch). What it
+returns lands in the manifest; `{"status": "failed", ...}` marks a finished artifact that failed its gate.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import BuildError, ToolchainError
+from .plan import Plan, Stage, explain, ref_record
+from .progress import Reporter
+from .store import Store
+
+
+@dataclass
+class StageContext:
+    """What a stage runner sees: its config, its inputs' directories, where to write, and how to report."""
+
+    stage: Stage
+    plan: Plan
+    out: Path
+    inputs: dict[str, Path]
+    input_manifests: dict[str, dict[str, Any]]
+    reporter: Reporter
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return self.stage.config
+
+
+@dataclass
+class StageResult:
+    name: str
+    key: str
+    status: str  # built | cached | failed | skipped
+    seconds: float
+    reason: str
+    size: int = 0
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+class PeakRSS:
+    """Samples this process's RSS in a thread: the peak while one stage runs (ru_maxrss is process-lifetime)."""
+
+    def __init__(self, interval: float = 0.05):
+        import psutil
+
+        self._proc = psutil.Process()
+        self.peak = self._proc.memory_info().rss
+        self._stop = threading.Event()
+        self._interval = interval
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self._interval):
+            self.peak = max(self.peak, self._proc.memory_info().rss)
+
+    def __enter__(self) -> PeakRSS:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._proc.memory_info().rss)
+
+
+def _load_runner(runner: str) -> Any:
+    module, _, fn = runner.partition(":")
+    return getattr(importlib.import_module(module), fn)
+
+
+def _tool_versions() -> dict[str, Any]:
+    import platform
+
+    from . import __version__
+    from .plan import lib_versions
+
+    return {"toolchain": __version__, "python": platform.python_version(),
+            **lib_versions(("torch", "transformers", "compressed-tensors", "safetensors", "gguf"))}
+
+
+def _run_stage(stage: Stage, plan: Plan, store: Store, reporter: Reporter, previous: dict | None) -> StageResult:
+    t0 = time.perf_counter()
+    if stage.skip_reason:
+        return StageResult(stage.name, stage.key, "skipped", 0.0, stage.skip_reason)
+    if store.has(stage.key):
+        m = store.manifest(stage.key)
+        status = "failed" if m.get("status") == "failed" else "cached"
+        reason = m.get("reason", "") if status == "failed" else "cached"
+        return StageResult(stage.name, stage.key, status, time.perf_counter() - t0, reason, m.get("size", 0),
+                           m.get("info", {}))
+    reason = explain(stage, previous, store)
+
+    def waiting() -> None:
+        reporter.info(f"  {stage.name}: another build holds {stage.key[:12]}; waiting for it")
+
+    with store.lock(stage.key, on_wait=waiting):
+        if store.has(stage.key):  # the other builder finished it while we waited
+            m = store.manifest(stage.key)
+            return StageResult(stage.name, stage.key, "cached", time.perf_counter() - t0,
+                               "built by a concurrent build", m.get("size", 0), m.get("info", {}))
+        tmp = store.new_tmp(stage.key)
+        ctx = StageContext(
+            stage=stage, plan=plan, out=tmp,
+            inputs={r: store.object_dir(k) for r, k in stage.inputs.items()},
+            input_manifests={r: store.manifest(k) for r, k in stage.inputs.items() if store.has(k)},
+            reporter=reporter,
+        )
+        reporter.info(f"[bold]{stage.name}[/] ({reason})")
+        try:
+            with PeakRSS() as rss:
+                info = _load_runner(stage.runner)(ctx) or {}
+        except BaseException:
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        seconds = time.perf_counter() - t0
+        status = info.pop("status", "ok")
+        manifest = {
+            "stage": stage.name, "status": status, "reason": info.pop("reason", reason),
+            "inputs": stage.inputs, "config": stage.config, "material": stage.material,
+            "profile": plan.profile.profile.name, "seconds": round(seconds, 3), "peak_rss_bytes": rss.peak,
+            "tool_versions": _tool_versions(), "created_unix": int(time.time()), "info": info,
+        }
+        manifest = store.commit(tmp, stage.key, manifest)
+    return StageResult(stage.name, stage.key, "failed" if status == "failed" else "built", seconds,
+                       manifest["reason"], manifest["size"], info)
+
+
+def execute(plan: Plan, store: Store, reporter: Reporter) -> list[StageResult]:
+    """Run every stage in order; stop at the first error (already-built stages stay, as they are complete)."""
+    previous = {s["name"]: s for s in (store.read_ref(plan.profile.profile.name) or {}).get("stages", [])}
+    results: list[StageResult] = []
+    try:
+        for stage in plan.stages:
+            results.append(_run_stage(stage, plan, store, reporter, previous.get(stage.name)))
+    except ToolchainError:
+        raise
+    except Exception as e:  # a stage crashed: report which one, keep the traceback for --debug
+        failed = plan.stages[len(results)]
+        if os.environ.get("TOOLCHAIN_DEBUG"):
+            raise
+        raise BuildError(f"stage {failed.name} failed: {type(e).__name__}: {e}") from e
+    finally:
+        done = {r.key for r in results}
+        if all(s.key in done or s.skip_reason for s in plan.stages):
+            store.write_ref(plan.profile.profile.name, ref_record(plan))
+    return results

@@ -1,0 +1,117 @@
+"""Where a model comes from: a local HF directory, an HF hub id in the local cache, a GGUF file, or a synthetic
+model of a named shape. Resolution and identity (content hash) are light; materialising (GGUF -> HF,
+synthetic weights) happens in the `source` stage and imports torch lazily."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import arch
+from .errors import InputError
+from .profile import LoadedProfile
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+                   "chat_template.jinja", "generation_config.json", "vocab.json", "merges.txt")
+
+
+@dataclass(frozen=True)
+class ResolvedSource:
+    kind: str  # "hf" | "gguf" | "synthetic"
+    label: str
+    path: Path | None = None
+    synthetic: dict[str, Any] | None = None
+
+    def model_config(self) -> dict[str, Any]:
+        """The HF config.json of the model, read without loading weights."""
+        if self.kind == "hf":
+            return json.loads((self.path / "config.json").read_text())
+        if self.kind == "synthetic":
+            s = self.synthetic
+            return arch.synthetic_config(s["arch"], s.get("num_layers"), s["dtype"])
+        return gguf_llama_config(self.path)
+
+
+def hf_cache_dir() -> Path:
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"])
+    home = os.environ.get("HF_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "huggingface")
+    return Path(home) / "hub"
+
+
+def resolve_hub(repo_id: str, revision: str) -> Path:
+    """A hub id + revision -> its snapshot in the local HF cache. Offline by design: nothing is downloaded."""
+    repo_dir = hf_cache_dir() / ("models--" + repo_id.replace("/", "--"))
+    commit = revision if re.fullmatch(r"[0-9a-f]{40}", revision) else None
+    if commit is None and (repo_dir / "refs" / revision).is_file():
+        commit = (repo_dir / "refs" / revision).read_text().strip()
+    snapshot = repo_dir / "snapshots" / commit if commit else None
+    if snapshot is None or not (snapshot / "config.json").is_file():
+        raise InputError(
+            f"source.hub: {repo_id}@{revision} is not in the local Hugging Face cache ({repo_dir}). "
+            f"Download it where the hub is reachable (`hf download {repo_id} --revision {revision}`) and copy "
+            f"the cache here, point source.path at a local copy, or run on random weights of the same shape "
+            f"with `--source synthetic` (speed only; accuracy gates are then skipped)."
+        )
+    return snapshot
+
+
+def resolve(loaded: LoadedProfile) -> ResolvedSource:
+    src = loaded.profile.source
+    if src.synthetic is not None:
+        s = src.synthetic
+        if s.arch not in arch.ARCHS:
+            raise InputError(f"source.synthetic.arch: unknown architecture {s.arch!r}; "
+                             f"known: {', '.join(sorted(arch.ARCHS))}")
+        return ResolvedSource("synthetic", f"synthetic:{s.arch} (seed {s.seed})", synthetic=s.model_dump())
+    if src.hub is not None:
+        path = resolve_hub(src.hub, src.revision)
+        return ResolvedSource("hf", f"{src.hub}@{src.revision}", path=path)
+    path = loaded.resolve(src.path)
+    if path.is_file() and path.suffix == ".gguf":
+        return ResolvedSource("gguf", str(path), path=path)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise InputError(f"source.path: {path} has no config.json; point it at a Hugging Face model directory")
+        if not any(path.glob("*.safetensors")):
+            raise InputError(f"source.path: {path} has no *.safetensors weights (only safetensors are read; "
+                             "convert .bin weights with transformers' save_pretrained first)")
+        return ResolvedSource("hf", str(path), path=path)
+    if not path.exists():
+        raise InputError(f"source.path: {path} does not exist; give an HF model directory or a .gguf file")
+    raise InputError(f"source.path: {path} is neither a directory nor a .gguf file")
+
+
+def gguf_llama_config(path: Path) -> dict[str, Any]:
+    """Read a Llama GGUF's hyper-parameters from its metadata (memory-mapped; no tensor is read)."""
+    try:
+        from gguf import GGUFReader
+    except ImportError:
+        raise InputError("reading a .gguf source needs the `gguf` package: pip install gguf") from None
+    reader = GGUFReader(str(path))
+
+    def field(name: str, default: Any = None) -> Any:
+        f = reader.fields.get(name)
+        if f is None:
+            return default
+        return f.contents()
+
+    arch_name = field("general.architecture")
+    if arch_name != "llama":
+        raise InputError(f"source.path: GGUF architecture {arch_name!r} is not supported yet (only llama)")
+    vocab = len(reader.fields["tokenizer.ggml.tokens"].data)
+    heads = int(field("llama.attention.head_count"))
+    return {
+        "model_type": "llama",
+        "architectures": ["LlamaForCausalLM"],
+        "hidden_size": int(field("llama.embedding_length")),
+        "intermediate_size": int(field("llama.feed_forward_length")),
+        "num_hidden_layers": int(field("llama.block_count")),
+        "num_attention_heads": heads,
+        "num_key_value_heads": int(field("llama.attention.head_count_kv", heads)),
+        "vocab_size": vocab,
+    }

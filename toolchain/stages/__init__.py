@@ -1,0 +1,1 @@
+"""Stage runners that are not a quantizer, an exporter or a validator."""

@@ -1,0 +1,98 @@
+"""The source stage: make the model an HF safetensors directory the rest of the pipeline can read lazily.
+
+- hf: nothing to copy; the artifact records the directory (its content hash is already in the key).
+- gguf: dequantize through transformers' GGUF loader and save as safetensors, with tokenizer and chat template.
+- synthetic: random weights of a named shape, written tensor by tensor (memory: one tensor), seeded per tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from pathlib import Path
+from typing import Any
+
+from ..errors import MissingToolError
+from ..run import StageContext
+
+
+def model_dir(manifest: dict[str, Any], artifact_dir: Path) -> Path:
+    """Where a source artifact's HF directory is: in the store, or the user's own directory."""
+    external = manifest.get("info", {}).get("external_path")
+    return Path(external) if external else artifact_dir
+
+
+def run(ctx: StageContext) -> dict[str, Any]:
+    src = ctx.plan.source
+    if src.kind == "hf":
+        return {"external_path": str(src.path), "label": src.label}
+    if src.kind == "gguf":
+        convert_gguf(src.path, ctx.out, ctx)
+        return {"label": src.label, "converted_from": "gguf"}
+    synthesize(ctx.plan.model_config, src.synthetic["seed"], ctx.out, ctx)
+    return {"label": src.label, "synthetic": src.synthetic}
+
+
+def convert_gguf(path: Path, out: Path, ctx: StageContext) -> None:
+    try:
+        import gguf  # noqa: F401
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+    except ImportError as e:
+        raise MissingToolError(f"converting a GGUF source needs torch, transformers and gguf ({e}); "
+                               "pip install 'toolchain[quant]'") from None
+    ctx.reporter.info(f"  dequantizing {path.name} with transformers' GGUF loader")
+    tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    # The weights are now plain float tensors; drop the marker that makes transformers refuse to save them.
+    del model.config.quantization_config
+    model.hf_quantizer = None
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+
+
+def synthesize(cfg: dict[str, Any], seed: int, out: Path, ctx: StageContext) -> None:
+    import torch
+
+    from ..ir import ShardWriter
+
+    dtype = getattr(torch, cfg["dtype"])
+    names = synthetic_tensor_shapes(cfg)
+    writer = ShardWriter(out, prefix="model")
+    total = sum(_numel(shape) for _, shape in names)
+    with ctx.reporter.task("synthesizing weights", total=total) as task:
+        for name, shape in names:
+            if name.endswith("norm.weight"):
+                t = torch.ones(shape, dtype=dtype)
+            else:
+                g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+                t = (torch.randn(shape, generator=g) * 0.02).to(dtype)
+            writer.add(name, t)
+            task.advance(_numel(shape))
+    writer.close(hf_layout=True)
+    (out / "config.json").write_text(json.dumps({**cfg, "torch_dtype": cfg["dtype"]}, indent=2))
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def synthetic_tensor_shapes(cfg: dict[str, Any]) -> list[tuple[str, tuple[int, ...]]]:
+    from ..arch import linear_shapes
+
+    h = cfg["hidden_size"]
+    out: list[tuple[str, tuple[int, ...]]] = [("model.embed_tokens.weight", (cfg["vocab_size"], h))]
+    linears = {n: (o, i) for n, o, i in linear_shapes(cfg)}
+    for layer in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{layer}"
+        out.append((f"{p}.input_layernorm.weight", (h,)))
+        out += [(f"{n}.weight", s) for n, s in linears.items() if n.startswith(p + ".") and ".self_attn." in n]
+        out.append((f"{p}.post_attention_layernorm.weight", (h,)))
+        out += [(f"{n}.weight", s) for n, s in linears.items() if n.startswith(p + ".") and ".mlp." in n]
+    out.append(("model.norm.weight", (h,)))
+    if not cfg.get("tie_word_embeddings"):
+        out.append(("lm_head.weight", linears["lm_head"]))
+    return out

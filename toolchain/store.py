@@ -1,0 +1,207 @@
+"""Content-addressed artifact store.
+
+Layout under the store root:
+  objects/<k[:2]>/<key>/   one finished artifact: its files and manifest.json (written last, then renamed in)
+  tmp/<key>.<rand>/        an artifact being built; renamed into objects/ only when complete
+  locks/<key>.lock         one builder per key; a second build of the same key waits, then reuses
+  refs/<profile>.json      what the last build of each profile produced (gc roots, and `plan`'s "what changed")
+  cache/stat.json          stat signature -> sha256 of source files
+
+A directory under objects/ is complete by construction: rename is atomic and happens after every file and
+the manifest are fsynced. A killed build leaves only a tmp/ directory, which the next builder of that key
+(holding its lock) or `gc` removes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from filelock import FileLock, Timeout
+
+from .hashing import sha256_file
+
+MANIFEST = "manifest.json"
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fd = os.open(dirpath, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def dir_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+class Store:
+    def __init__(self, root: str | Path):
+        self.root = Path(root).resolve()
+
+    # -- paths -----------------------------------------------------------------------------------
+    def object_dir(self, key: str) -> Path:
+        return self.root / "objects" / key[:2] / key
+
+    def has(self, key: str) -> bool:
+        return (self.object_dir(key) / MANIFEST).is_file()
+
+    def manifest(self, key: str) -> dict[str, Any]:
+        return json.loads((self.object_dir(key) / MANIFEST).read_text())
+
+    def find(self, prefix: str) -> str:
+        """A full key from a unique prefix (as `git` does for commits)."""
+        if len(prefix) >= 2:
+            bucket = self.root / "objects" / prefix[:2]
+            matches = [p.name for p in bucket.glob(prefix + "*")] if bucket.is_dir() else []
+            if len(matches) == 1:
+                return matches[0]
+            if len(matches) > 1:
+                raise KeyError(f"key prefix {prefix!r} is ambiguous ({len(matches)} artifacts); give more characters")
+        raise KeyError(f"no artifact with key {prefix!r} in {self.root}")
+
+    # -- building ---------------------------------------------------------------------------------
+    @contextmanager
+    def lock(self, key: str, on_wait: Any = None) -> Iterator[None]:
+        (self.root / "locks").mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(self.root / "locks" / f"{key}.lock"))
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            if on_wait:
+                on_wait()
+            lock.acquire()
+        try:
+            yield
+        finally:
+            lock.release()
+
+    def new_tmp(self, key: str) -> Path:
+        """A fresh build directory for `key`; call with the key's lock held. Clears leftovers of killed builds."""
+        tmp_root = self.root / "tmp"
+        tmp_root.mkdir(parents=True, exist_ok=True)
+        for stale in tmp_root.glob(f"{key}.*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        return Path(tempfile.mkdtemp(prefix=f"{key}.", dir=tmp_root))
+
+    def commit(self, tmp: Path, key: str, manifest: dict[str, Any]) -> dict[str, Any]:
+        """Hash the files, write the manifest, fsync, and rename tmp into place (atomic)."""
+        files = []
+        for p in sorted(tmp.rglob("*")):
+            if p.is_file():
+                files.append({"path": p.relative_to(tmp).as_posix(), "size": p.stat().st_size,
+                              "sha256": sha256_file(p)})
+        manifest = {**manifest, "key": key, "files": files, "size": sum(f["size"] for f in files)}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+        _fsync_tree(tmp)
+        final = self.object_dir(key)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.rename(tmp, final)
+        _fsync_dir(final.parent)
+        return manifest
+
+    # -- refs (gc roots and plan history) ---------------------------------------------------------
+    def ref_path(self, name: str) -> Path:
+        return self.root / "refs" / f"{name}.json"
+
+    def read_ref(self, name: str) -> dict[str, Any] | None:
+        try:
+            return json.loads(self.ref_path(name).read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+
+    def write_ref(self, name: str, record: dict[str, Any]) -> bool:
+        """Record a profile's stages; writes nothing when the record is unchanged (a no-op build stays a no-op)."""
+        if self.read_ref(name) == record:
+            return False
+        path = self.ref_path(name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(record, indent=2, sort_keys=True))
+        os.replace(tmp, path)
+        return True
+
+    # -- listing and garbage collection -----------------------------------------------------------
+    def keys(self) -> list[str]:
+        objects = self.root / "objects"
+        if not objects.is_dir():
+            return []
+        return sorted(p.name for p in objects.glob("*/*") if (p / MANIFEST).is_file())
+
+    def ls(self) -> list[dict[str, Any]]:
+        return [self.manifest(k) for k in self.keys()]
+
+    def roots(self) -> set[str]:
+        keys: set[str] = set()
+        refs = self.root / "refs"
+        for ref in refs.glob("*.json") if refs.is_dir() else []:
+            try:
+                keys.update(s["key"] for s in json.loads(ref.read_text()).get("stages", []))
+            except (json.JSONDecodeError, KeyError, TypeError):
+                continue
+        return keys
+
+    def reachable(self) -> set[str]:
+        seen: set[str] = set()
+        todo = [k for k in self.roots() if self.has(k)]
+        while todo:
+            key = todo.pop()
+            if key in seen:
+                continue
+            seen.add(key)
+            todo.extend(k for k in self.manifest(key).get("inputs", {}).values() if self.has(k))
+        return seen
+
+    def gc(self, dry_run: bool = False) -> list[dict[str, Any]]:
+        """Remove artifacts no profile ref reaches, and build directories no live builder holds."""
+        keep = self.reachable()
+        removed = []
+        for key in self.keys():
+            if key in keep:
+                continue
+            path = self.object_dir(key)
+            m = self.manifest(key)
+            removed.append({"key": key, "stage": m.get("stage"), "size": m.get("size", 0), "path": str(path)})
+            if not dry_run:
+                # Rename first so a half-deleted directory never looks like a complete artifact.
+                doomed = path.with_name(f".gc-{key}-{time.time_ns()}")
+                os.rename(path, doomed)
+                shutil.rmtree(doomed)
+        tmp_root = self.root / "tmp"
+        for tmp in tmp_root.glob("*") if tmp_root.is_dir() else []:
+            key = tmp.name.split(".")[0]
+            lock = FileLock(str(self.root / "locks" / f"{key}.lock"))
+            try:
+                lock.acquire(timeout=0)
+            except Timeout:
+                continue  # a build is writing it right now
+            try:
+                removed.append({"key": key, "stage": "(unfinished build)", "size": dir_size(tmp), "path": str(tmp)})
+                if not dry_run:
+                    shutil.rmtree(tmp, ignore_errors=True)
+            finally:
+                lock.release()
+        return removed

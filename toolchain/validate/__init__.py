@@ -1,0 +1,1 @@
+"""Validation: reload each artifact with an independent loader and compare it with the reference."""

@@ -135,3 +135,21 @@ def test_json_mode_reports_error_as_json(cli, tmp_path, cmd):
     assert result.exit_code == 2
     doc = json.loads(result.stdout.splitlines()[0])
     assert doc["exit_code"] == 2 and "YAML" in doc["error"]
+
+
+def test_llama2_profile_without_weights_says_how_and_synthetic_plans(cli, tmp_path, monkeypatch):
+    """The shipped Llama-2 profile: absent weights stop with the fix; --source synthetic plans on its shape."""
+    import json
+
+    from conftest import REPO
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    profile = str(REPO / "profiles" / "llama2-int4.yaml")
+    out = cli("plan", profile, "--store", str(tmp_path / "s"))
+    assert out.exit_code == 2 and "meta-llama/Llama-2-7b-chat-hf" in out.output and "--source synthetic" in out.output
+    plan = cli("plan", profile, "--store", str(tmp_path / "s"), "--source", "synthetic", "--json")
+    assert plan.exit_code == 0, plan.output
+    doc = json.loads(plan.stdout)
+    assert doc["source"].startswith("synthetic:llama-2-7b")
+    assert any("ACCURACY GATES SKIPPED" in n for n in doc["notes"])
+    assert {s["name"]: s["status"] for s in doc["stages"]}["reference"] == "skipped"

@@ -91,3 +91,15 @@ def is_ignored(name: str, ignore: tuple[str, ...] | list[str]) -> bool:
         elif name == pat or name.endswith("." + pat):
             return True
     return False
+
+
+def dense_params(cfg: dict[str, Any]) -> int:
+    """Parameters of the linears plus the embedding (norms are negligible)."""
+    return sum(o * i for _n, o, i in linear_shapes(cfg)) + cfg["vocab_size"] * cfg["hidden_size"]
+
+
+def fits_in_memory(cfg: dict[str, Any], bytes_per_param: int = 4, fraction: float = 0.4) -> bool:
+    """Whether the whole model, dense at `bytes_per_param`, fits in `fraction` of this machine's RAM."""
+    import psutil
+
+    return dense_params(cfg) * bytes_per_param < fraction * psutil.virtual_memory().total

@@ -32,7 +32,7 @@ def _load_profile(profile: str | None, source: str | None):
     loaded = prof.load(profile or prof.default_profile_path())
     if source is None:
         return loaded
-    data = loaded.profile.model_dump(mode="json", by_alias=True, exclude_none=True)
+    data = loaded.profile.model_dump(mode="json", by_alias=True, exclude_unset=True)
     if source == "synthetic" or source.startswith("synthetic:"):
         arch = source.partition(":")[2] or loaded.profile.source.arch
         if not arch:
@@ -60,6 +60,17 @@ def _fmt_size(n: int) -> str:
     return str(n)
 
 
+def _quiet_libraries() -> None:
+    """Our own progress bars say what runs; the libraries' tqdm bars and advisory warnings would drown them."""
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import warnings
+
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="toolchain")
 def main() -> None:
@@ -72,6 +83,7 @@ def main() -> None:
       toolchain ls / inspect KEY / gc --dry-run     look after the artifact store
       toolchain doctor                              which backends are installed
     """
+    _quiet_libraries()
 
 
 @main.command()
@@ -161,7 +173,9 @@ def _document(plan, store, results, seconds: float) -> dict[str, Any]:
     for t in plan.profile.profile.targets:
         export = by_name.get(f"export:{t.label}")
         val = by_name.get(f"validate:{t.label}")
-        status = "failed" if (val is None or val.status == "failed") else export.status
+        engine = by_name.get(f"engine:{t.label}")
+        failed = val is None or val.status == "failed" or (engine is not None and engine.status == "failed")
+        status = "failed" if failed else export.status
         targets.append({
             "format": t.format,
             "name": t.label,
@@ -170,6 +184,8 @@ def _document(plan, store, results, seconds: float) -> dict[str, Any]:
             "validation": (val.info.get("validation") or {"passed": val.info.get("passed"), "reason": val.reason})
             if val else None,
             "conformance": val.info.get("conformance") if val else None,
+            "engine": {"path": str(store.object_dir(engine.key)), "status": engine.status, "reason": engine.reason}
+            if engine else None,
         })
     return {
         "profile": plan.profile.profile.name,

@@ -27,12 +27,12 @@ from .store import Store
 FIXED_STAGES = {
     "source": ("1", ("torch", "transformers", "gguf", "safetensors"), "toolchain.stages.source:run"),
     "quantize": ("1", ("torch", "safetensors"), "toolchain.stages.quantize:run"),
-    "reference": ("1", ("torch", "transformers"), "toolchain.validate.accuracy:run_reference"),
+    "reference": ("2", ("torch", "transformers"), "toolchain.validate.accuracy:run_reference"),
 }
-VALIDATE_VERSION = "1"
+VALIDATE_VERSION = "2"
 VALIDATE_LIBS = ("torch", "transformers")
 # Version of the evaluation protocol (windowing, statistics kept); part of reference and validate keys.
-PROTOCOL = "ppl-windows-v1/kl-top256+tail"
+PROTOCOL = "ppl-windows-v1/kl-top1024+tail"
 
 
 def lib_versions(names: tuple[str, ...]) -> dict[str, str | None]:
@@ -88,7 +88,7 @@ class Plan:
 
 def check_group_size(cfg: dict[str, Any], q: Any) -> None:
     """Every quantized layer's in_features must be a multiple of the group size: say which layer and what works."""
-    if q.method != "rtn" or q.strategy != "group":
+    if q.method not in ("rtn", "gptq", "awq") or q.strategy != "group":
         return
     layers = [(n, i) for n, _o, i in arch.linear_shapes(cfg) if not arch.is_ignored(n, q.ignore)]
     bad = [(n, i) for n, i in layers if i % q.group_size]
@@ -119,6 +119,41 @@ def _dataset_digest(loaded: LoadedProfile, cache: StatCache) -> tuple[str, str] 
     return str(path), cache.hash(path)
 
 
+# Calibrated methods: their code version (bump when the method's output changes) and the fields that shape
+# their output beyond the common ones; other methods leave these out of the key.
+CALIBRATED_METHODS = {"gptq": "1", "awq": "1"}
+METHOD_FIELDS = {"gptq": ("damp", "act_order", "static_groups", "true_sequential"),
+                 "awq": ("awq_grid", "awq_clip", "awq_fold"),
+                 "nf4": ("blocksize", "double_quant")}
+CALIBRATION_FIELDS = ("calibration", "device")
+
+
+def quantize_config(loaded: LoadedProfile, cache: StatCache, eval_sha256: str | None) -> dict[str, Any]:
+    """The quantize stage's config (and key material): the profile's quantize section with only the fields its
+    method reads; a calibration file is identified by its content hash, not its path."""
+    from .quant.calibration import parse, refuse_eval_text
+
+    q = loaded.profile.quantize
+    qcfg = q.model_dump(mode="json")
+    for method, fields in METHOD_FIELDS.items():
+        if q.method != method:
+            for f in fields:
+                qcfg.pop(f, None)
+    if q.method not in CALIBRATED_METHODS:
+        for f in CALIBRATION_FIELDS:
+            qcfg.pop(f, None)
+        return qcfg
+    cal = qcfg["calibration"]
+    src = parse(cal["dataset"], loaded.resolve)
+    if src.kind == "file":
+        cal["dataset_sha256"] = cache.hash(src.path)
+        refuse_eval_text(cal["dataset_sha256"], eval_sha256, str(src.path))
+        del cal["dataset"]  # the content is the identity: moving the file does not rebuild
+    qcfg["method_version"] = CALIBRATED_METHODS[q.method]
+    qcfg["calibrated_with"] = lib_versions(("transformers", "tokenizers"))
+    return qcfg
+
+
 def _source_key(src: ResolvedSource, cache: StatCache, reporter: Reporter) -> str:
     if src.kind == "synthetic":
         return key_of({"synthetic": src.synthetic})
@@ -139,6 +174,7 @@ def build_plan(loaded: LoadedProfile, store: Store, reporter: Reporter | None = 
     cache = StatCache(store.root / "cache" / "stat.json")
     source_key = _source_key(src, cache, reporter)
     dataset = _dataset_digest(loaded, cache)
+    qcfg = quantize_config(loaded, cache, dataset[1] if dataset else None)
     cache.save()
     source = Stage.fixed("source", {"kind": src.kind, "content": source_key}, {})
 
@@ -153,12 +189,16 @@ def build_plan(loaded: LoadedProfile, store: Store, reporter: Reporter | None = 
     notes: list[str] = []
 
     stages: list[Stage] = [source]
-    qcfg = p.quantize.model_dump(mode="json")
     quant = Stage.fixed("quantize", qcfg, {"source": source.key})
     stages.append(quant)
 
     acc = p.validate_.accuracy
     reference = None
+    if acc is not None and src.kind != "synthetic" and not arch.fits_in_memory(cfg):
+        gib = arch.dense_params(cfg) * 4 / 2**30
+        raise InputError(f"validate.accuracy: scoring this model reloads it whole in float32 ({gib:.0f} GiB), more "
+                         "than this machine can hold; run the build on a machine with more memory, or remove "
+                         "validate.accuracy to check the artifact layer by layer only")
     if acc is not None:
         protocol = {"dataset_sha256": dataset[1], "seq_len": acc.seq_len, "stride": acc.stride or acc.seq_len,
                     "max_tokens": acc.max_tokens, "protocol": PROTOCOL}
@@ -174,7 +214,18 @@ def build_plan(loaded: LoadedProfile, store: Store, reporter: Reporter | None = 
         if "*" not in exporter.methods and p.quantize.method not in exporter.methods:
             raise InputError(f"targets: format {target.format} cannot hold quantize.method {p.quantize.method} "
                              f"(it holds {', '.join(exporter.methods)})")
-        export = Stage(f"export:{target.label}", target.model_dump(mode="json"), {"quantize": quant.key},
+        # GPTQ act-order without static groups needs a per-column group index (g_idx) in the checkpoint; a
+        # format holds it only if it lists "gptq-g_idx" (compressed-tensors 0.19 has no g_idx).
+        if (p.quantize.method == "gptq" and p.quantize.act_order and not p.quantize.static_groups
+                and p.quantize.strategy == "group" and not {"*", "gptq-g_idx"} & set(exporter.methods)):
+            raise InputError(f"targets: format {target.format} cannot hold GPTQ act-order groups (a g_idx per "
+                             "input column); set quantize.static_groups: true (act-order with groups in order, "
+                             "what compressed-tensors calls actorder: weight) or act_order: false")
+        if exporter.plan_check:
+            _entry(exporter.plan_check)(p.quantize, cfg, target.options)
+        export_cfg = target.model_dump(mode="json")
+        engine_opts = export_cfg["options"].pop("engine", None)  # the engine stage's, not the export's
+        export = Stage(f"export:{target.label}", export_cfg, {"quantize": quant.key},
                        exporter.version, exporter.libs, exporter.runner).finalize()
         stages.append(export)
         vconf: dict[str, Any] = {"format": target.format}
@@ -185,7 +236,19 @@ def build_plan(loaded: LoadedProfile, store: Store, reporter: Reporter | None = 
             vinputs["reference"] = reference.key
         stages.append(Stage(f"validate:{target.label}", vconf, vinputs, VALIDATE_VERSION,
                             tuple(dict.fromkeys(VALIDATE_LIBS + exporter.libs)), exporter.validator).finalize())
+        if engine_opts is not None and exporter.engine:
+            engine, engine_notes = _entry(exporter.engine)(target.label, target.options, export.key)
+            stages.append(engine)
+            notes += engine_notes
     return Plan(loaded, src, cfg, stages, notes)
+
+
+def _entry(ref: str) -> Any:
+    """A "module:function" of the exporter registry (plan checks, engine stages: light modules, no torch)."""
+    import importlib
+
+    module, _, fn = ref.partition(":")
+    return getattr(importlib.import_module(module), fn)
 
 
 # -- explaining rebuilds ---------------------------------------------------------------------------

@@ -137,22 +137,35 @@ def _run_stage(stage: Stage, plan: Plan, store: Store, reporter: Reporter, previ
                        manifest["reason"], manifest["size"], info)
 
 
+def _target_of(stage: Stage) -> str | None:
+    """export:<t> and validate:<t> belong to target t; a failure there must not stop the other targets."""
+    kind, _, label = stage.name.partition(":")
+    return label if kind in ("export", "validate", "engine") else None
+
+
 def execute(plan: Plan, store: Store, reporter: Reporter) -> list[StageResult]:
-    """Run every stage in order; stop at the first error (already-built stages stay, as they are complete)."""
+    """Run every stage in order. A failing shared stage (source, quantize, reference) stops the build; a
+    failing target stage fails that target only (its later stages are skipped) and the others go on."""
     previous = {s["name"]: s for s in (store.read_ref(plan.profile.profile.name) or {}).get("stages", [])}
     results: list[StageResult] = []
-    try:
-        for stage in plan.stages:
+    failed_targets: dict[str, str] = {}
+    for stage in plan.stages:
+        target = _target_of(stage)
+        if target in failed_targets:
+            results.append(StageResult(stage.name, stage.key, "skipped", 0.0, failed_targets[target]))
+            continue
+        try:
             results.append(_run_stage(stage, plan, store, reporter, previous.get(stage.name)))
-    except ToolchainError:
-        raise
-    except Exception as e:  # a stage crashed: report which one, keep the traceback for --debug
-        failed = plan.stages[len(results)]
-        if os.environ.get("TOOLCHAIN_DEBUG"):
-            raise
-        raise BuildError(f"stage {failed.name} failed: {type(e).__name__}: {e}") from e
-    finally:
-        done = {r.key for r in results}
-        if all(s.key in done or s.skip_reason for s in plan.stages):
-            store.write_ref(plan.profile.profile.name, ref_record(plan))
+        except Exception as e:
+            if os.environ.get("TOOLCHAIN_DEBUG"):
+                raise
+            message = str(e) if isinstance(e, ToolchainError) else f"{type(e).__name__}: {e}"
+            if target is None:
+                if isinstance(e, ToolchainError):
+                    raise
+                raise BuildError(f"stage {stage.name} failed: {message}") from e
+            reporter.warn(f"{stage.name} failed: {message}")
+            results.append(StageResult(stage.name, stage.key, "failed", 0.0, message))
+            failed_targets[target] = f"{stage.name} failed"
+    store.write_ref(plan.profile.profile.name, ref_record(plan))
     return results

@@ -11,6 +11,11 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel, ConfigDict
 
+from . import gguf as _gguf
+from . import modelopt as _modelopt
+from . import ollama as _ollama
+from . import xinference as _xinference
+
 
 class NoOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -26,6 +31,11 @@ class Exporter:
     # Quantization schemes the format can hold; checked at plan time. Keys: method names; "*" = any.
     methods: tuple[str, ...] = ("*",)
     notes: str = ""
+    # "module:function(quantize_spec, model_config, options)" raising InputError when the format cannot hold the
+    # recipe on this model (checked at plan time; must not import torch).
+    plan_check: str = ""
+    # "module:function(label, options, export_key) -> (Stage, notes)": a stage compiling the export (an engine).
+    engine: str = ""
 
 
 EXPORTERS: dict[str, Exporter] = {
@@ -36,5 +46,76 @@ EXPORTERS: dict[str, Exporter] = {
         validator="toolchain.validate.accuracy:run_validate",
         methods=("rtn", "fp8", "gptq", "awq"),
         notes="vLLM, SGLang, TensorRT-LLM (PyTorch backend), transformers",
+    ),
+    "trtllm": Exporter(
+        version="1",
+        libs=("torch", "safetensors"),
+        runner="toolchain.formats.trtllm:run_hf",
+        validator="toolchain.validate.modelopt:run_validate_hf",
+        options=_modelopt.HFOptions,
+        methods=("rtn", "awq", "fp8"),
+        notes="TensorRT-LLM >= 1.0 PyTorch backend (LLM(model=dir), trtllm-serve): ModelOpt's HF checkpoint",
+        plan_check="toolchain.formats.modelopt:check_hf",
+    ),
+    "trtllm-ckpt": Exporter(
+        version="1",
+        libs=("torch", "safetensors"),
+        runner="toolchain.formats.trtllm:run_ckpt",
+        validator="toolchain.validate.modelopt:run_validate_ckpt",
+        options=_modelopt.CkptOptions,
+        methods=("rtn", "awq", "fp8"),
+        notes="trtllm-build (TensorRT-LLM <= 1.2): the legacy checkpoint, rank{N}.safetensors",
+        plan_check="toolchain.formats.modelopt:check_ckpt",
+        engine="toolchain.engines.trtllm_build:engine_stage",
+    ),
+    "gguf": Exporter(
+        version="1",
+        libs=("torch", "gguf", "transformers"),
+        runner="toolchain.formats.gguf:run",
+        validator="toolchain.validate.gguf:run_validate",
+        options=_gguf.GGUFOptions,
+        # AWQ's pre_quant_scale has no place in GGUF; nf4 is not in the IR yet.
+        methods=("none", "rtn", "fp8", "gptq"),
+        notes="llama.cpp, ollama, LM Studio: one .gguf (F16/BF16/Q8_0/Q4_0/Q4_1, our codes when they map)",
+        plan_check="toolchain.formats.gguf:plan_check",
+    ),
+    "ollama": Exporter(
+        version="1",
+        libs=("torch", "gguf", "transformers"),
+        runner="toolchain.formats.ollama:run",
+        validator="toolchain.validate.gguf:run_validate_ollama",
+        options=_ollama.OllamaOptions,
+        methods=("none", "rtn", "fp8", "gptq"),
+        notes="ollama: model.gguf + Modelfile (TEMPLATE in Go syntax, SYSTEM, PARAMETER stop, LICENSE)",
+        plan_check="toolchain.formats.gguf:plan_check",
+    ),
+    "xinference": Exporter(
+        version="1",
+        libs=("torch", "gguf", "transformers", "safetensors", "compressed-tensors"),
+        runner="toolchain.formats.xinference:run",
+        validator="toolchain.formats.xinference:run_validate",
+        options=_xinference.XinferenceOptions,
+        methods=("*",),  # the wrapped format's own methods, checked by plan_check
+        notes="Xinference custom model: model.json (v2) beside a gguf, gptq or compressed-tensors artifact",
+        plan_check="toolchain.formats.xinference:plan_check",
+    ),
+    "gptq": Exporter(
+        version="1",
+        libs=("torch", "safetensors"),
+        runner="toolchain.formats.gptq:run",
+        validator="toolchain.validate.gptq:run_validate",
+        # Integer codes only (not fp8/nf4); act-order g_idx included; AWQ only with folded scales (plan_check).
+        methods=("rtn", "gptq", "gptq-g_idx", "awq"),
+        notes="GPTQ v1 (quant_method gptq): vLLM, SGLang, transformers (optimum + GPTQModel), Xinference `gptq`",
+        plan_check="toolchain.formats.gptq:plan_check",
+    ),
+    "bnb": Exporter(
+        version="1",
+        libs=("torch", "safetensors", "bitsandbytes", "transformers"),
+        runner="toolchain.formats.bnb:run",
+        validator="toolchain.validate.bnb:run_validate",
+        methods=("nf4",),
+        notes="bitsandbytes NF4 (quant_method bitsandbytes, load_in_4bit): transformers, vLLM, Xinference `bnb`",
+        plan_check="toolchain.formats.bnb:plan_check",
     ),
 }

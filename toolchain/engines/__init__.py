@@ -1,0 +1,1 @@
+"""Stages that compile an exported checkpoint with an external runtime (trtllm-build)."""

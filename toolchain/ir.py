@@ -13,6 +13,16 @@ Per quantized linear `<name>` (weights are (out, in), as in torch):
                           w = (codes - zero) * scale[:, g_idx]
   float (type "float8"):  <name>.weight float8_e4m3fn (out, in)
                           <name>.scale  (out, 1) per channel or (1,) per tensor;  w = weight * scale
+  nf4 (type "nf4"):       bitsandbytes' own NF4 tensors (toolchain.quant.nf4), over the flattened weight:
+                          <name>.codes  uint8 (ceil(out*in/2), 1)  two 4-bit level indices per byte, first high
+                          <name>.scale  absmax per block of meta.blocksize values: float32 (n_blocks,), or with
+                                        meta.double_quant uint8 codes of it (absmax - nested_offset, 8-bit)
+                          <name>.quant_map float32 (16,)  the NF4 levels
+                          double quant: <name>.nested_absmax float32 (n_blocks / 256,), <name>.nested_quant_map
+                                        float32 (256,), <name>.nested_offset float32 ()
+                          absmax = nested_quant_map[scale] * nested_absmax[block // 256] + nested_offset
+                          w = (quant_map[index] * absmax[block]) in float32, then rounded to meta.dtype
+                          (as bitsandbytes' dequantize_4bit does)
   optional:               <name>.pre_quant_scale (in,)  AWQ's activation scale (x / s feeds the weight)
                           <name>.input_scale            static activation scale
 Every other tensor (embeddings, norms, unquantized layers) is kept under its own name. Signed codes with a
@@ -32,6 +42,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 IR_VERSION = 1
+NF4_EXTRAS = ("quant_map", "nested_absmax", "nested_quant_map", "nested_offset")
 SHARD_BYTES = 2 << 30
 
 
@@ -39,7 +50,7 @@ SHARD_BYTES = 2 << 30
 class QuantizedLinear:
     """One quantized weight in canonical form (see the module docstring)."""
 
-    type: str  # "int" | "float8"
+    type: str  # "int" | "float8" | "nf4"
     shape: tuple[int, int]
     scale: torch.Tensor
     codes: torch.Tensor | None = None
@@ -65,6 +76,8 @@ class QuantizedLinear:
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         if self.type == "float8":
             return (self.weight_fp8.to(torch.float32) * self.scale.to(torch.float32)).to(dtype)
+        if self.type == "nf4":
+            return self._dequantize_nf4().to(getattr(torch, self.meta["dtype"])).to(dtype)
         out_f, in_f = self.shape
         g_idx = self.g_idx.long() if self.g_idx is not None else default_g_idx(in_f, self.meta.get("group_size"))
         scale = self.scale.to(torch.float32)[:, g_idx] if scale_is_grouped(self.scale) else self.scale.float()
@@ -73,6 +86,19 @@ class QuantizedLinear:
             zero = self.zero.to(torch.float32)[:, g_idx] if self.zero.numel() > 1 else self.zero.float()
             codes = codes - zero
         return (codes * scale).to(dtype)
+
+    def _dequantize_nf4(self) -> torch.Tensor:
+        """float32 weight from the NF4 tensors, in plain torch (bitsandbytes' arithmetic, not its code)."""
+        n, bs = self.shape[0] * self.shape[1], self.meta["blocksize"]
+        packed = self.codes.reshape(-1).to(torch.int64)
+        index = torch.stack([packed >> 4, packed & 0xF], dim=1).reshape(-1)[:n]
+        absmax = self.scale
+        if self.meta["double_quant"]:
+            nbs = self.meta["nested_blocksize"]
+            nested = self.extras["nested_absmax"].float().repeat_interleave(nbs)[: absmax.numel()]
+            absmax = self.extras["nested_quant_map"].float()[absmax.long()] * nested + self.extras["nested_offset"]
+        per_value = absmax.float().repeat_interleave(bs)[:n]
+        return (self.extras["quant_map"].float()[index] * per_value).reshape(self.shape)
 
 
 def scale_is_grouped(scale: torch.Tensor) -> bool:
@@ -214,7 +240,8 @@ class IRReader:
         def opt(suffix: str) -> torch.Tensor | None:
             return t.get(f"{name}.{suffix}") if f"{name}.{suffix}" in t else None
 
-        extras = {s: t.get(f"{name}.{s}") for s in ("pre_quant_scale", "input_scale") if f"{name}.{s}" in t}
+        extras = {s: t.get(f"{name}.{s}") for s in ("pre_quant_scale", "input_scale", *NF4_EXTRAS)
+                  if f"{name}.{s}" in t}
         return QuantizedLinear(
             type=typ, shape=shape, scale=t.get(f"{name}.scale"), codes=opt("codes"), zero=opt("zero"),
             g_idx=opt("g_idx"), weight_fp8=opt("weight") if typ == "float8" else None, extras=extras, meta=meta,

@@ -139,6 +139,8 @@ def quantize_config(loaded: LoadedProfile, cache: StatCache, eval_sha256: str | 
         if q.method != method:
             for f in fields:
                 qcfg.pop(f, None)
+    if q.method == "nf4":  # bitsandbytes itself writes the NF4 bytes
+        qcfg["quantized_with"] = lib_versions(("bitsandbytes",))
     if q.method not in CALIBRATED_METHODS:
         for f in CALIBRATION_FIELDS:
             qcfg.pop(f, None)

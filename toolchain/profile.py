@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .errors import InputError
 
 QUANT_METHODS = ("none", "rtn", "fp8", "gptq", "awq", "nf4")
-IMPLEMENTED_METHODS = ("none", "rtn", "fp8")
+IMPLEMENTED_METHODS = ("none", "rtn", "fp8", "gptq", "awq", "nf4")
 
 
 class Strict(BaseModel):
@@ -54,6 +54,18 @@ class SourceSpec(Strict):
         return self
 
 
+class CalibrationSpec(Strict):
+    """Token samples that calibrated methods (GPTQ, AWQ) measure activations on (toolchain.quant.calibration)."""
+
+    # A .txt file, a .jsonl file (with `text_field`), `hf:<dataset>[:<config>]:<split>` from the local HF
+    # datasets cache, or `random` (uniform token ids: speed runs on synthetic models only).
+    dataset: str
+    text_field: str = "text"
+    samples: int = Field(default=128, ge=1)
+    seq_len: int = Field(default=512, ge=8)
+    seed: int = 0
+
+
 class QuantizeSpec(Strict):
     method: Literal["none", "rtn", "fp8", "gptq", "awq", "nf4"] = "rtn"
     bits: int = 4
@@ -65,13 +77,54 @@ class QuantizeSpec(Strict):
     # Data type the scales are stored in; `auto` follows the source checkpoint's dtype, so that every
     # exporter writes exactly the values the quantizer chose.
     scale_dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
+    calibration: CalibrationSpec | None = None
+    # GPTQ (toolchain.quant.gptq): dampening as a fraction of mean(diag(H)); act_order sweeps columns by
+    # decreasing diag(H) (g_idx stored); static_groups fixes the groups' scales before the sweep (no g_idx);
+    # true_sequential feeds each linear the outputs of the already-quantized ones before it in the block.
+    damp: float = Field(default=0.01, gt=0, le=1)
+    act_order: bool = False
+    static_groups: bool = False
+    true_sequential: bool = True
+    # AWQ (toolchain.quant.awq): points of the scale search's alpha grid in [0, 1]; clipping search of each
+    # group's range; fold the scales into the preceding norm/linear (false: keep them as pre_quant_scale).
+    awq_grid: int = Field(default=20, ge=2, le=200)
+    awq_clip: bool = True
+    awq_fold: bool = True
+    # Where calibrated methods compute: auto = CUDA when available.
+    device: str = "auto"
+    # NF4 (toolchain.quant.nf4, by bitsandbytes): one absmax per `blocksize` values of the flattened weight;
+    # double_quant stores those absmax values in 8 bits too (bitsandbytes' compress_statistics).
+    blocksize: Literal[32, 64, 128, 256, 512, 1024, 2048, 4096] = 64
+    double_quant: bool = False
 
     @model_validator(mode="after")
     def _coherent(self) -> QuantizeSpec:
-        if self.method in ("gptq", "awq", "nf4"):
-            raise ValueError(
-                f"method {self.method!r} is not implemented in this version; use one of {', '.join(IMPLEMENTED_METHODS)}"
-            )
+        if self.method in ("gptq", "awq"):
+            if self.calibration is None:
+                raise ValueError(f"method {self.method} needs a `calibration:` section, e.g. "
+                                 "calibration: {dataset: data/tinyshakespeare/input.txt, samples: 128, seq_len: 512}")
+            if self.bits not in (4, 8):
+                raise ValueError(f"{self.method} supports bits 4 or 8, not {self.bits}")
+            if self.strategy == "tensor":
+                raise ValueError(f"{self.method} quantizes per group or per channel, not per tensor")
+            if self.strategy == "group" and (self.group_size or 0) < 8:
+                raise ValueError(f"group_size {self.group_size} is too small; use 32, 64 or 128")
+        if self.method != "gptq" and (self.act_order or self.static_groups):
+            raise ValueError("act_order and static_groups are GPTQ options (method: gptq)")
+        awq_set = sorted(f for f in self.model_fields_set if f.startswith("awq_"))
+        if self.method != "awq" and awq_set:
+            raise ValueError(f"{', '.join(awq_set)}: AWQ options (method: awq)")
+        if self.static_groups and not self.act_order:
+            raise ValueError("static_groups only matters with act_order: true (without it groups are in order)")
+        if self.method == "nf4":
+            if self.bits != 4:
+                raise ValueError("nf4 is 4 bits: set bits: 4 (or leave it out)")
+            unused = sorted({"group_size", "symmetric", "strategy", "scale_dtype"} & self.model_fields_set)
+            if unused:
+                raise ValueError(f"{', '.join(unused)}: not used by nf4 (blocks of `blocksize` values, each with a "
+                                 "float32 absmax, as bitsandbytes stores them); remove them")
+        elif {"blocksize", "double_quant"} & self.model_fields_set:
+            raise ValueError("blocksize and double_quant are NF4 options (method: nf4)")
         if self.method == "rtn":
             if self.bits not in (4, 8):
                 raise ValueError(f"rtn supports bits 4 or 8, not {self.bits}")

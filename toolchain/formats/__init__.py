@@ -74,8 +74,8 @@ EXPORTERS: dict[str, Exporter] = {
         runner="toolchain.formats.gguf:run",
         validator="toolchain.validate.gguf:run_validate",
         options=_gguf.GGUFOptions,
-        # AWQ's pre_quant_scale has no place in GGUF; nf4 is not in the IR yet.
-        methods=("none", "rtn", "fp8", "gptq"),
+        # int codes map onto Q4_0/Q4_1/Q8_0 blocks; fp8 and nf4 are dequantized (F16) or re-quantized.
+        methods=("none", "rtn", "fp8", "gptq", "awq", "nf4"),
         notes="llama.cpp, ollama, LM Studio: one .gguf (F16/BF16/Q8_0/Q4_0/Q4_1, our codes when they map)",
         plan_check="toolchain.formats.gguf:plan_check",
     ),
@@ -85,7 +85,7 @@ EXPORTERS: dict[str, Exporter] = {
         runner="toolchain.formats.ollama:run",
         validator="toolchain.validate.gguf:run_validate_ollama",
         options=_ollama.OllamaOptions,
-        methods=("none", "rtn", "fp8", "gptq"),
+        methods=("none", "rtn", "fp8", "gptq", "awq", "nf4"),
         notes="ollama: model.gguf + Modelfile (TEMPLATE in Go syntax, SYSTEM, PARAMETER stop, LICENSE)",
         plan_check="toolchain.formats.gguf:plan_check",
     ),
@@ -98,6 +98,15 @@ EXPORTERS: dict[str, Exporter] = {
         methods=("*",),  # the wrapped format's own methods, checked by plan_check
         notes="Xinference custom model: model.json (v2) beside a gguf, gptq or compressed-tensors artifact",
         plan_check="toolchain.formats.xinference:plan_check",
+    ),
+    "onnx": Exporter(
+        version="1",
+        libs=("torch", "transformers", "onnx", "onnxscript", "onnxruntime"),
+        runner="toolchain.formats.onnx:run",
+        validator="toolchain.validate.onnx:run_validate",
+        methods=("rtn", "gptq", "awq"),  # 4-bit power-of-two groups, AWQ folded: plan_check
+        notes="onnxruntime: model.onnx with com.microsoft MatMulNBits (INT4) built from our codes; no KV cache",
+        plan_check="toolchain.formats.onnx:plan_check",
     ),
     "gptq": Exporter(
         version="1",

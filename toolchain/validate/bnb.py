@@ -1,0 +1,63 @@
+"""Validate a bitsandbytes NF4 checkpoint: transformers + bitsandbytes reload it on CPU, every Linear4bit's weight
+as bitsandbytes dequantizes it must equal our IR's dequantization bit for bit, then the model's logits are scored
+against the reference (`finish_validation`).
+
+Order matters: on a CPU with AVX512-BF16, bitsandbytes' first forward repacks each Linear4bit's weight in place
+(its CPU tile layout, absmax cast to bfloat16), after which the stored bytes and quant state are no longer the
+checkpoint's. So the weights are compared before any forward (a model saved after a forward reloads wrong for the
+same reason). The forward then runs bitsandbytes' own CPU kernel: on AVX512-BF16 it multiplies in bfloat16, which
+is the runtime being measured (named in the result).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+from typing import Any
+
+from ..errors import BuildError, MissingToolError
+from ..ir import IRReader
+from ..run import StageContext
+
+
+def weight_conformance(model, ir: IRReader) -> dict[str, Any]:
+    errors = layer_errors(model, ir)
+    worst = max(errors, key=errors.__getitem__)
+    return {"layers_checked": len(errors), "max_abs_err": errors[worst], "worst_layer": worst}
+
+
+def layer_errors(model, ir: IRReader) -> dict[str, float]:
+    """Per quantized layer: max |bitsandbytes' dequantization of the loaded weight - ours| (inf: wrong shape)."""
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as F
+
+    modules = dict(model.named_modules())
+    errors = {}
+    for name in ir.layers:
+        mod = modules.get(name)
+        if not isinstance(mod, bnb.nn.Linear4bit):
+            raise BuildError(f"{name} was not loaded as a bitsandbytes Linear4bit ({type(mod).__name__})")
+        state = mod.weight.quant_state
+        if getattr(state, "packing_format_for_cpu", False):
+            raise BuildError(f"{name}: weight already repacked for the CPU kernel; compare before any forward")
+        theirs = F.dequantize_4bit(mod.weight.data, state)
+        ours = ir.layer(name).dequantize(theirs.dtype)
+        errors[name] = ((theirs.float() - ours.float()).abs().max().item() if theirs.shape == ours.shape
+                        else float("inf"))
+    return errors
+
+
+def run_validate(ctx: StageContext) -> dict[str, Any]:
+    from .accuracy import finish_validation, hf_logits, load_hf_model
+
+    try:
+        import bitsandbytes.functional as F
+    except ImportError:
+        raise MissingToolError("validating the bnb target needs bitsandbytes: pip install bitsandbytes==0.50.2") \
+            from None
+    model = load_hf_model(ctx.inputs["export"])
+    conformance = weight_conformance(model, IRReader(ctx.inputs["quantize"]))
+    kernel = ("AVX512-BF16 kernel, bfloat16 matmul" if F.has_avx512bf16()
+              else "dequantize_4bit + matmul in the compute dtype")
+    loader = (f"transformers {importlib.metadata.version('transformers')} + bitsandbytes "
+              f"{importlib.metadata.version('bitsandbytes')} (cpu, {kernel})")
+    return finish_validation(ctx, loader, conformance, hf_logits(model))

@@ -1,0 +1,163 @@
+"""Validate a GPTQ v1 checkpoint: our own unpacking of every layer, then a real loader, then the logits.
+
+1. Independent unpacking (`unpack_layer`, written from the format's description, not from our packer): every
+   quantized layer's weight must equal our IR's dequantization with float16 scales, bit for bit.
+2. A loader: transformers with optimum + GPTQModel (the kernels are GPTQModel's). GPTQModel cannot be installed
+   into our interpreter here (it pins numpy==2.2.6), so the loader runs in the Python named by
+   TOOLCHAIN_GPTQMODEL_PYTHON (default: the venv scripts/setup makes, toolchain.formats.gptq.loader_python), as a worker
+   process speaking a small pipe protocol (toolchain.validate.gptq_worker). The loader's dequantized weights
+   must match ours after rounding to float16 (GPTQ kernels dequantize in float16: that rounding is theirs).
+   GPTQModel.load itself refuses sym=False v1 checkpoints not written by GPTQModel >= 0.9 (its guard against
+   AutoGPTQ's zero-point overflow), so transformers' path is the one used; tests load symmetric ones with both.
+3. `finish_validation` scores the loader's logits against the fp32 reference. On CPU GPTQModel picks
+   TorchAtenLinear for 4 bits, which repacks the weight at its first forward and multiplies in bfloat16
+   (aten._weight_int4pack_mm_for_cpu): weights are compared before any forward, and the logits carry that
+   kernel's arithmetic (named in the result).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import BuildError
+from ..formats.gptq import loader_python
+from ..run import StageContext
+
+
+def unpack_layer(t: dict[str, torch.Tensor], bits: int) -> torch.Tensor:
+    """Dense float32 weight (out, in) of one v1 layer from qweight/qzeros/scales/g_idx."""
+    mask = (1 << bits) - 1
+    per_word = 32 // bits
+    qweight, qzeros = t["qweight"].to(torch.int64) & 0xFFFFFFFF, t["qzeros"].to(torch.int64) & 0xFFFFFFFF
+    rows = [(qweight >> (bits * j)) & mask for j in range(per_word)]  # row j of each word
+    q = torch.stack(rows, dim=1).reshape(qweight.shape[0] * per_word, qweight.shape[1])  # (in, out)
+    cols = [(qzeros >> (bits * j)) & mask for j in range(per_word)]
+    z = torch.stack(cols, dim=2).reshape(qzeros.shape[0], qzeros.shape[1] * per_word) + 1  # v1: stored + 1
+    g = t["g_idx"].long()
+    w = (q - z[g]).float() * t["scales"].float()[g]
+    return w.t().contiguous()
+
+
+def check_config(export_dir: Path) -> dict[str, Any]:
+    qc = json.loads((export_dir / "quantize_config.json").read_text())
+    embedded = json.loads((export_dir / "config.json").read_text()).get("quantization_config")
+    if embedded != qc:
+        raise BuildError("config.json's quantization_config differs from quantize_config.json")
+    if qc.get("quant_method") != "gptq" or qc.get("checkpoint_format") != "gptq":
+        raise BuildError(f"not a GPTQ v1 checkpoint: quant_method {qc.get('quant_method')!r}, "
+                         f"checkpoint_format {qc.get('checkpoint_format')!r}")
+    return qc
+
+
+def summarise(errors: dict[str, float]) -> dict[str, Any]:
+    worst = max(errors, key=errors.__getitem__)
+    return {"layers_checked": len(errors), "max_abs_err": errors[worst], "worst_layer": worst}
+
+
+def _diff(theirs: torch.Tensor, ours: torch.Tensor) -> float:
+    if theirs.shape != ours.shape:
+        return float("inf")
+    return (theirs - ours).abs().max().item()
+
+
+def unpacked_errors(export_dir: Path, ir_dir: Path) -> dict[str, float]:
+    """Per layer: max |our unpacking of the checkpoint - the IR dequantized with float16 scales|."""
+    from ..formats.gptq import to_gptq
+    from ..ir import IRReader, TensorReader
+
+    qc = check_config(export_dir)
+    ir, ckpt = IRReader(ir_dir), TensorReader(export_dir)
+    errors = {}
+    for name in ir.layers:
+        t = {k: ckpt.get(f"{name}.{k}") for k in ("qweight", "qzeros", "scales", "g_idx")}
+        errors[name] = _diff(unpack_layer(t, qc["bits"]), to_gptq(ir.layer(name)).dequantize())
+    return errors
+
+
+# -- the loader, in its own interpreter --------------------------------------------------------------------------
+
+class LoaderProcess:
+    """A worker process holding the model as a GPTQ loader built it. Requests go over its stdin as one JSON
+    line, tensors come back as raw little-endian bytes behind a JSON header (see gptq_worker)."""
+
+    def __init__(self, export_dir: Path, loader: str):
+        env = {**os.environ, "GPTQMODEL_CPU_WORKERS": os.environ.get("GPTQMODEL_CPU_WORKERS", "2"),
+               "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+        self.proc = subprocess.Popen([loader_python(), "-m", "toolchain.validate.gptq_worker", str(export_dir),
+                                      loader], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+        try:
+            self.info = self._read_header()
+        except BaseException:
+            self.close()
+            raise
+
+    def _read_header(self) -> dict[str, Any]:
+        line = self.proc.stdout.readline()
+        if not line:
+            code = self.proc.wait()
+            raise BuildError(f"the GPTQ loader process exited ({code}) before answering; its stderr says why")
+        head = json.loads(line)
+        if "error" in head:
+            raise BuildError(f"GPTQ loader: {head['error']}")
+        return head
+
+    def _tensor(self) -> torch.Tensor:
+        head = self._read_header()
+        (n,) = struct.unpack("<q", self.proc.stdout.read(8))
+        data = bytearray(self.proc.stdout.read(n))
+        return torch.frombuffer(data, dtype=torch.float32).reshape(head["shape"]).clone()
+
+    def request(self, **req: Any) -> torch.Tensor:
+        self.proc.stdin.write((json.dumps(req) + "\n").encode())
+        self.proc.stdin.flush()
+        return self._tensor()
+
+    def weight(self, name: str) -> torch.Tensor:
+        return self.request(op="weight", name=name)
+
+    def logits(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.request(op="logits", ids=ids.tolist())
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            self.proc.wait(timeout=60)
+
+
+def loader_errors(proc: LoaderProcess, ir_dir: Path) -> dict[str, float]:
+    """Per layer: the loader's dequantized weight vs ours, both rounded to float16 (the loaders' arithmetic)."""
+    from ..formats.gptq import to_gptq
+    from ..ir import IRReader
+
+    ir = IRReader(ir_dir)
+    return {name: _diff(proc.weight(name).half().float(), to_gptq(ir.layer(name)).dequantize().half().float())
+            for name in ir.layers}
+
+
+def run_validate(ctx: StageContext) -> dict[str, Any]:
+    from .accuracy import finish_validation
+
+    export_dir, ir_dir = ctx.inputs["export"], ctx.inputs["quantize"]
+    unpacked = summarise(unpacked_errors(export_dir, ir_dir))
+    ctx.reporter.info(f"  our unpacking: {unpacked['layers_checked']} layers, max |w - ours| = "
+                      f"{unpacked['max_abs_err']:.3g}")
+    if unpacked["max_abs_err"] > 0:
+        return {"format": ctx.config["format"], "status": "failed", "passed": False, "conformance": unpacked,
+                "reason": f"unpacked weights differ from ours (max {unpacked['max_abs_err']:.3g} in "
+                          f"{unpacked['worst_layer']})"}
+    proc = LoaderProcess(export_dir, "transformers")
+    try:
+        conformance = {**summarise(loader_errors(proc, ir_dir)), "compared": "float16-rounded dense weights",
+                       "unpacked": unpacked}
+        i = proc.info
+        label = f"transformers {i['transformers']} + GPTQModel {i['gptqmodel']} ({i['kernel']}, {i['device']})"
+        return finish_validation(ctx, label, conformance, proc.logits)
+    finally:
+        proc.close()

@@ -20,6 +20,7 @@ PACKAGES = [
     ("gptqmodel", "GPTQ oracle", "pip install gptqmodel"),
     ("bitsandbytes", "NF4", "pip install bitsandbytes"),
     ("onnxruntime", "ONNX target check", "pip install onnxruntime"),
+    ("onnxscript", "ONNX target export (torch.onnx dynamo)", "pip install onnx onnxscript"),
     ("llama_cpp_python", "GGUF runtime check", "CMAKE_ARGS=-DGGML_NATIVE=off pip install llama-cpp-python"),
 ]
 BINARIES = [

@@ -8,6 +8,7 @@ of the options a profile's target may set.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
@@ -38,6 +39,17 @@ class Exporter:
     engine: str = ""
 
 
+def check_compressed_tensors(quantize_spec: Any, model_config: dict[str, Any], options: dict[str, Any]) -> None:
+    """compressed-tensors has no tensor for AWQ's unfolded pre-quant scale: such a checkpoint would load and
+    silently compute a different model."""
+    from ..errors import InputError
+
+    if quantize_spec.method == "awq" and not getattr(quantize_spec, "awq_fold", True):
+        raise InputError("targets: format compressed-tensors has no place for AWQ's pre_quant_scale; set "
+                         "quantize.awq_fold: true (scales folded into the preceding norm/linear), or use format "
+                         "trtllm, which keeps it")
+
+
 EXPORTERS: dict[str, Exporter] = {
     "compressed-tensors": Exporter(
         version="1",
@@ -46,6 +58,7 @@ EXPORTERS: dict[str, Exporter] = {
         validator="toolchain.validate.accuracy:run_validate",
         methods=("rtn", "fp8", "gptq", "awq"),
         notes="vLLM, SGLang, TensorRT-LLM (PyTorch backend), transformers",
+        plan_check="toolchain.formats:check_compressed_tensors",
     ),
     "trtllm": Exporter(
         version="1",

@@ -1,0 +1,322 @@
+"""Validate a GGUF artifact: transformers' GGUF loader (gguf-py's dequantizer, its own inverse of llama.cpp's
+q/k permutation) reads it back; every weight must equal what the IR says the file holds, the tokenizer must
+encode like the source's, then its logits are scored against the reference (finish_validation).
+
+What the file must hold is derived here from the IR alone, not from the exporter's code:
+  direct Q4_0/Q8_0   (codes - zero) * fp16(scale)
+  direct Q4_1        (codes + 8) * fp16(scale) + fp16(-(zero + 8) * scale)
+  F32 / F16 / BF16   our dequantized weight, cast
+  re-quantized       gguf-py's quantize -> dequantize of our dequantized weight (the export said so)
+and must match bit for bit (tolerance 0); the distance to the IR's exact weights is reported beside it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..formats.gguf import BLOCK, FILE_NAME
+from ..ir import IRReader, QuantizedLinear, default_g_idx
+from ..run import StageContext
+from .accuracy import finish_validation, hf_logits
+
+PROBE_TEXT = "Hello world! 1234 numbers, ünïcödé, tabs\tand  spaces.\nNew line: <|im_start|> end."
+
+
+def expected_weight(q: QuantizedLinear, gtype: str, mode: str) -> torch.Tensor:
+    """The dense weight (HF row order) a correct GGUF of this type holds for one IR layer."""
+    import gguf
+
+    out_f, in_f = q.shape
+    if mode == "direct":
+        g = q.g_idx.long() if q.g_idx is not None else default_g_idx(in_f, q.meta.get("group_size"))
+        s = q.scale.float()
+        s = s[:, g] if s.dim() == 2 else s.reshape(1, 1).expand(out_f, in_f)
+        z = torch.zeros_like(s) if q.zero is None else (
+            q.zero.float()[:, g] if q.zero.dim() == 2 else q.zero.float().reshape(1, 1).expand(out_f, in_f))
+        c = q.codes.float()
+        d = s.half().float()
+        if gtype == "Q4_1":
+            return (c + 8) * d + (-(z + 8) * s).half().float()
+        return (c - z) * d
+    w = q.dequantize()
+    if gtype == "F32":
+        return w
+    if gtype == "F16":
+        return w.half().float()
+    if gtype == "BF16":
+        return w.bfloat16().float()
+    qtype = gguf.GGMLQuantizationType[gtype]
+    return torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(w.numpy(), qtype), qtype))
+
+
+def _gguf_types(path: Path) -> dict[str, str]:
+    from gguf import GGUFReader
+
+    return {t.name: t.tensor_type.name for t in GGUFReader(str(path)).tensors}
+
+
+def gguf_conformance(model, ir_dir: Path, gguf_path: Path, export_info: dict[str, Any]) -> dict[str, Any]:
+    """Every quantized layer and every plain tensor as loaded vs what the IR says the file must hold."""
+    import gguf
+
+    ir = IRReader(ir_dir)
+    types = _gguf_types(gguf_path)
+    tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, ir.config["num_hidden_layers"])
+    requantized = set(export_info.get("requantized_layers", []))
+    params = dict(model.named_parameters(remove_duplicate=False))
+    worst, worst_name, ir_err, checked = 0.0, None, 0.0, 0
+    for name in ir.layers:
+        gname = tmap.get_name(name) + ".weight"
+        gtype = types[gname]
+        q = ir.layer(name)
+        direct = gtype in ("Q4_0", "Q4_1", "Q8_0") and name not in requantized
+        if direct and not _aligned(q):
+            direct = False
+        exp = expected_weight(q, gtype, "direct" if direct else "other")
+        got = params[f"{name}.weight"].detach().float()
+        err = (got - exp).abs().max().item()
+        ir_err = max(ir_err, (got - q.dequantize()).abs().max().item())
+        checked += 1
+        if err >= worst:
+            worst, worst_name = err, name
+    for name in ir.plain_names():
+        t = ir.tensors.get(name).float()
+        gtype = types[tmap.get_name(name, try_suffixes=(".weight", ".bias"))]
+        exp = {"F32": t, "F16": t.half().float(), "BF16": t.bfloat16().float()}[gtype]
+        err = (params[name].detach().float() - exp).abs().max().item()
+        checked += 1
+        if err >= worst:
+            worst, worst_name = err, name
+    return {"layers_checked": checked, "max_abs_err": worst, "worst_layer": worst_name, "tolerance": 0.0,
+            "ir_max_abs_err": ir_err,
+            "compared_to": "the IR with the GGUF type's stated rounding (fp16 d/m, F16 cast, gguf-py requant)"}
+
+
+def _aligned(q: QuantizedLinear) -> bool:
+    g = q.g_idx.long() if q.g_idx is not None else default_g_idx(q.shape[1], q.meta.get("group_size"))
+    if q.shape[1] % BLOCK:
+        return False
+    b = g.reshape(-1, BLOCK)
+    return bool((b == b[:, :1]).all())
+
+
+def tokenizer_check(export_dir: Path, ir_dir: Path, dataset: Path | None) -> dict[str, Any] | None:
+    """The GGUF's tokenizer (as transformers rebuilds it) must encode like the source's, and carry the same
+    chat template. None when the IR has no tokenizer."""
+    from gguf import GGUFReader
+    from transformers import AutoTokenizer
+
+    from ..formats.gguf import chat_template_of
+
+    if not (ir_dir / "tokenizer.json").is_file() and not (ir_dir / "tokenizer.model").is_file():
+        return None
+    fields = GGUFReader(str(export_dir / FILE_NAME)).fields
+    tmpl = fields["tokenizer.chat_template"].contents() if "tokenizer.chat_template" in fields else None
+    if fields["tokenizer.ggml.model"].contents() == "llama":
+        return {**spm_check(fields, ir_dir), "chat_template_equal": tmpl == chat_template_of(ir_dir)}
+    ours = AutoTokenizer.from_pretrained(ir_dir)
+    theirs = AutoTokenizer.from_pretrained(export_dir, gguf_file=FILE_NAME)
+    text = PROBE_TEXT + (dataset.read_text(encoding="utf-8")[:20000] if dataset and dataset.is_file() else "")
+    a = ours(text, add_special_tokens=False).input_ids
+    b = theirs(text, add_special_tokens=False).input_ids
+    mismatch = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), None)
+    if mismatch is None and len(a) != len(b):
+        mismatch = min(len(a), len(b))
+    return {"tokens_compared": len(a), "first_mismatch": mismatch,
+            "chat_template_equal": tmpl == chat_template_of(ir_dir)}
+
+
+def spm_check(fields, ir_dir: Path) -> dict[str, Any]:
+    """A SentencePiece vocabulary read back against the sentencepiece library's own view of tokenizer.model
+    (pieces and scores by id). transformers' GGUF converter is no oracle here: it drops llama.cpp's
+    add_space_prefix and swaps bos/eos in the tokenizer it builds (transformers 5.17)."""
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(ir_dir / "tokenizer.model"))
+    tokens = fields["tokenizer.ggml.tokens"].contents()
+    scores = fields["tokenizer.ggml.scores"].contents()
+    n = sp.get_piece_size()
+    mismatch = next((i for i in range(n) if tokens[i] != sp.id_to_piece(i) or scores[i] != sp.get_score(i)), None)
+    return {"tokens_compared": n, "first_mismatch": mismatch, "compared_to": "sentencepiece (pieces, scores)"}
+
+
+def load_gguf_model(export_dir: Path, file_name: str = FILE_NAME):
+    import os
+
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    model = AutoModelForCausalLM.from_pretrained(export_dir, gguf_file=file_name, dtype=torch.float32)
+    return model.eval()
+
+
+def validate_gguf(ctx: StageContext, export_dir: Path, export_info: dict[str, Any]) -> dict[str, Any]:
+    """Shared by the gguf, ollama and xinference(gguf) validators."""
+    import transformers
+
+    ir_dir = ctx.inputs["quantize"]
+    model = load_gguf_model(export_dir)
+    conformance = gguf_conformance(model, ir_dir, export_dir / FILE_NAME, export_info)
+    acc = ctx.plan.profile.profile.validate_.accuracy
+    dataset = ctx.plan.profile.resolve(acc.dataset) if acc is not None else None
+    tok = tokenizer_check(export_dir, ir_dir, dataset)
+    if tok is not None:
+        conformance["tokenizer"] = tok
+        if tok["first_mismatch"] is not None or not tok["chat_template_equal"]:
+            return {"format": ctx.config["format"], "conformance": conformance, "passed": False, "status": "failed",
+                    "reason": f"GGUF tokenizer differs from the source's (first mismatching token "
+                              f"{tok['first_mismatch']}, chat template equal: {tok['chat_template_equal']})"}
+    loader = f"transformers {transformers.__version__} GGUF loader (gguf-py dequantize, float32)"
+    return finish_validation(ctx, loader, conformance, hf_logits(model))
+
+
+def run_validate(ctx: StageContext) -> dict[str, Any]:
+    info = ctx.input_manifests["export"].get("info", {})
+    result = validate_gguf(ctx, ctx.inputs["export"], info)
+    (ctx.out / "gguf_conformance.json").write_text(json.dumps(result.get("conformance"), indent=2))
+    return result
+
+
+
+# -- ollama: the Modelfile and its Go template -------------------------------------------------------------
+
+_ACTION = re.compile(r"{{(-?)\s*(.*?)\s*(-?)}}", re.S)
+
+
+def _go_parse(tmpl: str) -> list:
+    """A Go text/template of the subset ollama chat templates use (text, {{ .Field }}, {{ $.Field }},
+    range/if/else/end, trim markers) -> a tree of ("text", s) | ("field", path) | (kind, path, body, else)."""
+    tokens: list[tuple[str, str]] = []
+    pos, trim_next = 0, False
+    for m in _ACTION.finditer(tmpl):
+        text = tmpl[pos:m.start()]
+        if trim_next:
+            text = text.lstrip(" \t\r\n")
+        if m.group(1):
+            text = text.rstrip(" \t\r\n")
+        tokens.append(("text", text))
+        tokens.append(("action", m.group(2)))
+        pos, trim_next = m.end(), bool(m.group(3))
+    tail = tmpl[pos:]
+    tokens.append(("text", tail.lstrip(" \t\r\n") if trim_next else tail))
+
+    def block(i: int) -> tuple[list, list | None, int]:
+        body: list = []
+        other: list | None = None
+        cur = body
+        while i < len(tokens):
+            kind, val = tokens[i]
+            i += 1
+            if kind == "text":
+                if val:
+                    cur.append(("text", val))
+                continue
+            word, _, arg = val.partition(" ")
+            if word in ("range", "if"):
+                inner, alt, i = block(i)
+                cur.append((word, arg.strip(), inner, alt))
+            elif word == "else":
+                other = cur = []
+            elif word == "end":
+                return body, other, i
+            elif re.fullmatch(r"\$?(\.[A-Za-z]+)+|\.", val):
+                cur.append(("field", val))
+            else:
+                raise ValueError(f"unsupported Go template action {{{{ {val} }}}}")
+        return body, other, i
+
+    tree, _alt, _i = block(0)
+    return tree
+
+
+def render_go_template(tmpl: str, data: dict[str, Any]) -> str:
+    """Execute the subset parsed by _go_parse against ollama's data (System, Messages [{Role, Content}])."""
+
+    def lookup(path: str, dot: Any) -> Any:
+        obj = data if path.startswith("$") else dot
+        for part in path.lstrip("$").split(".")[1:]:
+            if part:
+                obj = obj.get(part, "") if isinstance(obj, dict) else ""
+        return obj
+
+    def run(nodes: list, dot: Any) -> str:
+        out = []
+        for node in nodes:
+            if node[0] == "text":
+                out.append(node[1])
+            elif node[0] == "field":
+                out.append(str(lookup(node[1], dot)))
+            elif node[0] == "if":
+                out.append(run(node[2] if lookup(node[1], dot) else (node[3] or []), dot))
+            elif node[0] == "range":
+                items = lookup(node[1], dot) or []
+                out.append("".join(run(node[2], item) for item in items) if items else run(node[3] or [], dot))
+        return "".join(out)
+
+    return run(_go_parse(tmpl), data)
+
+
+def ollama_render(template: str, system: str | None, msgs: list[dict[str, str]]) -> str:
+    """What ollama feeds the model for a chat request: the Modelfile's SYSTEM is prepended when the request has
+    no system message (server/routes.go), then the template gets .System and .Messages (template.go)."""
+    if system and (not msgs or msgs[0]["role"] != "system"):
+        msgs = [{"role": "system", "content": system}, *msgs]
+    go_msgs: list[dict[str, str]] = []
+    for m in msgs:  # consecutive messages of one role are merged (template.go's collate)
+        if go_msgs and go_msgs[-1]["Role"] == m["role"]:
+            go_msgs[-1]["Content"] += "\n\n" + m["content"]
+        else:
+            go_msgs.append({"Role": m["role"], "Content": m["content"]})
+    sys_text = "\n\n".join(m["content"] for m in msgs if m["role"] == "system")
+    return render_go_template(template, {"System": sys_text, "Messages": go_msgs})
+
+
+def modelfile_check(export_dir: Path, ir_dir: Path, export_config: dict[str, Any]) -> dict[str, Any]:
+    """Parse the Modelfile back and check what it claims: FROM is the GGUF, the Go template renders like the HF
+    chat template (through transformers) on probe conversations, every stop string is a token of the vocab."""
+    from gguf import GGUFReader
+    from transformers import AutoTokenizer
+
+    from ..formats.ollama import MODELFILE, PROBES, check_go_template, parse_modelfile, render_hf
+
+    problems: list[str] = []
+    cmds = parse_modelfile((export_dir / MODELFILE).read_text())
+    get = {c: v for c, v in cmds}
+    if (export_dir / get["FROM"]).resolve() != (export_dir / FILE_NAME).resolve():
+        problems.append(f"FROM {get['FROM']} is not ./{FILE_NAME}")
+    fields = GGUFReader(str(export_dir / FILE_NAME)).fields
+    vocab = set(fields["tokenizer.ggml.tokens"].contents()) if "tokenizer.ggml.tokens" in fields else set()
+    stops = [v for c, v in cmds if c == "PARAMETER stop"]
+    problems += [f"stop {s!r} is not a token of the GGUF vocabulary" for s in stops if s not in vocab]
+    rendered = 0
+    if "TEMPLATE" in get:
+        problems += check_go_template(get["TEMPLATE"])
+        tok = AutoTokenizer.from_pretrained(ir_dir)
+        overridden = export_config.get("options", {}).get("system") is not None
+        add_bos = "tokenizer.ggml.add_bos_token" in fields and fields["tokenizer.ggml.add_bos_token"].contents()
+        bos = (tok.bos_token or "") if add_bos else ""  # llama.cpp adds it when tokenizing the prompt
+        for probe in PROBES:
+            if overridden and probe[0]["role"] != "system":
+                continue  # the user replaced the default system prompt: HF's text differs by design
+            ours = bos + ollama_render(get["TEMPLATE"], get.get("SYSTEM"), probe)
+            if ours != render_hf(tok, probe):
+                problems.append(f"TEMPLATE renders {ours!r} where the HF chat template gives "
+                                f"{render_hf(tok, probe)!r}")
+                break
+            rendered += 1
+    return {"commands": [c for c, _ in cmds], "stops": stops, "probes_rendered": rendered, "problems": problems}
+
+
+def run_validate_ollama(ctx: StageContext) -> dict[str, Any]:
+    manifest = ctx.input_manifests["export"]
+    check = modelfile_check(ctx.inputs["export"], ctx.inputs["quantize"], manifest.get("config", {}))
+    if check["problems"]:
+        return {"format": ctx.config["format"], "modelfile": check, "passed": False, "status": "failed",
+                "reason": "Modelfile: " + "; ".join(check["problems"])[:500]}
+    result = validate_gguf(ctx, ctx.inputs["export"], manifest.get("info", {}))
+    return {**result, "modelfile": check}

@@ -25,7 +25,7 @@ from .store import Store
 # The fixed stages: (code version, libraries that shape their bytes, runner). Bump a version whenever that
 # stage's code changes what it writes. Exporters and their validators come from toolchain.formats.EXPORTERS.
 FIXED_STAGES = {
-    "source": ("1", ("torch", "transformers", "gguf", "safetensors"), "toolchain.stages.source:run"),
+    "source": ("2", ("torch", "transformers", "gguf", "safetensors"), "toolchain.stages.source:run"),
     "quantize": ("1", ("torch", "safetensors"), "toolchain.stages.quantize:run"),
     "reference": ("2", ("torch", "transformers"), "toolchain.validate.accuracy:run_reference"),
 }

@@ -1,7 +1,8 @@
-"""The quantize stage: source safetensors -> canonical quantized form (toolchain.ir), one tensor at a time.
+"""The quantize stage: source safetensors -> canonical quantized form (toolchain.ir).
 
-Memory is bounded by one weight plus one output shard: tensors are read lazily and shards are written as they
-fill. Calibrated methods (GPTQ, AWQ) plug in here through toolchain.quant.
+RTN and FP8 go one tensor at a time: memory is one weight plus one output shard (tensors are read lazily and
+shards are written as they fill). Calibrated methods (GPTQ, AWQ) go one decoder block at a time through
+toolchain.quant.layerwise, fed with calibration samples from toolchain.quant.calibration.
 """
 
 from __future__ import annotations
@@ -30,12 +31,18 @@ def quantize_tensor(w: torch.Tensor, q: dict[str, Any], scale_dtype: torch.dtype
         return quantize_rtn(w, q["bits"], q["group_size"], q["symmetric"], q["strategy"], scale_dtype)
     if q["method"] == "fp8":
         return quantize_fp8(w, q["strategy"], scale_dtype)
+    if q["method"] == "nf4":  # bitsandbytes' own bytes; its absmax is always float32 (scale_dtype unused)
+        from ..quant.nf4 import quantize_nf4
+
+        return quantize_nf4(w, q["blocksize"], q["double_quant"])
     raise ValueError(f"unsupported method {q['method']}")
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
     q = ctx.config
     src_dir = model_dir(ctx.input_manifests["source"], ctx.inputs["source"])
+    if q["method"] in ("gptq", "awq"):
+        return run_calibrated(ctx, src_dir)
     reader = TensorReader(src_dir)
     cfg = ctx.plan.model_config
     targets = {f"{n}.weight": n for n, _o, _i in linear_shapes(cfg) if not is_ignored(n, q["ignore"])}
@@ -61,3 +68,58 @@ def run(ctx: StageContext) -> dict[str, Any]:
             task.advance()
     writer.close(src_dir)
     return {"quantized_layers": n_quantized, "plain_tensors": len(names) - n_quantized}
+
+
+def _scheme(q: dict[str, Any], scale_dtype: torch.dtype, source_dtype: torch.dtype) -> dict[str, Any]:
+    return {**q, "scale_dtype": str(scale_dtype).removeprefix("torch."),
+            "source_dtype": str(source_dtype).removeprefix("torch.")}
+
+
+def run_calibrated(ctx: StageContext, src_dir) -> dict[str, Any]:
+    """GPTQ / AWQ: calibration samples, then the block-by-block runner."""
+    from ..errors import MissingToolError
+    from ..quant import calibration
+    from ..quant.layerwise import run_layerwise
+
+    q = ctx.config
+    spec = ctx.plan.profile.profile.quantize.calibration
+    cal_src = calibration.parse(spec.dataset, ctx.plan.profile.resolve)
+    cfg = ctx.plan.model_config
+    ids, cal_info = calibration.token_ids(cal_src, spec.text_field, spec.samples, spec.seq_len, spec.seed,
+                                          calibration.load_tokenizer(src_dir), cfg["vocab_size"])
+    if "dataset_sha256" in q["calibration"]:
+        cal_info["sha256"] = q["calibration"]["dataset_sha256"]
+    text = f", {cal_info['text_tokens']:,} tokens of text" if "text_tokens" in cal_info else ""
+    ctx.reporter.info(f"  calibration: {cal_src.label}{text} -> {spec.samples} x {spec.seq_len} tokens "
+                      f"(seed {spec.seed}, {cal_info['sampling']})")
+    if cal_info.get("preview"):
+        ctx.reporter.info(f"  calibration text starts: {cal_info['preview']!r}")
+    writer: list[IRWriter] = []
+
+    def make_writer(source_dtype: torch.dtype) -> IRWriter:
+        scale_dtype = scale_dtype_for(q, source_dtype)
+        writer.append(IRWriter(ctx.out, _scheme(q, scale_dtype, source_dtype)))
+        return writer[0]
+
+    args = {**q, "ignore": tuple(q["ignore"])}
+    # scale_dtype is resolved against the source dtype inside the runner's writer factory.
+    source_dtype = _source_dtype(src_dir)
+    args["scale_dtype"] = scale_dtype_for(q, source_dtype)
+    try:
+        info = run_layerwise(src_dir, make_writer, ids, args, ctx.reporter, device=q.get("device", "auto"))
+    except ModuleNotFoundError as e:
+        if e.name == "toolchain.quant.awq":
+            raise MissingToolError("quantize.method awq: toolchain.quant.awq is not in this checkout") from None
+        raise
+    writer[0].close(src_dir)
+    return {**info, "calibration": cal_info}
+
+
+def _source_dtype(src_dir) -> torch.dtype:
+    """The checkpoint's dtype, from the embedding's safetensors header (no tensor is read)."""
+    from safetensors import safe_open
+
+    name = "model.embed_tokens.weight"
+    with safe_open(str(src_dir / TensorReader(src_dir).weight_map[name]), framework="pt") as h:
+        code = h.get_slice(name).get_dtype()
+    return {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[code]

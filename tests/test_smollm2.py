@@ -35,6 +35,9 @@ def test_int4_build_reports_protocol_and_metrics(tmp_path, smol_store):
     assert 0 < v["ppl_increase_pct"] < 100
     assert 0 < v["kl_mean"] < 1 and 0.5 < v["top1_agreement"] < 1
     assert target["conformance"]["max_abs_err"] == 0 and target["conformance"]["layers_checked"] == 210
+    # The converted source keeps the GGUF's special tokens (transformers' converter alone swaps eos for bos).
+    tok_cfg = json.loads((Store(smol_store).object_dir(doc["stages"][0]["key"]) / "tokenizer_config.json").read_text())
+    assert tok_cfg["eos_token"] == "<|im_end|>" and tok_cfg["bos_token"] == "<|im_start|>"
 
 
 def test_fp8_is_closer_to_the_reference_than_int4(tmp_path, smol_store):
@@ -76,6 +79,7 @@ def test_topk_kl_is_a_tight_lower_bound_of_the_full_kl(tmp_path, smol_store):
         p = torch.log_softmax(ref_model(ids).logits[0].float(), -1)
         q = torch.log_softmax(q_model(ids).logits[0].float(), -1)
     v, i = p.topk(1024, -1)
-    approx, exact = topk_kl(v.half().float(), i, q), full_kl(p, q)
-    assert (approx <= exact + 1e-4).all(), "lumping the tail can only lower KL"
-    assert approx.mean().item() == pytest.approx(exact.mean().item(), rel=0.06)
+    exact = full_kl(p, q)
+    assert (topk_kl(v, i, q) <= exact + 1e-5).all(), "lumping the tail can only lower KL"
+    stored = topk_kl(v.half().float(), i, q)  # as the reference artifact keeps them: float16
+    assert stored.mean().item() == pytest.approx(exact.mean().item(), rel=0.06)

@@ -48,6 +48,12 @@ def convert_gguf(path: Path, out: Path, ctx: StageContext) -> None:
     del model.config.quantization_config
     model.hf_quantizer = None
     model.save_pretrained(out)
+    # transformers' GGUF tokenizer converter gives eos the bos token (SmolLM2: both <|im_start|>); the model
+    # config holds the GGUF's own ids, so take the special tokens from there.
+    for role in ("bos", "eos"):
+        token_id = getattr(model.config, f"{role}_token_id", None)
+        if isinstance(token_id, int):
+            setattr(tok, f"{role}_token", tok.convert_ids_to_tokens(token_id))
     tok.save_pretrained(out)
 
 

@@ -42,7 +42,8 @@ def main() -> None:
                            "peak_rss_mib": round(m.get("peak_rss_bytes", 0) / 2**20)})
         results.append({"profile": profile, "exit_code": r.returncode, "wall_s": round(wall, 1), "stages": stages,
                         "targets": doc["targets"]})
-    meta = {"machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "python": platform.python_version(),
+    machine = f"{platform.machine()} {platform.processor() or ''}".strip()
+    meta = {"machine": machine, "python": platform.python_version(),
             "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv)}
     if args.out:
         Path(args.out).write_text(json.dumps({"meta": meta, "results": results}, indent=2))
@@ -57,7 +58,8 @@ def main() -> None:
             v = t["validation"] or {}
             if "ppl" in v:
                 print(f"| {res['profile']} | {t['name']} | {v['reference_ppl']:.3f} | {v['ppl']:.3f} | "
-                      f"{v['ppl_increase_pct']:+.2f}% | {v['kl_mean']:.4f} | {v['top1_agreement']:.4f} | {v['tokens']} |")
+                      f"{v['ppl_increase_pct']:+.2f}% | {v['kl_mean']:.4f} | {v['top1_agreement']:.4f} | "
+                      f"{v['tokens']} |")
 
 
 if __name__ == "__main__":

@@ -60,7 +60,8 @@ def test_reload_matches_our_dequantized_weights(tmp_path, scheme):
         assert torch.equal(loader_dense_weight(modules[name]).float(), ours), name
 
 
-@pytest.mark.skipif(not have("llmcompressor"), reason="llm-compressor not installed: pip install llmcompressor==0.14.0.1")
+@pytest.mark.skipif(not have("llmcompressor"),
+                    reason="llm-compressor not installed: pip install llmcompressor==0.14.0.1")
 @pytest.mark.parametrize("scheme", list(SCHEMES))
 def test_config_and_tensors_agree_with_llmcompressor(tmp_path, scheme):
     from llmcompressor import oneshot

@@ -89,8 +89,10 @@ def main() -> None:
 @main.command()
 @click.argument("profile", required=False)
 @click.option("--store", "store_dir", help=STORE_HELP)
-@click.option("--source", help="Override the source: a path, `synthetic` (the profile's source.arch) or synthetic:ARCH.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout (progress stays on stderr).")
+@click.option("--source",
+              help="Override the source: a path, `synthetic` (the profile's source.arch) or synthetic:ARCH.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print one JSON document on stdout (progress stays on stderr).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
 def build(profile: str | None, store_dir: str | None, source: str | None, as_json: bool, quiet: bool) -> None:
     """Build PROFILE (default: the SmolLM2 INT4 demo profile): every stage that is not cached.

@@ -281,7 +281,8 @@ def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict:
         raise InputError(f"{path}: `extends` forms a cycle: {' -> '.join(map(str, (*chain, path)))}")
     if not path.is_file():
         where = f" (extended by {chain[-1]})" if chain else ""
-        raise InputError(f"profile {path} not found{where}; give the path of a YAML profile, e.g. profiles/smollm2-int4.yaml")
+        raise InputError(f"profile {path} not found{where}; give the path of a YAML profile, "
+                         "e.g. profiles/smollm2-int4.yaml")
     try:
         with open(path) as f:
             data = yaml.safe_load(f) or {}

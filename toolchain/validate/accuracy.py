@@ -8,8 +8,8 @@ stride == seq_len gives non-overlapping windows). Each token is scored once, fro
                  tokens plus one bucket for the rest of the vocabulary. Lumping outcomes can only lower KL, so
                  this is a lower bound of the full-vocabulary KL; tests/ check it against the exact value.
   top1_agreement fraction of positions whose argmax token is the same as the reference's
-The reference statistics (per-token NLL and top-1024 log-probabilities, stored as float16) are cached as their own artifact,
-keyed by (source, dataset hash, protocol), so sweeping recipes does not re-run the reference model.
+The reference statistics (per-token NLL and top-1024 log-probabilities, stored as float16) are cached as their
+own artifact, keyed by (source, dataset hash, protocol), so sweeping recipes does not re-run the reference model.
 """
 
 from __future__ import annotations

@@ -116,6 +116,30 @@ def test_static_groups_use_the_original_weights_scales():
     assert torch.equal(q.scale, rtn.scale), "static groups: scales fixed from the unquantized weights"
 
 
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_mse_observers_search_a_range_no_worse_than_min_max(symmetric):
+    """With H = I GPTQ is RTN with the observer's ranges; the search includes the min/max range, so per row its
+    objective (sum |w - q|^2.4, weighted by diag(H) for hessian_mse) never exceeds min/max's."""
+    w, _x, h = _layer(seed=5)
+    eye = torch.eye(w.shape[1])
+    minmax = gptq_quantize(w, eye, 4, 64, symmetric, torch.float32, act_order=True, static_groups=True)
+    assert torch.equal(minmax.dequantize(), quantize_rtn(w, 4, 64, symmetric, "group", torch.float32).dequantize())
+    for observer, weight in (("mse", torch.ones(w.shape[1])), ("hessian_mse", torch.diag(h))):
+        hess = eye if observer == "mse" else torch.diag(torch.diag(h))  # diagonal H: no error propagation
+        q = gptq_quantize(w, hess, 4, 64, symmetric, torch.float32, act_order=True, static_groups=True,
+                          observer=observer)
+        assert q.meta["observer"] == "mse"
+
+        def objective(wq: torch.Tensor, weight: torch.Tensor = weight) -> torch.Tensor:
+            return ((w - wq).abs() ** 2.4 * weight).reshape(w.shape[0], -1, 64).sum(-1)
+
+        ref = gptq_quantize(w, hess, 4, 64, symmetric, torch.float32, act_order=True, static_groups=True)
+        assert torch.all(objective(q.dequantize()) <= objective(ref.dequantize()) * (1 + 1e-5))
+        assert objective(q.dequantize()).sum() < 0.95 * objective(ref.dequantize()).sum()
+    with pytest.raises(ValueError, match="unknown observer"):
+        gptq_quantize(w, eye, 4, 64, symmetric, torch.float32, observer="best")
+
+
 def test_dead_columns_and_bf16_scales():
     w, x, h = _layer(seed=4)
     x[:, :3] = 0

@@ -15,6 +15,11 @@ codes, signed zero) from the *updated* columns of a group when the sweep reaches
   static_groups  with act_order: every group's scale/zero comes from the original weights before the sweep,
                  groups stay contiguous in the original order (no g_idx: fast kernels); meta["actorder"] =
                  "weight", as compressed-tensors names it.
+  observer       how a group's range is chosen: "minmax" (RTN's); "mse" shrinks it to p * [min, max], p on a
+                 grid down to 0.2, keeping per row the p of least sum |w - q(w)|^2.4 (GPTQ's reference search);
+                 "hessian_mse" weighs that sum by diag(H), i.e. by how much each input column matters to the
+                 output. The candidates include p = 1, so the search never does worse than min/max on its
+                 objective.
 
 The block procedure (quantize_block) is true-sequential for Llama-style blocks: q/k/v, then o, then gate/up,
 then down, each fed with the block's inputs as transformed by the already-quantized linears before it. Linears
@@ -36,6 +41,7 @@ from .layerwise import BlockCalibration, BlockResult
 from .rtn import compute_scale_zero, int_range
 
 BLOCK = 128
+OBSERVERS = ("minmax", "mse", "hessian_mse")
 MSE_GRID, MSE_MAX_SHRINK = 80, 0.8  # the "mse" observer's candidates: 1.0, 0.99, ..., 0.2 of the min/max range
 
 
@@ -122,6 +128,9 @@ def _gptq(
         raise ValueError(f"group_size {gs} does not divide in_features {in_f}")
     n_groups = in_f // gs
     qmin, qmax = int_range(bits)
+    observer = {"mse-h": "hessian_mse"}.get(observer, observer)  # TEMP alias for a running experiment
+    if observer not in OBSERVERS:
+        raise ValueError(f"unknown observer {observer!r} (known: {', '.join(OBSERVERS)})")
     obs = "minmax" if observer == "minmax" else "mse"
 
     dead = torch.diag(h) == 0
@@ -131,14 +140,14 @@ def _gptq(
     # Per-channel and static groups fix every group's scale before the sweep, from the original columns.
     fixed = None
     if group_size is None or static_groups:
-        hd = torch.diag(h) if observer == "mse-h" else None
+        hd = torch.diag(h) if observer == "hessian_mse" else None
         fixed = [_group_params(w[:, g * gs:(g + 1) * gs], bits, symmetric, scale_dtype, obs,
                                hd[g * gs:(g + 1) * gs] if hd is not None else None) for g in range(n_groups)]
 
     perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(in_f, device=dev)
     w = w[:, perm]
     h = h[perm][:, perm]
-    hdiag = torch.diag(h).clone() if observer == "mse-h" else None
+    hdiag = torch.diag(h).clone() if observer == "hessian_mse" else None
     h.diagonal().add_(damp * torch.mean(torch.diag(h)))
     u = _inverse_cholesky_upper(h)
     del h

@@ -266,6 +266,8 @@ def run_layerwise(
         for i in range(n_layers):
             t0 = time.perf_counter()
             prefix = f"model.layers.{i}"
+            # A fresh reader per block: the previous one's memory maps (file pages counted in RSS) are released.
+            reader = TensorReader(src_dir)
             block = load_block(cfg, reader, i, dev, compute_dtype)
             targets = {f"{prefix}.{rel}": m for rel, m in block.named_modules()
                        if isinstance(m, nn.Linear) and not is_ignored(f"{prefix}.{rel}", ignore)}
@@ -293,6 +295,7 @@ def run_layerwise(
             timings[prefix] = time.perf_counter() - t0
             task.advance()
     del y
+    reader = TensorReader(src_dir)
     head_info = _write_tail(reader, writer, cfg, x, n_layers, method, args, dev, compute_dtype, quantized_names)
     info = {"method": args["method"], "device": str(dev), "quantized_layers": len(quantized_names),
             "calibration_shape": [n, seq], "batch_size": bs, "seconds_layers": round(time.perf_counter() - t_total, 3),

@@ -100,6 +100,8 @@ def main() -> int:
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--asymmetric", action="store_true")
     ap.add_argument("--act-order", choices=["none", "static", "dynamic"], default="static")
+    ap.add_argument("--observer", choices=["minmax", "mse", "hessian_mse"], default="hessian_mse")
+    ap.add_argument("--damp", type=float, default=0.01)
     ap.add_argument("--no-true-sequential", action="store_true")
     ap.add_argument("--device", default="auto", help="auto (CUDA when available), cuda, cpu")
     ap.add_argument("--work", default=None, help="directory for the checkpoint and the IR (default: a temp dir)")
@@ -127,8 +129,8 @@ def main() -> int:
     ids, cal_info = calibration.token_ids(cal_src, "text", a.samples, a.seq_len, 0, None, cfg["vocab_size"])
     args = {"method": "gptq", "bits": 4, "group_size": a.group_size, "symmetric": not a.asymmetric,
             "strategy": "group", "ignore": ("lm_head",), "scale_dtype": getattr(torch, a.dtype),
-            "damp": 0.01, "act_order": a.act_order != "none", "static_groups": a.act_order == "static",
-            "true_sequential": not a.no_true_sequential}
+            "damp": a.damp, "act_order": a.act_order != "none", "static_groups": a.act_order == "static",
+            "observer": a.observer, "true_sequential": not a.no_true_sequential}
     writers: list[IRWriter] = []
 
     def make_writer(_source_dtype):
@@ -156,7 +158,7 @@ def main() -> int:
         ("model", f"{a.arch} ({doc['layers']} blocks, {a.dtype}, random weights)"),
         ("calibration", f"{a.samples} x {a.seq_len} tokens ({a.calibration})"),
         ("scheme", f"W4 g{a.group_size} {'asym' if a.asymmetric else 'sym'}, act-order {a.act_order}, "
-                   f"true-sequential {not a.no_true_sequential}"),
+                   f"observer {a.observer}, true-sequential {not a.no_true_sequential}"),
         ("device", f"{doc['device']} {doc['gpu'] or ''}".strip()),
         ("quantize (all blocks + IR)", f"{total:.1f} s"),
         ("per block", f"median {sorted(per)[len(per) // 2]:.2f} s, max {max(per):.2f} s"),

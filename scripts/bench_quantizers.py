@@ -238,8 +238,9 @@ def main() -> int:
     ap.add_argument("--cal-seq-len", type=int, default=512)
     ap.add_argument("--max-tokens", type=int, default=65536)
     ap.add_argument("--eval-seq-len", type=int, default=2048)
-    ap.add_argument("--gptq-options", default='{"act_order": true, "static_groups": true}',
-                    help="JSON merged into our GPTQ's quantize section")
+    ap.add_argument("--gptq-options", default="{}",
+                    help='JSON merged into our GPTQ\'s quantize section, e.g. \'{"observer": "minmax"}\' '
+                         "(default: the profile's defaults)")
     ap.add_argument("--peer-python", default=os.environ.get("BENCH_PEER_PYTHON", "/tmp/venvs/llmc/bin/python"))
     ap.add_argument("--gptqmodel-python",
                     default=os.environ.get("BENCH_GPTQMODEL_PYTHON", "/tmp/venvs/gptqmodel/bin/python"))
@@ -260,9 +261,13 @@ def main() -> int:
         ap.error(f"unknown methods {sorted(unknown)}")
     schemes = [s.strip() == "sym" for s in a.schemes.split(",") if s.strip()]
     work = Path(tempfile.mkdtemp(prefix="bench-quant-", dir=out))
+    from toolchain.profile import QuantizeSpec
+
+    spec = QuantizeSpec.model_validate(profile_for("gptq", False, a)["quantize"])
+    gptq_opts = {k: getattr(spec, k) for k in ("damp", "act_order", "static_groups", "observer", "true_sequential")}
     protocol = (f"WikiText-2 raw test, first {a.max_tokens} tokens, {a.eval_seq_len}-token non-overlapping windows, "
                 f"transformers float32 CPU; W4 g{a.group_size}, lm_head unquantized; calibration {a.samples} x "
-                f"{a.cal_seq_len} tokens of Tiny Shakespeare (seed 0); our GPTQ options {a.gptq_options}")
+                f"{a.cal_seq_len} tokens of Tiny Shakespeare (seed 0); our GPTQ: {json.dumps(gptq_opts)}")
     rows: list[dict[str, Any]] = []
     doc: dict[str, Any] = {"protocol": protocol, "rows": rows, "reference_ppl": None, "cpu_count": os.cpu_count()}
 

@@ -37,6 +37,15 @@ def obq_reference(w: torch.Tensor, h: torch.Tensor, bits: int, symmetric: bool, 
     """GPTQ written the plain way, in float64: one column at a time, the inverse Hessian updated by Gaussian
     elimination of the quantized column (OBQ's formula) instead of a Cholesky factor, no blocks. A group's
     scale comes from its columns as updated when the sweep reaches it. Returns the dequantized weight."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # hundreds of tiny ops: threads only add barriers
+    try:
+        return _obq(w, h, bits, symmetric, damp, gs)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _obq(w: torch.Tensor, h: torch.Tensor, bits: int, symmetric: bool, damp: float, gs: int) -> torch.Tensor:
     w, h = w.double().clone(), h.double().clone()
     h += damp * h.diag().mean() * torch.eye(len(h), dtype=h.dtype)
     hinv = torch.linalg.inv(h)
@@ -81,12 +90,14 @@ def test_grouped_gptq_agrees_with_the_plain_formulation(symmetric):
 
 
 @pytest.mark.parametrize("symmetric", [True, False])
-@pytest.mark.parametrize("variant", ["plain", "act_order", "static_groups", "channel"])
+@pytest.mark.parametrize("variant", ["plain", "act_order", "static_groups", "static_in_order", "channel"])
 def test_gptq_beats_rtn_on_output_error(symmetric, variant):
     w, x, h = _layer(seed=1)
     gs = None if variant == "channel" else 64
     q = gptq_quantize(w, h, 4, gs, symmetric, torch.float32, act_order=variant in ("act_order", "static_groups"),
-                      static_groups=variant == "static_groups")
+                      static_groups=variant.startswith("static"))
+    assert (q.g_idx is not None) == (variant == "act_order")
+    assert q.meta.get("actorder") == {"act_order": "group", "static_groups": "weight"}.get(variant)
     rtn = quantize_rtn(w, 4, gs, symmetric, "channel" if gs is None else "group", torch.float32)
     assert out_err(x, w, q.dequantize()) < 0.75 * out_err(x, w, rtn.dequantize())
     lo, hi = int_range(4)
@@ -216,9 +227,10 @@ def test_runner_feeds_each_block_what_transformers_computes(tiny_source, monkeyp
     assert sorted(writer.names) == sorted(TensorReader(tiny_source).keys())
 
 
-def test_gptq_block_outputs_equal_the_quantized_blocks_forward(tiny_source):
+@pytest.mark.parametrize("true_sequential", [True, False])
+def test_gptq_block_outputs_equal_the_quantized_blocks_forward(tiny_source, true_sequential):
     """The true-sequential procedure computes the block's outputs itself; they must be what the block with the
-    quantized weights computes, and every linear is quantized."""
+    quantized weights computes, and every linear is quantized (also all at once, as llm-compressor does)."""
     from toolchain.quant import gptq
     from toolchain.quant.layerwise import BlockCalibration, hf_config, load_block, rotary
 
@@ -229,13 +241,21 @@ def test_gptq_block_outputs_equal_the_quantized_blocks_forward(tiny_source):
     targets = {f"model.layers.0.{n}": m for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)}
     calib = BlockCalibration(block, "model.layers.0", x, kwargs, targets, 4, torch.device("cpu"), torch.float32)
     args = {"method": "gptq", "bits": 4, "group_size": 64, "symmetric": False, "strategy": "group",
-            "scale_dtype": torch.float32, "act_order": True, "static_groups": True}
+            "scale_dtype": torch.float32, "act_order": True, "static_groups": True, "true_sequential": true_sequential}
+    with torch.no_grad():
+        before = block(x, **kwargs)
     result = gptq.quantize_block(block, "model.layers.0", calib, args)
     assert sorted(result.quantized) == sorted(targets)
     for name, q in result.quantized.items():
         assert torch.equal(targets[name].weight, q.dequantize())
-    with torch.no_grad():
-        assert torch.allclose(result.outputs, block(x, **kwargs), atol=1e-5)
+        assert q.meta["actorder"] == "weight" and q.g_idx is None
+    if true_sequential:
+        with torch.no_grad():
+            after = block(x, **kwargs)
+        assert torch.allclose(result.outputs, after, atol=1e-5)
+        assert not torch.allclose(after, before, atol=1e-3), "the outputs are those of the quantized block"
+    else:
+        assert result.outputs is None  # the runner computes them
 
 
 # -- through the pipeline ---------------------------------------------------------------------------------
@@ -246,6 +266,7 @@ def test_gptq_block_outputs_equal_the_quantized_blocks_forward(tiny_source):
 def test_gptq_pipeline_exports_and_reloads_exactly(tmp_path, symmetric, order):
     quantize = {"method": "gptq", "bits": 4, "group_size": 64, "symmetric": symmetric,
                 "act_order": order == "static", "static_groups": order == "static",
+                "observer": "hessian_mse" if order == "static" else "minmax",
                 "calibration": {"dataset": str(SHAKESPEARE), "samples": 8, "seq_len": 64}}
     profile = write_profile(tmp_path, tiny_profile(quantize=quantize))
     doc = build_json(str(profile), "--store", str(tmp_path / "store"))
@@ -270,7 +291,7 @@ def test_dynamic_act_order_g_idx_reaches_the_gptq_checkpoint(tmp_path, cli, symm
     from safetensors import safe_open
 
     quantize = {"method": "gptq", "bits": 4, "group_size": 64, "symmetric": symmetric, "act_order": True,
-                "scale_dtype": "float16",
+                "static_groups": False, "scale_dtype": "float16",
                 "calibration": {"dataset": str(SHAKESPEARE), "samples": 4, "seq_len": 32}}
     profile = write_profile(tmp_path, tiny_profile(quantize=quantize))
     r = cli("plan", str(profile), "--store", str(tmp_path / "store"))

@@ -121,8 +121,8 @@ def _dataset_digest(loaded: LoadedProfile, cache: StatCache) -> tuple[str, str] 
 
 # Calibrated methods: their code version (bump when the method's output changes) and the fields that shape
 # their output beyond the common ones; other methods leave these out of the key.
-CALIBRATED_METHODS = {"gptq": "1", "awq": "1"}
-METHOD_FIELDS = {"gptq": ("damp", "act_order", "static_groups", "true_sequential"),
+CALIBRATED_METHODS = {"gptq": "2", "awq": "1"}
+METHOD_FIELDS = {"gptq": ("damp", "act_order", "static_groups", "observer", "true_sequential"),
                  "awq": ("awq_grid", "awq_clip", "awq_fold"),
                  "nf4": ("blocksize", "double_quant")}
 CALIBRATION_FIELDS = ("calibration", "device")

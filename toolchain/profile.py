@@ -79,11 +79,14 @@ class QuantizeSpec(Strict):
     scale_dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
     calibration: CalibrationSpec | None = None
     # GPTQ (toolchain.quant.gptq): dampening as a fraction of mean(diag(H)); act_order sweeps columns by
-    # decreasing diag(H) (g_idx stored); static_groups fixes the groups' scales before the sweep (no g_idx);
+    # decreasing diag(H); static_groups fixes every group's range from the original weights before the sweep
+    # (with act_order and without it, groups are formed in sweep order and g_idx is stored); observer picks a
+    # group's range: minmax (RTN's), mse, or hessian_mse (range shrink searched, error weighted by diag(H));
     # true_sequential feeds each linear the outputs of the already-quantized ones before it in the block.
     damp: float = Field(default=0.01, gt=0, le=1)
-    act_order: bool = False
-    static_groups: bool = False
+    act_order: bool = True
+    static_groups: bool = True
+    observer: Literal["minmax", "mse", "hessian_mse"] = "hessian_mse"
     true_sequential: bool = True
     # AWQ (toolchain.quant.awq): points of the scale search's alpha grid in [0, 1]; clipping search of each
     # group's range; fold the scales into the preceding norm/linear (false: keep them as pre_quant_scale).
@@ -109,13 +112,12 @@ class QuantizeSpec(Strict):
                 raise ValueError(f"{self.method} quantizes per group or per channel, not per tensor")
             if self.strategy == "group" and (self.group_size or 0) < 8:
                 raise ValueError(f"group_size {self.group_size} is too small; use 32, 64 or 128")
-        if self.method != "gptq" and (self.act_order or self.static_groups):
-            raise ValueError("act_order and static_groups are GPTQ options (method: gptq)")
+        gptq_set = sorted({"damp", "act_order", "static_groups", "observer", "true_sequential"} & self.model_fields_set)
+        if self.method != "gptq" and gptq_set:
+            raise ValueError(f"{', '.join(gptq_set)}: GPTQ options (method: gptq)")
         awq_set = sorted(f for f in self.model_fields_set if f.startswith("awq_"))
         if self.method != "awq" and awq_set:
             raise ValueError(f"{', '.join(awq_set)}: AWQ options (method: awq)")
-        if self.static_groups and not self.act_order:
-            raise ValueError("static_groups only matters with act_order: true (without it groups are in order)")
         if self.method == "nf4":
             if self.bits != 4:
                 raise ValueError("nf4 is 4 bits: set bits: 4 (or leave it out)")

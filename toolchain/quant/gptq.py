@@ -9,12 +9,13 @@ For a linear y = x W^T with calibration inputs X (tokens, in):
   for each column i (in blocks of 128; the error reaches later blocks in one matmul per block):
       q_i = quant(w_i);  e = (w_i - q_i) / U_ii;  w_j -= e U_ij for j > i
 Group scales/zeros are computed with toolchain.quant.rtn.compute_scale_zero (the project's conventions: signed
-codes, signed zero) from the *updated* columns of a group when the sweep reaches its first column.
+codes, signed zero): from the *updated* columns of a group when the sweep reaches its first column, or, with
+static_groups, from the original weights before the sweep.
   act_order      sweep columns by decreasing diag(H); groups are formed in that order, so the IR stores
                  g_idx (group of each input column, in the original order); meta["actorder"] = "group".
-  static_groups  with act_order: every group's scale/zero comes from the original weights before the sweep,
-                 groups stay contiguous in the original order (no g_idx: fast kernels); meta["actorder"] =
-                 "weight", as compressed-tensors names it.
+  static_groups  every group's scale/zero comes from the original weights before the sweep (llm-compressor's
+                 way); with act_order the groups stay contiguous in the original order (no g_idx: fast
+                 kernels) and meta["actorder"] = "weight", as compressed-tensors names it.
   observer       how a group's range is chosen: "minmax" (RTN's); "mse" shrinks it to p * [min, max], p on a
                  grid down to 0.2, keeping per row the p of least sum |w - q(w)|^2.4 (GPTQ's reference search);
                  "hessian_mse" weighs that sum by diag(H), i.e. by how much each input column matters to the
@@ -128,7 +129,6 @@ def _gptq(
         raise ValueError(f"group_size {gs} does not divide in_features {in_f}")
     n_groups = in_f // gs
     qmin, qmax = int_range(bits)
-    observer = {"mse-h": "hessian_mse"}.get(observer, observer)  # TEMP alias for a running experiment
     if observer not in OBSERVERS:
         raise ValueError(f"unknown observer {observer!r} (known: {', '.join(OBSERVERS)})")
     obs = "minmax" if observer == "minmax" else "mse"
@@ -237,8 +237,8 @@ def _options(args: dict[str, Any]) -> dict[str, Any]:
     grouped = args.get("strategy", "group") == "group"
     return {"bits": args["bits"], "group_size": args["group_size"] if grouped else None,
             "symmetric": args["symmetric"], "scale_dtype": args["scale_dtype"], "damp": args.get("damp", 0.01),
-            "act_order": args.get("act_order", False), "static_groups": args.get("static_groups", False),
-            "observer": args.get("observer", "minmax")}
+            "act_order": args.get("act_order", True), "static_groups": args.get("static_groups", True),
+            "observer": args.get("observer", "hessian_mse")}
 
 
 def quantize_stack(linears: dict[str, nn.Linear], hessian: torch.Tensor, args: dict[str, Any]

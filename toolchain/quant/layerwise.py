@@ -247,8 +247,10 @@ def run_layerwise(
     writer = writer_factory(source_dtype)
     ignore = tuple(args.get("ignore", ()))
     n, seq = ids.shape
-    # A batch of samples per forward: bounded so that attention and MLP intermediates stay ~1 GiB.
-    bs = batch_size or max(1, min(n, (1 << 28) // max(1, seq * cfg.intermediate_size)))
+    # Samples per forward: an MLP intermediate of ~128 MiB on CPU (larger batches are no faster there and
+    # only raise the peak), ~1 GiB on a GPU (where they keep the kernels busy).
+    budget = (1 << 28) if dev.type == "cuda" else (1 << 25)
+    bs = batch_size or max(1, min(n, budget // max(1, seq * cfg.intermediate_size)))
     timings: dict[str, float] = {}
 
     writer.add_plain("model.embed_tokens.weight", embed)

@@ -162,6 +162,41 @@ def test_dead_columns_and_bf16_scales():
     assert torch.isfinite(q.dequantize()).all()
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize(("in_f", "gs", "act_order"), [(576, 64, True), (576, 32, False), (1024, 128, True),
+                                                        (576, None, False)])
+def test_triton_sweep_matches_the_torch_loop(monkeypatch, symmetric, in_f, gs, act_order):
+    """The fused Triton sweep (static groups / per channel, CUDA) against the torch loop on the same GPU: codes
+    equal but for ulp-level ties, the same scales, and the same layer loss tr(D H D^T). 576 = 4 x 128 + 64
+    exercises a short last block; a dead input column exercises the masking of H."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from toolchain.quant import gptq_triton
+
+    if gptq_triton.triton is None:
+        pytest.skip("needs triton")
+    w, x, h = _layer(out_f=200, in_f=in_f, n=4096, seed=3)
+    h[5, :] = h[:, 5] = 0  # a dead column
+    w, h = w.cuda(), h.cuda()
+    kwargs = dict(act_order=act_order, static_groups=True, observer="hessian_mse")
+    fused = gptq_quantize(w, h, 4, gs, symmetric, torch.float32, **kwargs)
+    monkeypatch.setenv("TOOLCHAIN_GPTQ_TRITON", "0")
+    loop = gptq_quantize(w, h, 4, gs, symmetric, torch.float32, **kwargs)
+    assert torch.equal(fused.scale, loop.scale)
+    assert (fused.zero is None) == (loop.zero is None) and (fused.zero is None or torch.equal(fused.zero, loop.zero))
+    assert (fused.codes == loop.codes).float().mean() > 0.999
+    assert (fused.codes[:, 5] == (0 if symmetric else fused.zero[:, 5 // (gs or in_f)])).all()
+
+    def loss(q):
+        d = w.cpu() - q.dequantize(torch.float32)
+        return float(torch.einsum("oi,ij,oj->", d.double(), h.cpu().double(), d.double()))
+
+    assert loss(fused) == pytest.approx(loss(loop), rel=1e-3)
+    rtn = quantize_rtn(w.cpu(), 4, gs, symmetric, "group" if gs else "channel", torch.float32)
+    assert loss(fused) < 0.9 * loss(rtn)
+
+
 # -- the block-by-block runner --------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -214,7 +249,8 @@ def test_runner_feeds_each_block_what_transformers_computes(tiny_source, monkeyp
     ids = torch.randint(0, 1024, (5, 40), generator=torch.Generator().manual_seed(0))
     writer = _Collect()
     run_layerwise(tiny_source, lambda _d: writer, ids, {"method": _fake_method(monkeypatch, quantize_block),
-                                                        "ignore": ["lm_head"]}, Reporter(quiet=True), batch_size=2)
+                                                        "ignore": ["lm_head"]}, Reporter(quiet=True), batch_size=2,
+                  device="cpu")  # transformers runs on the CPU here: compare like with like (no TF32)
     model = AutoModelForCausalLM.from_pretrained(tiny_source, dtype=torch.float32).eval()
     hooked: dict[str, torch.Tensor] = {}
     for name in ("model.layers.1.self_attn.o_proj", "model.layers.1.mlp.down_proj"):

@@ -38,7 +38,8 @@ import torch
 from torch import nn
 
 from ..ir import QuantizedLinear
-from .layerwise import BlockCalibration, BlockResult
+from . import gptq_triton
+from .layerwise import BlockCalibration, BlockResult, tf32_matmuls
 from .rtn import compute_scale_zero, int_range
 
 BLOCK = 128
@@ -100,8 +101,9 @@ def _cpu_threads(device: torch.device, n: int):
 
 
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, *args: Any, **kwargs: Any) -> QuantizedLinear:
-    """GPTQ of one weight (out, in) given H (in, in): see _gptq for the arguments."""
-    with _cpu_threads(weight.device, 1):
+    """GPTQ of one weight (out, in) given H (in, in): see _gptq for the arguments. The sweep runs in full
+    float32 (no TF32: its error feedback is what GPTQ is about)."""
+    with _cpu_threads(weight.device, 1), tf32_matmuls(weight.device, False):
         return _gptq(weight, hessian, *args, **kwargs)
 
 
@@ -158,11 +160,23 @@ def _gptq(
     # A group must not straddle two sweep blocks, so that its scale is computed from updated columns.
     bs = max(gs, block_size // gs * gs) if group_size else block_size
     group_of = perm // gs if static_groups else torch.arange(in_f, device=dev) // gs  # by sweep position
+    fused = fixed is not None and gptq_triton.available(dev)
+    if fused:  # every column's range is known before the sweep: the Triton kernel runs each block in one launch
+        scale_all = torch.stack([s.float() for s, _ in fixed], 1)
+        zero_all = None if symmetric else torch.stack([z.float() for _, z in fixed], 1)
+        group_t = group_of
     group_of = group_of.tolist()
     scale_f = zero_f = None
     prev_g = -1
     for i1 in range(0, in_f, bs):
         i2 = min(i1 + bs, in_f)
+        if fused:
+            cols = group_t[i1:i2]
+            codes[:, i1:i2], err1 = gptq_triton.sweep_block(
+                w[:, i1:i2], u[i1:i2, i1:i2], scale_all[:, cols], zero_all[:, cols] if zero_all is not None else None,
+                qmin, qmax)
+            w[:, i2:].sub_(err1 @ u[i1:i2, i2:])
+            continue
         w1 = w[:, i1:i2].clone()
         err1 = torch.zeros_like(w1)
         u1 = u[i1:i2, i1:i2]

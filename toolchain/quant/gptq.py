@@ -73,16 +73,28 @@ def _group_params(w: torch.Tensor, bits: int, symmetric: bool, scale_dtype: torc
         scale, zero = compute_scale_zero(wmin, wmax, bits, symmetric, scale_dtype)
         return scale[:, 0], (zero[:, 0] if zero is not None else None)
     qmin, qmax = int_range(bits)
-    p = torch.linspace(1.0, 1.0 - MSE_MAX_SHRINK, MSE_GRID + 1, device=w.device)[:, None, None]  # (P, 1, 1)
-    scale, zero = compute_scale_zero(p * wmin, p * wmax, bits, symmetric, scale_dtype)  # (P, out, 1)
-    s = scale.float()
-    z = zero.float() if zero is not None else 0.0
-    err = ((torch.clamp(torch.round(w / s) + z, qmin, qmax) - z) * s - w).abs_().pow_(2.4)
-    if col_weight is not None:
-        err = err * col_weight
-    best = err.sum(-1).argmin(0)  # (out,)
-    rows = torch.arange(w.shape[0], device=w.device)
-    return scale[best, rows, 0], (zero[best, rows, 0] if zero is not None else None)
+    grid = torch.linspace(1.0, 1.0 - MSE_MAX_SHRINK, MSE_GRID + 1, device=w.device)
+    best_err = torch.full((w.shape[0],), float("inf"), device=w.device)
+    best_scale = torch.empty(w.shape[0], dtype=scale_dtype, device=w.device)
+    best_zero = None if symmetric else torch.empty(w.shape[0], dtype=torch.int8, device=w.device)
+    # Candidates a chunk at a time: (candidates, out, k) temporaries of ~64 MiB whatever the layer's size.
+    step = max(1, (1 << 24) // max(1, w.numel()))
+    for c in range(0, len(grid), step):
+        p = grid[c : c + step, None, None]  # (P, 1, 1)
+        scale, zero = compute_scale_zero(p * wmin, p * wmax, bits, symmetric, scale_dtype)  # (P, out, 1)
+        s = scale.float()
+        z = zero.float() if zero is not None else 0.0
+        err = ((torch.clamp(torch.round(w / s) + z, qmin, qmax) - z) * s - w).abs_().pow_(2.4)
+        if col_weight is not None:
+            err = err * col_weight
+        chunk_err, idx = err.sum(-1).min(0)  # (out,): the first of equal minima, as argmin
+        better = chunk_err < best_err  # strict: an earlier (wider) range wins a tie
+        rows = torch.arange(w.shape[0], device=w.device)
+        best_err = torch.where(better, chunk_err, best_err)
+        best_scale = torch.where(better, scale[idx, rows, 0], best_scale)
+        if best_zero is not None:
+            best_zero = torch.where(better, zero[idx, rows, 0], best_zero)
+    return best_scale, best_zero
 
 
 @contextmanager

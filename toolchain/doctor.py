@@ -19,6 +19,7 @@ PACKAGES = [
     ("nvidia-modelopt", "ModelOpt conformance checks", "pip install nvidia-modelopt"),
     ("gptqmodel", "GPTQ oracle", "pip install gptqmodel"),
     ("bitsandbytes", "NF4", "pip install bitsandbytes"),
+    ("triton", "GPTQ's fused column sweep on CUDA (else a slower torch loop)", "pip install triton (with CUDA torch)"),
     ("onnxruntime", "ONNX target check", "pip install onnxruntime"),
     ("onnxscript", "ONNX target export (torch.onnx dynamo)", "pip install onnx onnxscript"),
     ("llama_cpp_python", "GGUF runtime check", "CMAKE_ARGS=-DGGML_NATIVE=off pip install llama-cpp-python"),

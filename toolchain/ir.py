@@ -44,6 +44,7 @@ from safetensors.torch import save_file
 IR_VERSION = 1
 NF4_EXTRAS = ("quant_map", "nested_absmax", "nested_quant_map", "nested_offset")
 SHARD_BYTES = 2 << 30
+IR_SHARD_BYTES = 512 << 20
 
 
 @dataclass
@@ -169,7 +170,6 @@ class TensorReader:
             with safe_open(str(f), framework="pt") as h:
                 for k in h.keys():
                     self.weight_map[k] = f.name
-        self._handles: dict[str, Any] = {}
 
     def __contains__(self, name: str) -> bool:
         return name in self.weight_map
@@ -178,10 +178,11 @@ class TensorReader:
         return list(self.weight_map)
 
     def get(self, name: str) -> torch.Tensor:
-        fname = self.weight_map[name]
-        if fname not in self._handles:
-            self._handles[fname] = safe_open(str(self.directory / fname), framework="pt")
-        return self._handles[fname].get_tensor(name)
+        """An owned copy. A tensor backed by the file's memory map would keep the whole map, and every page of
+        it read so far, counted in this process's RSS for as long as it lives (a norm weight kept for a later
+        shard held a whole source shard's pages: 4 GiB of file pages on a Llama-2-7B-shaped model)."""
+        with safe_open(str(self.directory / self.weight_map[name]), framework="pt") as h:
+            return h.get_tensor(name).clone()
 
 
 class IRWriter:
@@ -189,7 +190,8 @@ class IRWriter:
         self.out_dir = out_dir
         self.scheme = scheme
         self.layers: dict[str, dict[str, Any]] = {}
-        self.shards = ShardWriter(out_dir)
+        # Small shards: what is pending is held in memory until written (the quantize stage's peak).
+        self.shards = ShardWriter(out_dir, shard_bytes=IR_SHARD_BYTES)
 
     def add_quantized(self, name: str, q: QuantizedLinear) -> None:
         self.layers[name] = {"type": q.type, "shape": list(q.shape), **q.meta}

@@ -293,7 +293,6 @@ def _run_layerwise(src_dir: Path, writer_factory: Callable[[torch.dtype], IRWrit
         for i in range(n_layers):
             t0 = time.perf_counter()
             prefix = f"model.layers.{i}"
-            # A fresh reader per block: the previous one's memory maps (file pages counted in RSS) are released.
             reader = TensorReader(src_dir)
             block = load_block(cfg, reader, i, dev, compute_dtype)
             targets = {f"{prefix}.{rel}": m for rel, m in block.named_modules()

@@ -126,7 +126,8 @@ def run_peer(kind: str, symmetric: bool, python: str, inputs: dict[str, Any], wo
     t0 = time.perf_counter()
     try:
         r = subprocess.run([python, str(Path(__file__).resolve()), "--worker", str(job)], capture_output=True,
-                           text=True, timeout=timeout, env={**os.environ, "PYTHONPATH": str(REPO)})
+                           text=True, timeout=timeout, env={**os.environ, "PYTHONPATH": str(REPO)},
+                           cwd=work)  # peers write logs into their working directory (GPTQModel: logs/)
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout:.0f} s"}
     wall = time.perf_counter() - t0

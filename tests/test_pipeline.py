@@ -34,6 +34,18 @@ def test_build_then_noop(tmp_path):
     assert snapshot(store) == before, "a cached build must write nothing"
 
 
+def test_json_keeps_progress_on_stderr_and_quiet_silences_it(tmp_path):
+    """CI logs: with --json the document alone is on stdout and the stages are still reported on stderr."""
+    profile = write_profile(tmp_path, tiny_profile())
+    r = run_cli("build", str(profile), "--store", str(tmp_path / "store"), "--json")
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    for stage in doc["stages"]:
+        assert stage["name"] in r.stderr
+    quiet = run_cli("build", str(profile), "--store", str(tmp_path / "store"), "--json", "-q")
+    assert json.loads(quiet.stdout)["stages"] and quiet.stderr.strip() == ""
+
+
 def test_changed_field_rebuilds_downstream_and_plan_names_it(tmp_path):
     store = tmp_path / "store"
     profile = write_profile(tmp_path, tiny_profile())

@@ -101,7 +101,7 @@ def build(profile: str | None, store_dir: str | None, source: str | None, as_jso
     2 for bad input.
     """
     t0 = time.perf_counter()
-    reporter = Reporter(quiet=quiet or as_json)
+    reporter = Reporter(quiet=quiet)  # with --json, progress still goes to stderr: CI logs show the stages
     try:
         from .plan import build_plan
         from .run import execute

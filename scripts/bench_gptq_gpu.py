@@ -6,9 +6,9 @@ calibration activations (samples x seq_len x hidden, float32) beside it, the IR 
   python scripts/bench_gptq_gpu.py --out /tmp/gptq-7b.json                  # Llama-2-7B shape, 128 x 2048, CUDA
   python scripts/bench_gptq_gpu.py --arch llama-tiny --samples 8 --seq-len 128 --out /tmp/t.json   # CPU smoke
 
-Needs only torch, transformers and safetensors (no pydantic/rich: it runs on a bare GPU box). The random
-checkpoint is written first (safetensors, one tensor in host memory at a time, generated on the device) and is
-not timed. Prints one line per block, a short table last, and writes JSON to --out.
+Needs only torch, transformers, safetensors and rich (no pydantic: it runs on a bare GPU box). The random
+checkpoint is written first by the source stage's synthesize (one tensor in host memory at a time, generated on
+the device) and is not timed. Prints one line per block, a short table last, and writes JSON to --out.
 """
 
 from __future__ import annotations
@@ -25,37 +25,6 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-
-
-def synthesize(arch: str, layers: int | None, dtype: str, out: Path, device) -> dict:
-    """A random checkpoint of the named shape (std 0.02, norms 1), as the source stage's synthetic models."""
-    import torch
-
-    from toolchain.arch import linear_shapes, synthetic_config
-    from toolchain.ir import ShardWriter
-
-    cfg = synthetic_config(arch, layers, dtype)
-    dt = getattr(torch, dtype)
-    h = cfg["hidden_size"]
-    shapes = {n: (o, i) for n, o, i in linear_shapes(cfg)}
-    names: list[tuple[str, tuple[int, ...]]] = [("model.embed_tokens.weight", (cfg["vocab_size"], h))]
-    for layer in range(cfg["num_hidden_layers"]):
-        p = f"model.layers.{layer}"
-        names.append((f"{p}.input_layernorm.weight", (h,)))
-        names += [(f"{n}.weight", s) for n, s in shapes.items() if n.startswith(p + ".")]
-        names.append((f"{p}.post_attention_layernorm.weight", (h,)))
-    names += [("model.norm.weight", (h,)), ("lm_head.weight", shapes["lm_head"])]
-    writer = ShardWriter(out, prefix="model")
-    g = torch.Generator(device=device).manual_seed(0)
-    for name, shape in names:
-        if name.endswith("norm.weight"):
-            t = torch.ones(shape, dtype=dt)
-        else:
-            t = (torch.randn(shape, generator=g, device=device) * 0.02).to(dt).cpu()
-        writer.add(name, t)
-    writer.close(hf_layout=True)
-    (out / "config.json").write_text(json.dumps({**cfg, "torch_dtype": dtype}, indent=2))
-    return cfg
 
 
 class LineReporter:
@@ -110,9 +79,12 @@ def main() -> int:
 
     import torch
 
+    from toolchain.arch import synthetic_config
     from toolchain.ir import IRWriter
+    from toolchain.progress import Reporter
     from toolchain.quant import calibration
     from toolchain.quant.layerwise import pick_device, run_layerwise
+    from toolchain.stages.source import synthesize
 
     dev = pick_device(a.device)
     tmp = tempfile.TemporaryDirectory(prefix="bench-gptq-") if a.work is None else None
@@ -121,7 +93,8 @@ def main() -> int:
     src.mkdir(parents=True, exist_ok=True)
     ir_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    cfg = synthesize(a.arch, a.layers, a.dtype, src, dev)
+    cfg = synthetic_config(a.arch, a.layers, a.dtype)
+    synthesize(cfg, 0, src, Reporter(quiet=True), str(dev))
     synth_s = time.perf_counter() - t0
     print(f"synthesized {a.arch} ({cfg['num_hidden_layers']} blocks, {a.dtype}) in {synth_s:.1f} s", flush=True)
 

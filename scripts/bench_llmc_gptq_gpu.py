@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "scripts"))
 sys.path.insert(0, str(REPO))
 
 
@@ -52,16 +51,19 @@ def main() -> int:
     a = ap.parse_args()
 
     import torch
-    from bench_gptq_gpu import synthesize
 
+    from toolchain.arch import synthetic_config
+    from toolchain.progress import Reporter
     from toolchain.quant import calibration
+    from toolchain.stages.source import synthesize
 
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tmp = tempfile.TemporaryDirectory(prefix="bench-llmc-") if a.work is None else None
     src = Path(a.work or tmp.name) / "source"
     src.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    cfg = synthesize(a.arch, a.layers, a.dtype, src, dev)
+    cfg = synthetic_config(a.arch, a.layers, a.dtype)
+    synthesize(cfg, 0, src, Reporter(quiet=True), str(dev))
     print(f"synthesized {a.arch} ({cfg['num_hidden_layers']} blocks) in {time.perf_counter() - t0:.1f} s", flush=True)
     ids, cal_info = calibration.token_ids(calibration.parse("random", Path), "text", a.samples, a.seq_len, 0, None,
                                           cfg["vocab_size"])

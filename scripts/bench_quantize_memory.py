@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import threading
@@ -112,8 +113,6 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     store = Path(a.store) if a.store else out / "store"
     if store.exists():
-        import shutil
-
         shutil.rmtree(store)
     profile = {
         "name": "bench-memory",

@@ -80,6 +80,7 @@ def _group_params(w: torch.Tensor, bits: int, symmetric: bool, scale_dtype: torc
     best_zero = None if symmetric else torch.empty(w.shape[0], dtype=torch.int8, device=w.device)
     # Candidates a chunk at a time: (candidates, out, k) temporaries of ~64 MiB whatever the layer's size.
     step = max(1, (1 << 24) // max(1, w.numel()))
+    rows = torch.arange(w.shape[0], device=w.device)
     for c in range(0, len(grid), step):
         p = grid[c : c + step, None, None]  # (P, 1, 1)
         scale, zero = compute_scale_zero(p * wmin, p * wmax, bits, symmetric, scale_dtype)  # (P, out, 1)
@@ -90,7 +91,6 @@ def _group_params(w: torch.Tensor, bits: int, symmetric: bool, scale_dtype: torc
             err = err * col_weight
         chunk_err, idx = err.sum(-1).min(0)  # (out,): the first of equal minima, as argmin
         better = chunk_err < best_err  # strict: an earlier (wider) range wins a tie
-        rows = torch.arange(w.shape[0], device=w.device)
         best_err = torch.where(better, chunk_err, best_err)
         best_scale = torch.where(better, scale[idx, rows, 0], best_scale)
         if best_zero is not None:
@@ -152,12 +152,19 @@ def _gptq(
     h[dead, dead] = 1
     w[:, dead] = 0
 
-    # Per-channel and static groups fix every group's scale before the sweep, from the original columns.
-    fixed = None
-    if group_size is None or static_groups:
+    codes = torch.zeros(out_f, in_f, dtype=torch.int8, device=dev)
+    scales = torch.empty(out_f, n_groups, dtype=scale_dtype, device=dev)
+    zeros = None if symmetric else torch.empty(out_f, n_groups, dtype=torch.int8, device=dev)
+    # Per-channel and static groups fix every group's range before the sweep, from the original columns.
+    fixed = group_size is None or static_groups
+    if fixed:
         hd = torch.diag(h) if observer == "hessian_mse" else None
-        fixed = [_group_params(w[:, g * gs:(g + 1) * gs], bits, symmetric, scale_dtype, obs,
-                               hd[g * gs:(g + 1) * gs] if hd is not None else None) for g in range(n_groups)]
+        for g in range(n_groups):
+            cols = slice(g * gs, (g + 1) * gs)
+            scales[:, g], zero = _group_params(w[:, cols], bits, symmetric, scale_dtype, obs,
+                                               hd[cols] if hd is not None else None)
+            if zeros is not None:
+                zeros[:, g] = zero
 
     perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(in_f, device=dev)
     if act_order:  # (without it perm is the identity: no copies of w and H)
@@ -168,47 +175,37 @@ def _gptq(
     u = _inverse_cholesky_upper(h)
     del h
 
-    codes = torch.zeros(out_f, in_f, dtype=torch.int8, device=dev)
-    scales = torch.empty(out_f, n_groups, dtype=scale_dtype, device=dev)
-    zeros = None if symmetric else torch.empty(out_f, n_groups, dtype=torch.int8, device=dev)
     # A group must not straddle two sweep blocks, so that its scale is computed from updated columns.
     bs = max(gs, block_size // gs * gs) if group_size else block_size
     group_of = perm // gs if static_groups else torch.arange(in_f, device=dev) // gs  # by sweep position
-    fused = fixed is not None and gptq_triton.available(dev)
-    if fused:  # every column's range is known before the sweep: the Triton kernel runs each block in one launch
-        scale_all = torch.stack([s.float() for s, _ in fixed], 1)
-        zero_all = None if symmetric else torch.stack([z.float() for _, z in fixed], 1)
-        group_t = group_of
-    group_of = group_of.tolist()
+    scales_f = scales.float() if fixed else None
+    zeros_f = zeros.float() if fixed and zeros is not None else None
+    fused = fixed and gptq_triton.available(dev)  # ranges known up front: one kernel launch per block
+    group_list = group_of.tolist()
     scale_f = zero_f = None
-    prev_g = -1
     for i1 in range(0, in_f, bs):
         i2 = min(i1 + bs, in_f)
+        u1 = u[i1:i2, i1:i2]
         if fused:
-            cols = group_t[i1:i2]
+            cols = group_of[i1:i2]
             codes[:, i1:i2], err1 = gptq_triton.sweep_block(
-                w[:, i1:i2], u[i1:i2, i1:i2], scale_all[:, cols], zero_all[:, cols] if zero_all is not None else None,
-                qmin, qmax)
+                w[:, i1:i2], u1, scales_f[:, cols], zeros_f[:, cols] if zeros_f is not None else None, qmin, qmax)
             w[:, i2:].sub_(err1 @ u[i1:i2, i2:])
             continue
         w1 = w[:, i1:i2].clone()
         err1 = torch.zeros_like(w1)
-        u1 = u[i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = i1 + i
-            g = group_of[col]
-            if fixed is not None:
-                if g != prev_g:
-                    scale_t, zero_t = fixed[g]
-                    scale_f, zero_f = scale_t.float(), (zero_t.float() if zero_t is not None else None)
+            g = group_list[col]
+            if fixed:
+                scale_f, zero_f = scales_f[:, g], (zeros_f[:, g] if zeros_f is not None else None)
             elif col % gs == 0:
-                scale_t, zero_t = _group_params(w1[:, i:i + gs], bits, symmetric, scale_dtype, obs,
-                                                hdiag[col:col + gs] if hdiag is not None else None)
-                scale_f, zero_f = scale_t.float(), (zero_t.float() if zero_t is not None else None)
-                scales[:, g] = scale_t
+                scales[:, g], zero_t = _group_params(w1[:, i:i + gs], bits, symmetric, scale_dtype, obs,
+                                                     hdiag[col:col + gs] if hdiag is not None else None)
+                scale_f = scales[:, g].float()
                 if zeros is not None:
                     zeros[:, g] = zero_t
-            prev_g = g
+                    zero_f = zero_t.float()
             wc = w1[:, i]
             q = torch.round(wc / scale_f)
             if zero_f is not None:
@@ -223,11 +220,6 @@ def _gptq(
             err1[:, i] = e
         w[:, i2:].sub_(err1 @ u[i1:i2, i2:])
 
-    if fixed is not None:
-        for g, (s, z) in enumerate(fixed):
-            scales[:, g] = s
-            if zeros is not None:
-                zeros[:, g] = z
     inv = torch.argsort(perm)
     if act_order:
         codes = codes[:, inv]

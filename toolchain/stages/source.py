@@ -10,10 +10,13 @@ from __future__ import annotations
 import json
 import zlib
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import MissingToolError
-from ..run import StageContext
+
+if TYPE_CHECKING:  # (the benchmarks synthesize models on a bare GPU box, without the pipeline's imports)
+    from ..progress import Reporter
+    from ..run import StageContext
 
 
 def model_dir(manifest: dict[str, Any], artifact_dir: Path) -> Path:
@@ -29,7 +32,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     if src.kind == "gguf":
         convert_gguf(src.path, ctx.out, ctx)
         return {"label": src.label, "converted_from": "gguf"}
-    synthesize(ctx.plan.model_config, src.synthetic["seed"], ctx.out, ctx)
+    synthesize(ctx.plan.model_config, src.synthetic["seed"], ctx.out, ctx.reporter)
     return {"label": src.label, "synthetic": src.synthetic}
 
 
@@ -57,7 +60,9 @@ def convert_gguf(path: Path, out: Path, ctx: StageContext) -> None:
     tok.save_pretrained(out)
 
 
-def synthesize(cfg: dict[str, Any], seed: int, out: Path, ctx: StageContext) -> None:
+def synthesize(cfg: dict[str, Any], seed: int, out: Path, reporter: Reporter, device: str = "cpu") -> None:
+    """Random weights (std 0.02, norms 1) of the shape in `cfg`, one tensor in memory at a time. Seeded per tensor:
+    on the CPU the bytes depend only on (seed, name); a GPU `device` makes them faster (other bytes)."""
     import torch
 
     from ..ir import ShardWriter
@@ -66,13 +71,13 @@ def synthesize(cfg: dict[str, Any], seed: int, out: Path, ctx: StageContext) -> 
     names = synthetic_tensor_shapes(cfg)
     writer = ShardWriter(out, prefix="model")
     total = sum(_numel(shape) for _, shape in names)
-    with ctx.reporter.task("synthesizing weights", total=total) as task:
+    with reporter.task("synthesizing weights", total=total) as task:
         for name, shape in names:
             if name.endswith("norm.weight"):
                 t = torch.ones(shape, dtype=dtype)
             else:
-                g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
-                t = (torch.randn(shape, generator=g) * 0.02).to(dtype)
+                g = torch.Generator(device=device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+                t = (torch.randn(shape, generator=g, device=device) * 0.02).to(dtype).cpu()
             writer.add(name, t)
             task.advance(_numel(shape))
     writer.close(hf_layout=True)

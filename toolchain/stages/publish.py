@@ -1,0 +1,54 @@
+"""publish:<target>: push a target's artifact to the profile's `publish:` destinations once its gates passed.
+
+The stage's inputs are every stage of its target (export, validate, engine, speed), so its key changes with
+the artifact and with the destinations, and a cached publish is a no-op. The executor skips it when a stage
+of its target failed; the runner checks again, so a failed artifact is never pushed.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from ..errors import BuildError
+
+VERSION = "1"
+
+
+def publish_stages(profile: Any, stages: list[Any]) -> list[Any]:
+    """One publish stage per target when the profile has `publish:` entries (plan time; no network)."""
+    from ..plan import Stage
+
+    if not profile.publish:
+        return []
+    out = []
+    for target in profile.targets:
+        label = target.label
+        inputs = {s.name.partition(":")[0]: s.key for s in stages if s.name.partition(":")[2] == label}
+        config = {"to": [{"to": p.to, "insecure": p.insecure} for p in profile.publish],
+                  "targets": len(profile.targets)}
+        out.append(Stage(f"publish:{label}", config, inputs, VERSION, (), "toolchain.stages.publish:run").finalize())
+    return out
+
+
+def run(ctx: Any) -> dict[str, Any]:
+    from ..registry.package import destination, push_files, target_package
+    from ..store import Store
+
+    label = ctx.stage.name.partition(":")[2]
+    failed = [role for role, m in ctx.input_manifests.items() if m.get("status") == "failed"]
+    if failed:
+        raise BuildError(f"publish:{label}: {', '.join(failed)} failed; a failed artifact is never published")
+    store = Store(ctx.inputs["export"].parents[2])  # <store>/objects/<k[:2]>/<key> -> <store>
+    assert store.object_dir(ctx.stage.inputs["export"]) == ctx.inputs["export"]
+    key, files, descriptor, config, annotations = target_package(store, ctx.plan, label)
+    published = []
+    for dest in ctx.config["to"]:
+        ref = destination(dest["to"], label, ctx.config["targets"])
+        ctx.reporter.info(f"  pushing {label} to {ref}")
+        pushed = push_files(ref, store.object_dir(key), files, descriptor, config, annotations, dest["insecure"],
+                            ctx.reporter)
+        ctx.reporter.info(f"  {ref} -> {pushed.digest}")
+        published.append({"reference": str(ref), "digest": pushed.digest, "pinned": pushed.reference})
+    (ctx.out / "published.json").write_text(json.dumps(published, indent=2, sort_keys=True))
+    return {"published": published, "reason": f"pushed to {len(published)} destination(s)"}

@@ -306,7 +306,7 @@ def push(target: str, to: str, label: str | None, insecure: bool, store_dir: str
         docs = []
         for ref, key, files, descriptor, config, annotations in _resolve_push(target, store, to, label):
             pushed = push_files(ref, store.object_dir(key), files, descriptor, config, annotations, insecure,
-                                reporter)
+                                reporter, interruptible=True)
             docs.append({**pushed.document(), "tag": str(ref), "key": key})
             if not as_json and not quiet:
                 click.echo(f"pushed {ref} -> {pushed.digest} ({len(files)} layers, "

@@ -5,7 +5,10 @@
 - A 401 is answered once with the registry's own challenge (Basic, or Bearer through its token realm); the
   token is cached per scope. A 401/403/404/413 that remains becomes a RegistryError naming the fix.
 - Blobs go up in PATCH chunks read from the file as they are sent (memory independent of the file size); the
-  upload's location is saved after every chunk, so a killed push resumes from what the registry holds.
+  upload's location is saved after every chunk, so a push stopped between chunks (Ctrl-C or SIGTERM let the
+  chunk in flight finish) resumes from what the registry holds. A chunk cut in the middle (SIGKILL, a dropped
+  connection) leaves the registry holding more than the last saved state says; distribution 2.8 then declares
+  the upload invalid (BLOB_UPLOAD_INVALID), and the client starts that blob over rather than fail.
 - Blobs come down streamed, hashed as they are written, and are accepted only when digest and size match.
 
 Why httpx and not oras-py (both tried side by side, see BENCHMARKS.md "OCI push"): oras-py 0.2 uploads a blob
@@ -19,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -28,7 +32,7 @@ from urllib.parse import urlencode
 import httpx
 
 from .auth import Credentials, parse_challenge
-from .errors import IntegrityError, RegistryError
+from .errors import IntegrityError, RegistryError, UploadInterrupted
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 MANIFEST_ACCEPT = ", ".join([OCI_MANIFEST, "application/vnd.oci.image.index.v1+json",
@@ -71,6 +75,7 @@ class RegistryClient:
         self.credentials = credentials or Credentials()
         self.retries = retries if retries is not None else int(os.environ.get("TOOLCHAIN_REGISTRY_RETRIES", "5"))
         self._sleep = sleep
+        self.stop: threading.Event | None = None  # set (by a signal handler) to stop between chunks
         self._tokens: dict[str, str] = {}  # scope -> bearer token
         self._basic = False  # the registry asked for Basic: send it up front from now on
         # verify=True always: plain HTTP (--insecure) is the only way around TLS, never an unverified certificate.
@@ -159,6 +164,11 @@ class RegistryClient:
             try:
                 resp = self._http.send(req, stream=stream)
             except httpx.TransportError as e:
+                text = str(e)
+                if "SSL" in text or "CERTIFICATE" in text.upper():  # retrying cannot fix a TLS mismatch
+                    raise RegistryError(
+                        f"{self.host}: TLS failed ({text}). Fix: give the registry a certificate this machine trusts "
+                        "(SSL_CERT_FILE), or, for a plain-HTTP registry on localhost, pass --insecure") from None
                 if attempt > self.retries:
                     raise RegistryError(f"{self.host}: {method} {what or path} failed after {attempt} attempts: "
                                         f"{type(e).__name__}: {e}. Is the registry up and the host right? (plain "
@@ -220,16 +230,21 @@ class RegistryClient:
         state_file = upload_state_dir() / f"{hashlib.sha256(f'{self.host}/{repo}/{digest}'.encode()).hexdigest()}.json"
         location, offset = self._resume_point(state_file, scope)
         resumed_from = offset
-        if location is None:
-            r = self.check(self.request("POST", f"/v2/{repo}/blobs/uploads/", scope=scope,
-                                        headers={"Content-Length": "0"}, what=f"start upload to {repo}"),
-                           (202,), scope, f"start upload to {repo}")
-            location, offset = self._location(r), 0
         if on_bytes and offset:
             on_bytes(offset)
         sent = 0
+        restarts = 0
         chunk = chunk_bytes()
-        while offset < size:
+        while location is None or offset < size:
+            if location is None:
+                r = self.check(self.request("POST", f"/v2/{repo}/blobs/uploads/", scope=scope,
+                                            headers={"Content-Length": "0"}, what=f"start upload to {repo}"),
+                               (202,), scope, f"start upload to {repo}")
+                location, offset = self._location(r), 0
+                continue
+            if self.stop is not None and self.stop.is_set():
+                raise UploadInterrupted(f"interrupted: {offset} of {size} bytes of {path.name} are on {self.host}; "
+                                        "run the same push again to resume from there")
             end = min(offset + chunk, size)
             self._save_state(state_file, location, offset)
             r = self.request(
@@ -237,8 +252,11 @@ class RegistryClient:
                 headers={"Content-Type": "application/octet-stream", "Content-Length": str(end - offset),
                          "Content-Range": f"{offset}-{end - 1}"},
                 body=lambda s=offset, e=end: _file_range(path, s, e, on_bytes))
-            if r.status_code == 416:  # the registry holds a different amount: ask it where to go on
-                location, offset = self._status(location, scope)
+            if r.status_code in (400, 404, 416) and restarts < 2 and (
+                    "BLOB_UPLOAD" in r.text or r.status_code == 416):
+                # A chunk cut mid-way (a retried connection error) desynchronised the upload: start it over.
+                restarts += 1
+                location, offset = None, 0
                 continue
             self.check(r, (202,), scope, f"upload of {path.name}")
             location = self._location(r)

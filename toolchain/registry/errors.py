@@ -13,3 +13,9 @@ class RegistryError(ToolchainError):
 
 class IntegrityError(RegistryError):
     """What the registry served does not match its digest, or would write outside the destination."""
+
+
+class UploadInterrupted(RegistryError):
+    """The user stopped a push (Ctrl-C, SIGTERM) between chunks; the next push of the same blob resumes."""
+
+    exit_code = 130

@@ -138,11 +138,16 @@ def key_package(store: Store, key: str) -> tuple[list[dict[str, Any]], dict, dic
 
 
 def push_files(ref: Reference, root: Path, files: list[dict[str, Any]], descriptor: dict, config: dict,
-               annotations: dict[str, str], insecure: bool, reporter: Reporter) -> transfer.Pushed:
+               annotations: dict[str, str], insecure: bool, reporter: Reporter,
+               interruptible: bool = False) -> transfer.Pushed:
+    """Push one artifact. `interruptible` (the push command): Ctrl-C/SIGTERM stop between chunks, resumably."""
+    from contextlib import nullcontext
+
     layers = mp.layers_of(files)
     config_blob = mp.model_config(layers, descriptor, config)
     with RegistryClient(ref.host, auth.lookup(ref.host), insecure=insecure) as client:
-        return transfer.push(client, ref, root, files, config_blob, layers, annotations, reporter)
+        with transfer.stop_between_chunks(client) if interruptible else nullcontext():
+            return transfer.push(client, ref, root, files, config_blob, layers, annotations, reporter)
 
 
 def destination(to: str, label: str, n_targets: int) -> Reference:

@@ -12,7 +12,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import tempfile
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -62,6 +66,31 @@ def push(client: RegistryClient, ref: Reference, root: Path, files: list[dict[st
     return Pushed(digest, f"oci://{ref.host}/{ref.repository}@{digest}",
                   [{"path": la.path, "digest": la.digest, "size": la.size, "mediaType": la.media_type}
                    for la in layers], sent, skipped, resumed)
+
+
+@contextmanager
+def stop_between_chunks(client: RegistryClient) -> Iterator[None]:
+    """For `toolchain push`: the first Ctrl-C/SIGTERM lets the chunk in flight finish, so the upload can be
+    resumed; a second one stops at once."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    client.stop = threading.Event()
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def handler(signum: int, _frame: object) -> None:
+        client.stop.set()
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+    for sig in previous:
+        signal.signal(sig, handler)
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+        client.stop = None
 
 
 def safe_relpath(raw: Any) -> PurePosixPath:

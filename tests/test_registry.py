@@ -8,6 +8,7 @@ import base64
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -120,18 +121,6 @@ def test_push_is_modelpack_reproducible_and_pulls_back_byte_for_byte(registry, t
     assert r.returncode == 0, r.stderr
     got = {p.relative_to(out).as_posix(): sha(p) for p in out.rglob("*") if p.is_file()}
     assert got == {p: f["sha256"] for p, f in files.items()}
-
-
-def test_same_digest_from_another_clone(registry, tiny_build, tmp_path):
-    """Another store building the same profile from scratch pushes the same manifest digest."""
-    profile, store, _doc = tiny_build
-    other = tmp_path / "store"
-    assert run_cli("build", str(profile), "--store", str(other), "-q").returncode == 0
-    a = json.loads(run_cli("push", str(profile), "--store", str(store), "--to", registry.url("x/clone", "a"),
-                           "--insecure", "--json", "-q").stdout)
-    b = json.loads(run_cli("push", str(profile), "--store", str(other), "--to", registry.url("x/clone", "b"),
-                           "--insecure", "--json", "-q").stdout)
-    assert a["digest"] == b["digest"]
 
 
 def test_push_refuses_unbuilt_profile_and_plain_http_without_insecure(registry, tmp_path):
@@ -289,7 +278,9 @@ def test_credentials_from_env_and_docker_config(auth_registry, tmp_path):
 
 # -- publish and the remote cache ---------------------------------------------------------------------
 
-def test_build_publishes_after_gates_and_caches_the_publish(registry, tmp_path):
+def test_build_publishes_after_gates_and_caches_the_publish(registry, tiny_build, tmp_path):
+    """build pushes each target after its validation; this store built the profile from scratch, so the digest
+    matching the module store's push also shows that another clone gives the same manifest digest."""
     dest = registry.url("x/published", "tiny-{target}")
     profile = write_profile(tmp_path, tiny_profile(publish=[{"to": dest, "insecure": True}]))
     r = run_cli("build", str(profile), "--store", str(tmp_path / "store"), "--json", "-q")
@@ -300,6 +291,10 @@ def test_build_publishes_after_gates_and_caches_the_publish(registry, tmp_path):
     published = doc["targets"][0]["published"]
     manifest, raw = manifest_of(registry, "x/published", "tiny-compressed-tensors")
     assert published[0]["digest"] == "sha256:" + hashlib.sha256(raw).hexdigest()
+    module_profile, module_store, _ = tiny_build
+    other = json.loads(run_cli("push", str(module_profile), "--store", str(module_store), "--to",
+                               registry.url("x/clone", "a"), "--insecure", "--json", "-q").stdout)
+    assert other["digest"] == published[0]["digest"]
     again = json.loads(run_cli("build", str(profile), "--store", str(tmp_path / "store"), "--json", "-q").stdout)
     assert {s["status"] for s in again["stages"]} == {"cached"}
     bad = write_profile(tmp_path, tiny_profile(publish=[{"to": "docker://nope"}]), name="bad.yaml")
@@ -327,12 +322,12 @@ def test_remote_cache_second_clone_builds_nothing(registry, tmp_path):
         assert fa == fb  # the record itself travels: same files, same hashes, same status
 
 
-def test_remote_cache_keeps_a_failed_gate_failed(registry, tmp_path):
+def test_remote_cache_keeps_a_failed_gate_failed(registry, tiny_build, tmp_path):
     """A failed validation in the cache is pulled as failed: the build fails and nothing is published."""
     profile = write_profile(tmp_path, tiny_profile(name="tiny-failing", publish=[
         {"to": registry.url("x/never", "v1"), "insecure": True}]))
     seed = tmp_path / "seed"
-    assert run_cli("build", str(profile), "--store", str(seed), "-q").returncode == 0
+    shutil.copytree(tiny_build[1], seed)  # the same stage keys: the profile name is not part of them
     # Mark the validation failed in the seed store (as a gate failure records it), then push that store's
     # stages to a fresh cache repository.
     s = Store(seed)

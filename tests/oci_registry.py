@@ -14,6 +14,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from toolchain.store import Store
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -100,3 +102,15 @@ def start_registry(tmp: Path, htpasswd: tuple[str, str] | None = None, extra_aut
     if htpasswd:
         reg.username, reg.password = htpasswd
     return reg
+
+
+def make_artifact(store: Path, key_char: str, files: dict[str, bytes]) -> str:
+    """A store artifact with the given files (for transfer tests that need no model)."""
+    s = Store(store)
+    key = key_char * 64
+    tmp = s.new_tmp(key)
+    for name, data in files.items():
+        (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp / name).write_bytes(data)
+    s.commit(tmp, key, {"stage": "export:test", "profile": "test"})
+    return key

@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 from conftest import REPO, run_cli, tiny_profile, write_profile
-from oci_registry import start_registry
+from oci_registry import make_artifact, start_registry
 
 from toolchain.registry import modelpack as mp
 from toolchain.store import Store
@@ -63,18 +63,6 @@ def blob(reg, repo: str, digest: str) -> bytes:
 
 def sha(p: Path) -> str:
     return hashlib.sha256(p.read_bytes()).hexdigest()
-
-
-def make_artifact(store: Path, key_char: str, files: dict[str, bytes]) -> str:
-    """A store artifact with the given files (for transfer tests that need no model)."""
-    s = Store(store)
-    key = key_char * 64
-    tmp = s.new_tmp(key)
-    for name, data in files.items():
-        (tmp / name).parent.mkdir(parents=True, exist_ok=True)
-        (tmp / name).write_bytes(data)
-    s.commit(tmp, key, {"stage": "export:test", "profile": "test"})
-    return key
 
 
 # -- push and pull --------------------------------------------------------------------------------------

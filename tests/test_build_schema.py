@@ -1,0 +1,80 @@
+"""schemas/build.schema.json describes what `build --json` prints: checked on real output of a build, a
+published build with a remote cache, and an error; and shown to reject a malformed document."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import jsonschema
+import pytest
+from conftest import REPO, run_cli, tiny_profile, write_profile
+
+SCHEMA = json.loads((REPO / "schemas" / "build.schema.json").read_text())
+
+
+def validate(doc: dict) -> None:
+    jsonschema.Draft202012Validator.check_schema(SCHEMA)
+    jsonschema.Draft202012Validator(SCHEMA).validate(doc)
+
+
+def test_schema_accepts_real_build_and_error_output(tmp_path):
+    profile = write_profile(tmp_path, tiny_profile())
+    r = run_cli("build", str(profile), "--store", str(tmp_path / "store"), "--json", "-q")
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    validate(doc)
+    cached = json.loads(run_cli("build", str(profile), "--store", str(tmp_path / "store"), "--json", "-q").stdout)
+    validate(cached)
+    bad = write_profile(tmp_path, {"name": "x", "source": {"path": str(tmp_path / "missing.gguf")}}, "bad.yaml")
+    err = run_cli("build", str(bad), "--store", str(tmp_path / "store"), "--json", "-q")
+    assert err.returncode == 2
+    validate(json.loads(err.stdout))
+
+    broken = copy.deepcopy(doc)
+    broken["stages"][0]["status"] = "maybe"
+    with pytest.raises(jsonschema.ValidationError):
+        validate(broken)
+    del broken["stages"]
+    with pytest.raises(jsonschema.ValidationError):
+        validate(broken)
+
+
+def test_schema_accepts_published_build_with_remote_cache(tmp_path):
+    from oci_registry import start_registry
+
+    reg = start_registry(tmp_path / "reg")
+    try:
+        profile = write_profile(tmp_path, tiny_profile(publish=[{"to": reg.url("x/m", "v1"), "insecure": True}]))
+        r = run_cli("build", str(profile), "--store", str(tmp_path / "store"), "--cache", reg.url("x/cache"),
+                    "--insecure", "--json", "-q")
+        assert r.returncode == 0, r.stderr
+        doc = json.loads(r.stdout)
+        assert doc["targets"][0]["published"] and doc["cache"]["pushed"] > 0
+        validate(doc)
+        report = ci_report(doc, tmp_path)
+        assert "| export:compressed-tensors | built |" in report and "remote cache: 0 hits" in report
+    finally:
+        reg.stop()
+
+
+def ci_report(doc: dict, tmp_path: Path) -> str:
+    """Run the report step of examples/ci/build-and-publish.yml on a build document, as the workflow does."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    workflow = yaml.safe_load((REPO / "examples" / "ci" / "build-and-publish.yml").read_text())
+    step = next(s for s in workflow["jobs"]["build"]["steps"] if s.get("name") == "Report")
+    code = step["run"].split("<<'PY' > report.md\n", 1)[1].split("\nPY\n", 1)[0]
+    (tmp_path / "build.json").write_text(json.dumps(doc))
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+def test_schema_file_is_where_the_readme_says():
+    assert "schemas/build.schema.json" in (REPO / "README.md").read_text()
+    assert Path(REPO / "schemas" / "build.schema.json").is_file()

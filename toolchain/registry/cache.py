@@ -110,7 +110,7 @@ class RemoteCache:
             layers = mp.layers_of(files)
             config_blob = mp.model_config(layers, {"name": record["stage"]}, {})
             annotations = mp.annotate({"stage": record["stage"], "key": key, "status": record.get("status", "ok")})
-            transfer.push(self.client, entry, root, files, config_blob, layers, annotations, self.reporter)
+            transfer.push(self.client, entry, root, config_blob, layers, annotations, self.reporter)
         except (RegistryError, OSError) as e:
             self._error(f"push of {key[:12]} failed (the build goes on)", e)
             return

@@ -196,9 +196,8 @@ class RegistryClient:
     def check(self, resp: httpx.Response, ok: tuple[int, ...], scope: str, what: str) -> httpx.Response:
         if resp.status_code in ok:
             return resp
-        if stream_open := not resp.is_closed:
-            resp.read()
-        del stream_open
+        if not resp.is_closed:
+            resp.read()  # a streamed error response: its body holds the registry's error JSON
         if resp.status_code in (401, 403):
             self._raise_auth(resp.status_code, scope)
         detail = _error_detail(resp)

@@ -147,7 +147,7 @@ def push_files(ref: Reference, root: Path, files: list[dict[str, Any]], descript
     config_blob = mp.model_config(layers, descriptor, config)
     with RegistryClient(ref.host, auth.lookup(ref.host), insecure=insecure) as client:
         with transfer.stop_between_chunks(client) if interruptible else nullcontext():
-            return transfer.push(client, ref, root, files, config_blob, layers, annotations, reporter)
+            return transfer.push(client, ref, root, config_blob, layers, annotations, reporter)
 
 
 def destination(to: str, label: str, n_targets: int) -> Reference:

@@ -45,16 +45,14 @@ class Pushed:
                 "resumed_bytes": self.resumed_bytes}
 
 
-def push(client: RegistryClient, ref: Reference, root: Path, files: list[dict[str, Any]], config_blob: bytes,
-         layers: list[mp.Layer], annotations: dict[str, str], reporter: Reporter) -> Pushed:
+def push(client: RegistryClient, ref: Reference, root: Path, config_blob: bytes, layers: list[mp.Layer],
+         annotations: dict[str, str], reporter: Reporter) -> Pushed:
     """Upload every layer the registry lacks, then the config, then the manifest under ref's tag."""
-    by_path = {f["path"]: f for f in files}
     total = sum(layer.size for layer in layers)
     sent = resumed = skipped = 0
     with reporter.task(f"pushing to {ref}", total=total, unit="bytes") as task:
         for layer in layers:
-            src = root / by_path[layer.path]["path"]
-            stats = client.upload_blob(ref.repository, src, layer.digest, layer.size, task.advance)
+            stats = client.upload_blob(ref.repository, root / layer.path, layer.digest, layer.size, task.advance)
             if stats["skipped"]:
                 skipped += 1
                 task.advance(layer.size)
@@ -157,12 +155,9 @@ def _check_no_symlink(dest: Path, rel: PurePosixPath) -> Path:
     return cur
 
 
-def pull(client: RegistryClient, ref: Reference, dest: Path, reporter: Reporter,
-         only: set[str] | None = None) -> dict[str, Any]:
+def pull(client: RegistryClient, ref: Reference, dest: Path, reporter: Reporter) -> dict[str, Any]:
     doc, digest, config = read_manifest(client, ref)
     entries = plan_pull(doc)
-    if only is not None:
-        entries = [(p, la) for p, la in entries if str(p) in only]
     if dest.is_symlink():
         raise IntegrityError(f"{dest} is a symlink: refused; give a real directory")
     dest.mkdir(parents=True, exist_ok=True)

@@ -340,6 +340,10 @@ def test_remote_cache_keeps_a_failed_gate_failed(registry, tiny_build, tmp_path)
     assert "gate failed" in status["validate:compressed-tensors"]["reason"]
     assert status["publish:compressed-tensors"]["status"] == "skipped"
     assert httpx.head(f"http://{registry.host}/v2/x/never/manifests/v1").status_code == 404
+    r = run_cli("push", str(profile), "--store", str(tmp_path / "clone"), "--to", registry.url("x/never", "v1"),
+                "--insecure")
+    assert r.returncode == 1 and "failed its gate" in r.stderr
+    assert httpx.head(f"http://{registry.host}/v2/x/never/manifests/v1").status_code == 404
 
 
 def test_stages_built_before_the_cache_was_configured_are_shared(registry, tiny_build, tmp_path):

@@ -59,7 +59,9 @@ class Registry:
             self.process.wait()
 
 
-def start_registry(tmp: Path, htpasswd: tuple[str, str] | None = None, extra_auth: str = "") -> Registry:
+def start_registry(tmp: Path, htpasswd: tuple[str, str] | None = None, extra_auth: str = "",
+                   tls: tuple[Path, Path] | None = None) -> Registry:
+    """A registry on 127.0.0.1: plain HTTP, or HTTPS with tls=(certificate, key)."""
     exe = registry_binary()
     if exe is None:
         pytest.skip("docker-registry is not installed and scripts/setup-registry could not install it "
@@ -82,7 +84,8 @@ def start_registry(tmp: Path, htpasswd: tuple[str, str] | None = None, extra_aut
     config.write_text(
         "version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: true\n"
         f"storage:\n  filesystem:\n    rootdirectory: {root}\n  delete:\n    enabled: true\n"
-        f"http:\n  addr: 127.0.0.1:{port}\n{auth}")
+        f"http:\n  addr: 127.0.0.1:{port}\n"
+        + (f"  tls:\n    certificate: {tls[0]}\n    key: {tls[1]}\n" if tls else "") + auth)
     log = tmp / "registry.log"
     proc = subprocess.Popen([exe, "serve", str(config)], stdout=open(log, "wb"), stderr=subprocess.STDOUT)
     deadline = time.time() + 20
@@ -90,7 +93,8 @@ def start_registry(tmp: Path, htpasswd: tuple[str, str] | None = None, extra_aut
         if proc.poll() is not None:
             raise RuntimeError(f"docker-registry exited: {log.read_text()[-2000:]}")
         try:
-            r = httpx.get(f"http://127.0.0.1:{port}/v2/", timeout=1)
+            scheme = "https" if tls else "http"
+            r = httpx.get(f"{scheme}://127.0.0.1:{port}/v2/", timeout=1, verify=False)
             if r.status_code in (200, 401):
                 break
         except httpx.HTTPError:

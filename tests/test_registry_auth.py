@@ -4,6 +4,7 @@ token flow against a real distribution 2.8 configured for token auth, with a tok
 from __future__ import annotations
 
 import base64
+import datetime
 import json
 import os
 import threading
@@ -120,10 +121,10 @@ class TokenService:
 
         self.key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
         name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "toolchain test token signer")])
-        now = __import__("datetime").datetime.now(__import__("datetime").timezone.utc)
+        now = datetime.datetime.now(datetime.UTC)
         cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(self.key.public_key())
-                .serial_number(x509.random_serial_number()).not_valid_before(now - __import__("datetime").timedelta(
-                    hours=1)).not_valid_after(now + __import__("datetime").timedelta(days=1))
+                .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(hours=1))
+                .not_valid_after(now + datetime.timedelta(days=1))
                 .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
                 .sign(self.key, hashes.SHA256()))
         self.bundle = tmp / "token-signer.pem"
@@ -206,3 +207,44 @@ def test_bearer_token_flow_with_a_real_registry(tmp_path):
     finally:
         reg.stop()
         tokens.stop()
+
+
+def test_https_is_verified_and_a_trusted_certificate_is_accepted(tmp_path):
+    """A registry on HTTPS with a self-signed certificate: refused by default (TLS verified), accepted once
+    SSL_CERT_FILE names that certificate. --insecure would mean plain HTTP, never an unverified certificate."""
+    pytest.importorskip("cryptography", reason="the test makes its certificate with cryptography")
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(hours=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                           critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    cert_file, key_file = tmp_path / "reg.crt", tmp_path / "reg.key"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    reg = start_registry(tmp_path, tls=(cert_file, key_file))
+    try:
+        store = tmp_path / "store"
+        art = make_artifact(store, "9", {"config.json": b"{\"tls\":1}"})
+        ref = reg.url("team/tls", "v1")
+        r = run_cli("push", art, "--store", str(store), "--to", ref, env={"SSL_CERT_FILE": ""})
+        assert r.returncode == 1 and "TLS failed" in r.stderr and "CERTIFICATE_VERIFY_FAILED" in r.stderr
+        r = run_cli("push", art, "--store", str(store), "--to", ref, "--json", env={"SSL_CERT_FILE": str(cert_file)})
+        assert r.returncode == 0, r.stderr
+        out = tmp_path / "out"
+        assert run_cli("pull", ref, str(out), env={"SSL_CERT_FILE": str(cert_file)}).returncode == 0
+        assert (out / "config.json").read_bytes() == b"{\"tls\":1}"
+    finally:
+        reg.stop()

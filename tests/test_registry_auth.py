@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import datetime
+import hashlib
 import json
 import os
 import threading
@@ -248,3 +249,23 @@ def test_https_is_verified_and_a_trusted_certificate_is_accepted(tmp_path):
         assert (out / "config.json").read_bytes() == b"{\"tls\":1}"
     finally:
         reg.stop()
+
+
+def test_a_chunk_is_re_sent_whole_after_a_5xx(tmp_path, monkeypatch):
+    """A retried PATCH re-reads its bytes from the file: the registry gets the full chunk again."""
+    monkeypatch.setenv("TOOLCHAIN_UPLOAD_STATE", str(tmp_path / "state"))
+    monkeypatch.setenv("TOOLCHAIN_REGISTRY_CHUNK_MB", "1")
+    data = os.urandom((1 << 20) + 100)
+    f = tmp_path / "w.bin"
+    f.write_bytes(data)
+    loc = {"location": "/v2/team/m/blobs/uploads/u1?_state=s"}
+    seen: list = []
+    c, sleeps = client([httpx.Response(404), httpx.Response(202, headers=loc), httpx.Response(503),
+                        httpx.Response(202, headers=loc), httpx.Response(202, headers=loc),
+                        httpx.Response(201)], seen)
+    stats = c.upload_blob("team/m", f, "sha256:" + hashlib.sha256(data).hexdigest(), len(data))
+    patches = [r for r in seen if r.method == "PATCH"]
+    assert [r.headers["content-range"] for r in patches] == ["0-1048575", "0-1048575", "1048576-1048675"]
+    assert patches[1].content == data[: 1 << 20] and patches[2].content == data[1 << 20:]
+    assert sleeps == [0.5] and stats == {"skipped": False, "sent": len(data), "resumed_from": 0}
+    assert seen[-1].method == "PUT" and seen[-1].url.params["digest"].startswith("sha256:")

@@ -3,7 +3,8 @@
   reference.py  oci://HOST/REPO:TAG|@sha256:... parsed and checked
   auth.py       credentials (env, docker config.json, credential helpers) and the Basic/Bearer challenge flow
   client.py     the OCI distribution API over httpx: retries, chunked resumable uploads, verified downloads
-  modelpack.py  a store artifact -> ModelPack config and manifest (reproducible bytes)
+  modelpack.py  files -> ModelPack config and manifest (reproducible bytes)
+  package.py    a store artifact or a profile's target -> files, ModelPack config and our annotations
   transfer.py   push a directory of files, pull one back safely
   cache.py      the registry as a remote cache keyed by stage key
 """

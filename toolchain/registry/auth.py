@@ -40,13 +40,6 @@ class Credentials:
         raw = f"{self.username}:{self.password}".encode()
         return "Basic " + base64.b64encode(raw).decode()
 
-    def secrets(self) -> list[str]:
-        """The strings that must never appear in output (for the redaction guard)."""
-        out = [s for s in (self.password, self.token) if s]
-        if self.username and self.password:
-            out.append(self.basic_header().split(" ", 1)[1])
-        return out
-
 
 def docker_config_path() -> Path:
     base = os.environ.get("DOCKER_CONFIG")

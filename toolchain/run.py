@@ -94,8 +94,6 @@ def _run_stage(stage: Stage, plan: Plan, store: Store, reporter: Reporter, previ
     if stage.skip_reason:
         return StageResult(stage.name, stage.key, "skipped", 0.0, stage.skip_reason)
     if store.has(stage.key):
-        if remote is not None:  # built before the cache was configured: share it now (a HEAD when it is there)
-            remote.push(stage.key, store)
         m = store.manifest(stage.key)
         status = "failed" if m.get("status") == "failed" else "cached"
         reason = m.get("reason", "") if status == "failed" else "cached"
@@ -142,8 +140,6 @@ def _run_stage(stage: Stage, plan: Plan, store: Store, reporter: Reporter, previ
             "tool_versions": _tool_versions(), "created_unix": int(time.time()), "info": info,
         }
         manifest = store.commit(tmp, stage.key, manifest)
-    if remote is not None:
-        remote.push(stage.key, store)
     return StageResult(stage.name, stage.key, "failed" if status == "failed" else "built", seconds,
                        manifest["reason"], manifest["size"], info)
 
@@ -167,6 +163,8 @@ def execute(plan: Plan, store: Store, reporter: Reporter, remote: Any = None) ->
             continue
         try:
             results.append(_run_stage(stage, plan, store, reporter, previous.get(stage.name), remote))
+            if remote is not None and store.has(stage.key):  # built now, or before the cache was configured:
+                remote.push(stage.key, store)  # shared unless the registry has it (one HEAD)
             if target is not None and results[-1].status == "failed":  # a failed gate stops its target's publish
                 failed_targets[target] = f"{stage.name} failed"
         except Exception as e:

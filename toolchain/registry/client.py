@@ -128,8 +128,11 @@ class RegistryClient:
             self._raise_auth(r.status_code, scope, via=f"token service {params['realm']}")
         if r.status_code != 200:
             raise RegistryError(f"{self.host}: token service {params['realm']} answered HTTP {r.status_code}")
-        doc = r.json()
-        token = doc.get("token") or doc.get("access_token")
+        try:
+            doc = r.json()
+        except ValueError:
+            doc = {}
+        token = doc.get("token") or doc.get("access_token") if isinstance(doc, dict) else None
         if not token:
             raise RegistryError(f"{self.host}: token service {params['realm']} returned no token")
         self._tokens[scope] = token

@@ -39,6 +39,8 @@ class Registry:
     root: Path
     process: subprocess.Popen
     log: Path
+    config: Path
+    tls: bool = False
     username: str | None = None
     password: str | None = None
 
@@ -57,6 +59,10 @@ class Registry:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
+
+    def restart(self) -> None:
+        """Start it again on the same port, storage and config (after stop())."""
+        self.process = _launch(self.config, int(self.host.rsplit(":", 1)[1]), self.tls, self.log)
 
 
 def start_registry(tmp: Path, htpasswd: tuple[str, str] | None = None, extra_auth: str = "",
@@ -81,31 +87,34 @@ def start_registry(tmp: Path, htpasswd: tuple[str, str] | None = None, extra_aut
         hp.write_text(out.stdout.strip() + "\n")
         auth = f"auth:\n  htpasswd:\n    realm: toolchain-test\n    path: {hp}\n"
     config = tmp / "registry.yml"
+    # A fixed http.secret (it signs upload states) lets an upload go on across a restart, as in production.
     config.write_text(
         "version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: true\n"
         f"storage:\n  filesystem:\n    rootdirectory: {root}\n  delete:\n    enabled: true\n"
-        f"http:\n  addr: 127.0.0.1:{port}\n"
+        f"http:\n  addr: 127.0.0.1:{port}\n  secret: toolchain-test-{port}\n"
         + (f"  tls:\n    certificate: {tls[0]}\n    key: {tls[1]}\n" if tls else "") + auth)
     log = tmp / "registry.log"
-    proc = subprocess.Popen([exe, "serve", str(config)], stdout=open(log, "wb"), stderr=subprocess.STDOUT)
+    reg = Registry(f"127.0.0.1:{port}", root, _launch(config, port, bool(tls), log), log, config, bool(tls))
+    if htpasswd:
+        reg.username, reg.password = htpasswd
+    return reg
+
+
+def _launch(config: Path, port: int, tls: bool, log: Path) -> subprocess.Popen:
+    proc = subprocess.Popen([registry_binary(), "serve", str(config)], stdout=open(log, "ab"),
+                            stderr=subprocess.STDOUT)
     deadline = time.time() + 20
     while time.time() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"docker-registry exited: {log.read_text()[-2000:]}")
         try:
-            scheme = "https" if tls else "http"
-            r = httpx.get(f"{scheme}://127.0.0.1:{port}/v2/", timeout=1, verify=False)
+            r = httpx.get(f"{'https' if tls else 'http'}://127.0.0.1:{port}/v2/", timeout=1, verify=False)
             if r.status_code in (200, 401):
-                break
+                return proc
         except httpx.HTTPError:
             time.sleep(0.1)
-    else:
-        proc.kill()
-        raise RuntimeError(f"docker-registry did not answer on 127.0.0.1:{port}: {log.read_text()[-2000:]}")
-    reg = Registry(f"127.0.0.1:{port}", root, proc, log)
-    if htpasswd:
-        reg.username, reg.password = htpasswd
-    return reg
+    proc.kill()
+    raise RuntimeError(f"docker-registry did not answer on 127.0.0.1:{port}: {log.read_text()[-2000:]}")
 
 
 def make_artifact(store: Path, key_char: str, files: dict[str, bytes]) -> str:

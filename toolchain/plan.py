@@ -16,6 +16,7 @@ from typing import Any
 from . import arch
 from .errors import InputError
 from .formats import EXPORTERS
+from .gates import NO_GATES, has_gate
 from .hashing import StatCache, key_of, tree_digest
 from .profile import LoadedProfile
 from .progress import Reporter
@@ -106,6 +107,14 @@ def check_group_size(cfg: dict[str, Any], q: Any) -> None:
         f"quantize.group_size: {q.group_size} does not divide in_features {in_f} of {name}{more}. "
         f"INT4 kernels need in_features % group_size == 0; {hint} (or strategy: channel)."
     )
+
+
+def check_gates(gates: Any) -> None:
+    """A profile that measures accuracy says what passes: at least one gate, or `gates: none` explicitly."""
+    if gates != NO_GATES and not has_gate(gates.model_dump()):
+        raise InputError("validate.accuracy.gates: no gate is set, so every result would pass; set at least one of "
+                         "max_ppl_increase_pct, max_kl, min_top1_agreement (e.g. gates: {max_ppl_increase_pct: 10}), "
+                         "or write `gates: none` to measure without gating")
 
 
 def _dataset_digest(loaded: LoadedProfile, cache: StatCache) -> tuple[str, str] | None:
@@ -202,6 +211,7 @@ def build_plan(loaded: LoadedProfile, store: Store, reporter: Reporter | None = 
                          "than this machine can hold; run the build on a machine with more memory, or remove "
                          "validate.accuracy to check the artifact layer by layer only")
     if acc is not None:
+        check_gates(acc.gates)
         protocol = {"dataset_sha256": dataset[1], "seq_len": acc.seq_len, "stride": acc.stride or acc.seq_len,
                     "max_tokens": acc.max_tokens, "protocol": PROTOCOL}
         reference = Stage.fixed("reference", protocol, {"source": source.key})
@@ -233,7 +243,7 @@ def build_plan(loaded: LoadedProfile, store: Store, reporter: Reporter | None = 
         vconf: dict[str, Any] = {"format": target.format}
         vinputs = {"export": export.key, "quantize": quant.key, "source": source.key}
         if reference is not None and reference.skip_reason is None:
-            vconf["gates"] = acc.gates.model_dump(mode="json")
+            vconf["gates"] = acc.gates if acc.gates == NO_GATES else acc.gates.model_dump(mode="json")
             vconf["protocol"] = reference.config
             vinputs["reference"] = reference.key
         stages.append(Stage(f"validate:{target.label}", vconf, vinputs, VALIDATE_VERSION,

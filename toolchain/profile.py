@@ -197,7 +197,8 @@ class AccuracySpec(Strict):
     seq_len: int = Field(default=2048, ge=16)
     stride: int | None = Field(default=None, ge=1, description="defaults to seq_len (non-overlapping windows)")
     max_tokens: int | None = Field(default=None, ge=32)
-    gates: GatesSpec = GatesSpec()
+    # `none` measures without gating, said so in every report; leaving gates out is refused at plan time.
+    gates: GatesSpec | Literal["none"] = GatesSpec()
 
     @field_validator("stride")
     @classmethod

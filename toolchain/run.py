@@ -88,26 +88,28 @@ def _tool_versions() -> dict[str, Any]:
             **lib_versions(("torch", "transformers", "compressed-tensors", "safetensors", "gguf"))}
 
 
+def _stored_result(stage: Stage, store: Store, t0: float, reason: str) -> StageResult:
+    """A finished artifact as this build's result: a failed gate stays a failure, whoever built it."""
+    m = store.manifest(stage.key)
+    failed = m.get("status") == "failed"
+    return StageResult(stage.name, stage.key, "failed" if failed else "cached", time.perf_counter() - t0,
+                       m.get("reason", "") if failed else reason, m.get("size", 0), m.get("info", {}))
+
+
 def _run_stage(stage: Stage, plan: Plan, store: Store, reporter: Reporter, previous: dict | None) -> StageResult:
     t0 = time.perf_counter()
     if stage.skip_reason:
         return StageResult(stage.name, stage.key, "skipped", 0.0, stage.skip_reason)
     if store.has(stage.key):
-        m = store.manifest(stage.key)
-        status = "failed" if m.get("status") == "failed" else "cached"
-        reason = m.get("reason", "") if status == "failed" else "cached"
-        return StageResult(stage.name, stage.key, status, time.perf_counter() - t0, reason, m.get("size", 0),
-                           m.get("info", {}))
+        return _stored_result(stage, store, t0, "cached")
     reason = explain(stage, previous, store)
 
     def waiting() -> None:
         reporter.info(f"  {stage.name}: another build holds {stage.key[:12]}; waiting for it")
 
     with store.lock(stage.key, on_wait=waiting):
-        if store.has(stage.key):  # the other builder finished it while we waited
-            m = store.manifest(stage.key)
-            return StageResult(stage.name, stage.key, "cached", time.perf_counter() - t0,
-                               "built by a concurrent build", m.get("size", 0), m.get("info", {}))
+        if store.has(stage.key):  # the other builder finished it while we waited: its verdict is ours
+            return _stored_result(stage, store, t0, "built by a concurrent build")
         tmp = store.new_tmp(stage.key)
         ctx = StageContext(
             stage=stage, plan=plan, out=tmp,

@@ -151,7 +151,9 @@ def plan(profile: str | None, store_dir: str | None, source: str | None, as_json
             status = "cached" if reason == "cached" else "build"
         stages.append({"name": s.name, "key": s.key, "status": status, "reason": reason,
                        "inputs": {r: k[:12] for r, k in s.inputs.items()}})
-    doc = {"profile": loaded.profile.name, "source": p.source.label, "notes": p.notes, "stages": stages}
+    doc = {"profile": loaded.profile.name, "source": p.source.label, "notes": p.notes, "stages": stages,
+           "targets": [{"name": t.label, "format": t.format, "runtimes": p.runtimes.get(t.label, [])}
+                       for t in loaded.profile.targets]}
     if as_json:
         click.echo(json.dumps(doc, indent=2))
         return
@@ -167,6 +169,22 @@ def plan(profile: str | None, store_dir: str | None, source: str | None, as_json
         inputs = ", ".join(f"{r}:{k}" for r, k in s["inputs"].items())
         table.add_row(s["name"], s["key"][:12], inputs, f"[{colour}]{s['status']}[/]", s["reason"])
     console.print(table)
+    _print_runtimes(doc["targets"])
+
+
+def _print_runtimes(targets: list[dict[str, Any]]) -> None:
+    """Per target: which runtimes (with versions) will load the artifact, and why not where they will not."""
+    from rich.markup import escape
+
+    for t in targets:
+        console.print(f"[bold]{t['name']}[/] ({t['format']}): runtimes")
+        for v in t["runtimes"]:
+            verdict = "[green]loads it[/]" if v["loads"] else "[bold red]will NOT load it[/]"
+            console.print(f"  {v['runtime']} {escape(v['version'])}: {verdict}", soft_wrap=True)
+            for r in v["rules"]:
+                head = "why" if r["effect"] == "refuses" else "caveat"
+                console.print(escape(f"    {head}: {r['says']}; fix: {r['fix']} [rule {r['id']}: {r['source']}]"),
+                              soft_wrap=True)
 
 
 def _document(plan, store, results, seconds: float) -> dict[str, Any]:
@@ -186,8 +204,10 @@ def _document(plan, store, results, seconds: float) -> dict[str, Any]:
             "validation": (val.info.get("validation") or {"passed": val.info.get("passed"), "reason": val.reason})
             if val else None,
             "conformance": val.info.get("conformance") if val else None,
+            "checked_by": (val.info.get("model_json") or {}).get("checked_by") if val else None,
             "engine": {"path": str(store.object_dir(engine.key)), "status": engine.status, "reason": engine.reason}
             if engine else None,
+            "runtimes": plan.runtimes.get(t.label, []),
         })
     return {
         "profile": plan.profile.profile.name,
@@ -223,6 +243,10 @@ def _print_summary(doc: dict[str, Any]) -> None:
                 f"stride {v['stride']}, tokenizer {v['tokenizer']}, {v['runtime']}")
         elif v:
             console.print(f"  {v.get('reason', '')}")
+        if t["runtimes"]:
+            from .runtimes.rules import summary
+
+            console.print(f"  runtimes: {summary(t['runtimes'])}")
     for note in doc["notes"]:
         console.print(f"[bold yellow]{note}[/]")
 

@@ -57,6 +57,7 @@ class Stage:
     skip_reason: str | None = None  # set when the stage is planned but cannot or need not run
     key: str = ""
     material: dict[str, Any] = field(default_factory=dict)
+    runtimes: list[dict[str, Any]] | None = None  # export stages: who loads the artifact (manifest, not key)
 
     @classmethod
     def fixed(cls, name: str, config: dict[str, Any], inputs: dict[str, str]) -> Stage:
@@ -82,6 +83,7 @@ class Plan:
     model_config: dict[str, Any]
     stages: list[Stage]
     notes: list[str]
+    runtimes: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # target label -> verdicts
 
     def stage(self, name: str) -> Stage:
         return next(s for s in self.stages if s.name == name)
@@ -221,7 +223,8 @@ def build_plan(loaded: LoadedProfile, store: Store, reporter: Reporter | None = 
                          "check runs; use a real checkpoint for accuracy.")
         stages.append(reference)
 
-    for target in p.targets:
+    runtimes: dict[str, list[dict[str, Any]]] = {}
+    for i, target in enumerate(p.targets):
         exporter = EXPORTERS[target.format]
         if "*" not in exporter.methods and p.quantize.method not in exporter.methods:
             raise InputError(f"targets: format {target.format} cannot hold quantize.method {p.quantize.method} "
@@ -235,12 +238,17 @@ def build_plan(loaded: LoadedProfile, store: Store, reporter: Reporter | None = 
                              "what compressed-tensors calls actorder: weight) or act_order: false")
         if exporter.plan_check:
             _entry(exporter.plan_check)(p.quantize, cfg, target.options)
-        export_cfg = target.model_dump(mode="json")
+        verdicts = check_runtimes(i, target, p.quantize, cfg)
+        runtimes[target.label] = verdicts
+        export_cfg = target.model_dump(mode="json", exclude={"runtimes"})  # says who loads it, not its bytes
         engine_opts = export_cfg["options"].pop("engine", None)  # the engine stage's, not the export's
         export = Stage(f"export:{target.label}", export_cfg, {"quantize": quant.key},
                        exporter.version, exporter.libs, exporter.runner).finalize()
+        export.runtimes = verdicts
         stages.append(export)
         vconf: dict[str, Any] = {"format": target.format}
+        if exporter.checker:
+            vconf.update(_entry(exporter.checker)(target.options))
         vinputs = {"export": export.key, "quantize": quant.key, "source": source.key}
         if reference is not None and reference.skip_reason is None:
             vconf["gates"] = acc.gates if acc.gates == NO_GATES else acc.gates.model_dump(mode="json")
@@ -252,7 +260,23 @@ def build_plan(loaded: LoadedProfile, store: Store, reporter: Reporter | None = 
             engine, engine_notes = _entry(exporter.engine)(target.label, target.options, export.key)
             stages.append(engine)
             notes += engine_notes
-    return Plan(loaded, src, cfg, stages, notes)
+    return Plan(loaded, src, cfg, stages, notes, runtimes)
+
+
+def check_runtimes(index: int, target: Any, q: Any, cfg: dict[str, Any]) -> list[dict[str, Any]]:
+    """Which runtimes will load this target's artifact (toolchain.runtimes.rules); a runtime the profile names
+    that would refuse it is bad input, said with the rule and its source."""
+    from .runtimes import rules
+
+    verdicts = rules.judge(target.format, rules.recipe_facts(q, target.format, target.options, cfg))
+    for v in verdicts:
+        if target.runtimes is not None and v["runtime"] in target.runtimes and not v["loads"]:
+            raise InputError(rules.refusal_message(f"[{index}] ({target.label})", target.format, v))
+    if target.runtimes is not None:
+        verdicts = [v for v in verdicts if v["runtime"] in target.runtimes]
+    if verdicts and not any(v["loads"] for v in verdicts):  # an artifact nothing it is for would load
+        raise InputError(rules.refusal_message(f"[{index}] ({target.label})", target.format, verdicts[0], False))
+    return verdicts
 
 
 def _entry(ref: str) -> Any:

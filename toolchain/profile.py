@@ -159,6 +159,8 @@ class TargetSpec(Strict):
     format: str
     name: str | None = None
     options: dict[str, Any] = {}
+    # The serving runtimes this artifact must load in (toolchain.runtimes.rules); None = all the format is for.
+    runtimes: tuple[str, ...] | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -172,18 +174,34 @@ class TargetSpec(Strict):
         fmt = data["format"]
         if fmt not in EXPORTERS:
             raise ValueError(f"unknown format {fmt!r}; known: {', '.join(sorted(EXPORTERS))}")
-        rest = {k: v for k, v in data.items() if k not in ("format", "name", "options")}
+        rest = {k: v for k, v in data.items() if k not in ("format", "name", "options", "runtimes")}
         options = {**data.get("options", {}), **rest}
         try:
             checked = EXPORTERS[fmt].options.model_validate(options)
         except ValidationError as e:
             bad = "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())
             raise ValueError(f"options of format {fmt}: {bad}") from None
-        return {"format": fmt, "name": data.get("name"), "options": checked.model_dump(mode="json")}
+        return {"format": fmt, "name": data.get("name"), "options": checked.model_dump(mode="json"),
+                "runtimes": _check_runtimes(fmt, data.get("runtimes"))}
 
     @property
     def label(self) -> str:
         return self.name or self.format
+
+
+def _check_runtimes(fmt: str, runtimes: Any) -> Any:
+    from .runtimes.rules import FORMAT_RUNTIMES
+
+    if runtimes is None:
+        return None
+    if not isinstance(runtimes, list | tuple) or not all(isinstance(r, str) for r in runtimes):
+        raise ValueError(f"runtimes: a list of runtime names, e.g. [vllm, sglang]; got {runtimes!r}")
+    known = FORMAT_RUNTIMES[fmt]
+    unknown = [r for r in runtimes if r not in known]
+    if unknown:
+        raise ValueError(f"runtimes: format {fmt} is not loaded by {', '.join(unknown)}; it is for "
+                         f"{', '.join(known)} (pick another format for {unknown[0]})")
+    return tuple(runtimes)
 
 
 class GatesSpec(Strict):

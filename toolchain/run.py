@@ -134,6 +134,8 @@ def _run_stage(stage: Stage, plan: Plan, store: Store, reporter: Reporter, previ
             "profile": plan.profile.profile.name, "seconds": round(seconds, 3), "peak_rss_bytes": rss.peak,
             "tool_versions": _tool_versions(), "created_unix": int(time.time()), "info": info,
         }
+        if stage.runtimes is not None:
+            manifest["runtimes"] = stage.runtimes
         manifest = store.commit(tmp, stage.key, manifest)
     return StageResult(stage.name, stage.key, "failed" if status == "failed" else "built", seconds,
                        manifest["reason"], manifest["size"], info)

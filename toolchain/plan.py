@@ -127,6 +127,9 @@ def _dataset_digest(loaded: LoadedProfile, cache: StatCache) -> tuple[str, str] 
     if not path.is_file():
         raise InputError(f"validate.accuracy.dataset: {path} does not exist; give a UTF-8 text file "
                          "(e.g. WikiText-2's wiki.test.raw)")
+    from .quant.calibration import check_utf8
+
+    check_utf8(path, "validate.accuracy.dataset")
     return str(path), cache.hash(path)
 
 
@@ -204,6 +207,11 @@ def build_plan(loaded: LoadedProfile, store: Store, reporter: Reporter | None = 
     stages: list[Stage] = [source]
     quant = Stage.fixed("quantize", qcfg, {"source": source.key})
     stages.append(quant)
+    if p.quantize.calibration is not None and not store.has(quant.key):  # it will read the text: check it now
+        from .quant import calibration
+
+        cal = p.quantize.calibration
+        calibration.check_source(calibration.parse(cal.dataset, loaded.resolve), cal.text_field)
 
     acc = p.validate_.accuracy
     reference = None

@@ -100,6 +100,18 @@ class QuantizeSpec(Strict):
     blocksize: Literal[32, 64, 128, 256, 512, 1024, 2048, 4096] = 64
     double_quant: bool = False
 
+    @field_validator("ignore")
+    @classmethod
+    def _ignore_patterns_compile(cls, ignore: tuple[str, ...]) -> tuple[str, ...]:
+        for entry in ignore:
+            if entry.startswith("re:"):
+                try:
+                    re.compile(entry[3:])
+                except re.error as e:
+                    raise ValueError(f"{entry!r} is not a valid regular expression ({e}); fix the pattern, or give "
+                                     "an exact module name") from None
+        return ignore
+
     @model_validator(mode="after")
     def _coherent(self) -> QuantizeSpec:
         if self.method in ("gptq", "awq"):
@@ -172,6 +184,12 @@ class TargetSpec(Strict):
         if not isinstance(data, dict) or "format" not in data:
             return data
         fmt = data["format"]
+        if not isinstance(fmt, str):
+            raise ValueError(f"format: one format name, e.g. `format: gguf` (got {fmt!r}); list several formats "
+                             "as several targets")
+        if not isinstance(data.get("options", {}), dict):
+            raise ValueError(f"options: a mapping of {fmt}'s options, e.g. `options: {{type: Q8_0}}` (got "
+                             f"{data['options']!r}); or write the options beside `format:`")
         if fmt not in EXPORTERS:
             raise ValueError(f"unknown format {fmt!r}; known: {', '.join(sorted(EXPORTERS))}")
         rest = {k: v for k, v in data.items() if k not in ("format", "name", "options", "runtimes")}

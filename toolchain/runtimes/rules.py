@@ -177,7 +177,8 @@ RULES: tuple[Rule, ...] = (
          "a legacy checkpoint split into pipeline stages cannot express a per-layer exclusion (exclude_modules "
          "uses stage-local layer indices, ours are global)",
          "set pp_size: 1 (tensor parallelism only), or quantize every decoder layer (ignore: [lm_head])",
-         f"{TRTLLM} tensorrt_llm/models/modeling_utils.py (QuantConfig.exclude_modules, PretrainedConfig mapping)"),
+         f"{TRTLLM} tensorrt_llm/models/modeling_utils.py (QuantConfig.is_module_excluded_from_quantization: "
+         "fnmatch on the rank's module names, whose layer indices are local to its pipeline stage)"),
     # Xinference's vLLM engine sets quantization="fp8" for model_format fp8, which vLLM then refuses against a
     # compressed-tensors quantization_config: a compressed-tensors payload must say model_format pytorch.
     Rule("xinference-ct-fp8-format", "xinference", ("xinference",),

@@ -187,3 +187,10 @@ def test_bad_runtimes_value_exits_2(cli, tmp_path, runtimes):
     code, out = _plan_json(cli, tmp_path, tiny_profile(targets=[{"format": "compressed-tensors",
                                                                  "runtimes": runtimes}]))
     assert code == 2 and "runtimes" in out, out
+
+
+def test_verbatim_bare_ignore_names_would_be_refused_and_resolved_ones_are_not():
+    facts = _facts("compressed-tensors", symmetric=True, ignore=["lm_head", "down_proj"])
+    assert facts["ignore_not_exact"] == []  # what the exporter writes: resolved names
+    by = {v["runtime"]: v for v in rules.judge("compressed-tensors", {**facts, "ignore_not_exact": ["down_proj"]})}
+    assert not by["vllm"]["loads"] and by["vllm"]["rules"][0]["id"] == "ct-ignore-exact-names"

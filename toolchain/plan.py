@@ -325,7 +325,8 @@ def explain(stage: Stage, previous: dict[str, Any] | None, store: Store) -> str:
     changed_inputs = [r for r, k in stage.inputs.items() if old.get("inputs", {}).get(r) != k]
     if changed_inputs and not reasons:
         reasons.append("input changed: " + ", ".join(changed_inputs))
-    return "; ".join(reasons) or "artifact missing from the store (removed by gc?)"
+    # refs are written before a build's first stage: an unfinished (or running, or killed) build leaves this too
+    return "; ".join(reasons) or "not in the store: the last build of this profile did not finish it, or gc removed it"
 
 
 def ref_name(profile_name: str, source: ResolvedSource) -> str:

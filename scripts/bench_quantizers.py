@@ -58,7 +58,7 @@ def profile_for(method: str, symmetric: bool, a: argparse.Namespace) -> dict[str
     return {"name": f"bench-{method}-{'sym' if symmetric else 'asym'}", "source": {"path": SOURCE},
             "quantize": quantize, "targets": ["compressed-tensors"],
             "validate": {"accuracy": {"dataset": str(WIKITEXT), "seq_len": a.eval_seq_len,
-                                      "max_tokens": a.max_tokens}}}
+                                      "max_tokens": a.max_tokens, "gates": "none"}}}
 
 
 def run_ours(method: str, symmetric: bool, a: argparse.Namespace, store: Path, work: Path) -> dict[str, Any]:

@@ -302,7 +302,7 @@ def test_smollm2_awq_perplexity_increase_below_rtn(tmp_path, smol_store, symmetr
     8 windows of 2,048 evaluation tokens) keeps it to minutes on a CPU."""
     from conftest import build_json, smol_profile, write_profile
 
-    acc = {"dataset": str(WIKITEXT), "seq_len": 2048, "max_tokens": 16384}
+    acc = {"dataset": str(WIKITEXT), "seq_len": 2048, "max_tokens": 16384, "gates": "none"}
     base = {"bits": 4, "group_size": 64, "symmetric": symmetric, "ignore": ["lm_head"]}
     results = {}
     for method, extra in (("rtn", {}), ("awq", {"calibration": {"dataset": str(CALIBRATION_TEXT), "samples": 64,

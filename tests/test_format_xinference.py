@@ -134,3 +134,29 @@ def test_size_in_billions_is_measured():
     assert X.size_in_billions(ARCHS["smollm2-135m"]) == "0_135"
     assert X.size_in_billions(ARCHS["llama-2-7b"]) == "6_7"
     assert X.size_in_billions(ARCHS["llama-2-13b"]) == 13
+
+
+def test_missing_xinference_oracle_is_refused_unless_the_profile_allows_the_field_check(cli, tmp_path, monkeypatch):
+    """Issue 9 item 4: the checker that will run is in the validate key; without Xinference the plan stops (exit 2)
+    unless the target says fallback_check: true, and then the key differs from the real check's."""
+    def plan(target: dict) -> tuple[int, str]:
+        data = tiny_profile(targets=[target], quantize={"method": "rtn", "bits": 4, "group_size": 32})
+        r = cli("plan", str(write_profile(tmp_path, data)), "--store", str(tmp_path / "store"), "--json")
+        return r.exit_code, r.output
+
+    real = None
+    if X.xinference_python():
+        code, out = plan({"format": "xinference"})
+        assert code == 0, out
+        real = next(s["key"] for s in json.loads(out)["stages"] if s["name"] == "validate:xinference")
+    monkeypatch.setattr(X, "xinference_python", lambda: None)
+    code, out = plan({"format": "xinference"})
+    assert code == 2 and "fallback_check: true" in out and "scripts/setup" in out, out
+    code, out = plan({"format": "xinference", "fallback_check": True})
+    assert code == 0, out
+    fallback = next(s["key"] for s in json.loads(out)["stages"] if s["name"] == "validate:xinference")
+    assert fallback != real
+    checked = X.schema_check({"version": 2}, X.FIELD_CHECK)
+    assert checked["checked_by"] == X.FIELD_CHECK and checked["problems"]
+    gone = X.schema_check({"version": 2}, "xinference 4.1 CustomLLMFamilyV2")
+    assert gone["checked_by"] is None and "no longer importable" in gone["problems"][0]

@@ -93,6 +93,12 @@ def is_ignored(name: str, ignore: tuple[str, ...] | list[str]) -> bool:
     return False
 
 
+def resolved_ignore(cfg: dict[str, Any], ignore: tuple[str, ...] | list[str]) -> list[str]:
+    """The linears `ignore` leaves unquantized, by their exact module names: what a checkpoint's own ignore list
+    must say, since loaders match exact names or re: patterns only (not our bare last-name shorthand)."""
+    return [n for n, _o, _i in linear_shapes(cfg) if is_ignored(n, ignore)]
+
+
 def dense_params(cfg: dict[str, Any]) -> int:
     """Parameters of the linears plus the embedding (norms are negligible)."""
     return sum(o * i for _n, o, i in linear_shapes(cfg)) + cfg["vocab_size"] * cfg["hidden_size"]

@@ -6,6 +6,7 @@ Exit codes: 0 ok; 1 a build or a gate failed; 2 bad input (profile, paths, recip
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -50,6 +51,17 @@ def _fail(e: ToolchainError, as_json: bool) -> None:
     # Plain text, not rich: an error must not be re-wrapped, so it can be searched and copied whole.
     click.echo(f"error: {e}", err=True)
     sys.exit(e.exit_code)
+
+
+def _finite(obj: Any) -> Any:
+    """--json must parse anywhere (jq, JSON.parse): a NaN or inf metric is written as the string "nan"/"inf"."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_finite(v) for v in obj]
+    return obj
 
 
 def _fmt_size(n: int) -> str:
@@ -134,7 +146,7 @@ def build(profile: str | None, store_dir: str | None, source: str | None, as_jso
     if remote is not None:
         doc["cache"] = remote.summary()
     if as_json:
-        click.echo(json.dumps(doc, indent=2))
+        click.echo(json.dumps(_finite(doc), indent=2))
     elif not quiet:
         _print_summary(doc)
     failed = any(s["status"] == "failed" for s in doc["stages"])
@@ -158,7 +170,9 @@ def plan(profile: str | None, store_dir: str | None, source: str | None, as_json
     except ToolchainError as e:
         _fail(e, as_json)
         return
-    previous = {s["name"]: s for s in (store.read_ref(loaded.profile.name) or {}).get("stages", [])}
+    from .plan import ref_name
+
+    previous = {s["name"]: s for s in (store.read_ref(ref_name(loaded.profile.name, p.source)) or {}).get("stages", [])}
     stages = []
     for s in p.stages:
         if s.skip_reason:
@@ -168,9 +182,11 @@ def plan(profile: str | None, store_dir: str | None, source: str | None, as_json
             status = "cached" if reason == "cached" else "build"
         stages.append({"name": s.name, "key": s.key, "status": status, "reason": reason,
                        "inputs": {r: k[:12] for r, k in s.inputs.items()}})
-    doc = {"profile": loaded.profile.name, "source": p.source.label, "notes": p.notes, "stages": stages}
+    doc = {"profile": loaded.profile.name, "source": p.source.label, "notes": p.notes, "stages": stages,
+           "targets": [{"name": t.label, "format": t.format, "runtimes": p.runtimes.get(t.label, [])}
+                       for t in loaded.profile.targets]}
     if as_json:
-        click.echo(json.dumps(doc, indent=2))
+        click.echo(json.dumps(_finite(doc), indent=2))
         return
     from rich.table import Table
 
@@ -184,6 +200,22 @@ def plan(profile: str | None, store_dir: str | None, source: str | None, as_json
         inputs = ", ".join(f"{r}:{k}" for r, k in s["inputs"].items())
         table.add_row(s["name"], s["key"][:12], inputs, f"[{colour}]{s['status']}[/]", s["reason"])
     console.print(table)
+    _print_runtimes(doc["targets"])
+
+
+def _print_runtimes(targets: list[dict[str, Any]]) -> None:
+    """Per target: which runtimes (with versions) will load the artifact, and why not where they will not."""
+    from rich.markup import escape
+
+    for t in targets:
+        console.print(f"[bold]{t['name']}[/] ({t['format']}): runtimes")
+        for v in t["runtimes"]:
+            verdict = "[green]loads it[/]" if v["loads"] else "[bold red]will NOT load it[/]"
+            console.print(f"  {v['runtime']} {escape(v['version'])}: {verdict}", soft_wrap=True)
+            for r in v["rules"]:
+                head = "why" if r["effect"] == "refuses" else "caveat"
+                console.print(escape(f"    {head}: {r['says']}; fix: {r['fix']} [rule {r['id']}: {r['source']}]"),
+                              soft_wrap=True)
 
 
 def _document(plan, store, results, seconds: float) -> dict[str, Any]:
@@ -204,10 +236,13 @@ def _document(plan, store, results, seconds: float) -> dict[str, Any]:
             "validation": (val.info.get("validation") or {"passed": val.info.get("passed"), "reason": val.reason})
             if val else None,
             "conformance": val.info.get("conformance") if val else None,
+            "checked_by": (val.info.get("model_json") or {}).get("checked_by") if val else None,
+            "verdict": val.reason if val else None,  # "all gates passed", "no gates (...)", "gate failed: ..."
             "engine": {"path": str(store.object_dir(engine.key)), "status": engine.status, "reason": engine.reason}
             if engine else None,
             "published": publish.info.get("published") if publish and publish.status in ("built", "cached")
             else None,
+            "runtimes": plan.runtimes.get(t.label, []),
         })
     return {
         "profile": plan.profile.profile.name,
@@ -243,6 +278,14 @@ def _print_summary(doc: dict[str, Any]) -> None:
                 f"stride {v['stride']}, tokenizer {v['tokenizer']}, {v['runtime']}")
         elif v:
             console.print(f"  {v.get('reason', '')}")
+        if "ppl" in v and t.get("verdict"):
+            console.print(f"  {t['verdict']}")
+        if t.get("checked_by"):
+            console.print(f"  model.json checked by {t['checked_by']}")
+        if t["runtimes"]:
+            from .runtimes.rules import summary
+
+            console.print(f"  runtimes: {summary(t['runtimes'])}")
     for note in doc["notes"]:
         console.print(f"[bold yellow]{note}[/]")
 
@@ -398,7 +441,11 @@ def inspect(target: str, store_dir: str | None) -> None:
 def gc(store_dir: str | None, dry_run: bool, as_json: bool) -> None:
     """Remove artifacts that no profile's last build references, and leftovers of killed builds."""
     store = _store(store_dir)
-    removed = store.gc(dry_run=dry_run)
+
+    def waiting() -> None:
+        console.print("a build is running on this store; gc waits for it to finish")
+
+    removed = store.gc(dry_run=dry_run, on_wait=waiting)
     if as_json:
         click.echo(json.dumps({"dry_run": dry_run, "removed": removed}, indent=2))
         return

@@ -1,7 +1,7 @@
 """Content hashes: canonical JSON for keys, and file hashes with a stat cache so big checkpoints are read once.
 
-The stat cache maps (path, size, mtime_ns, inode) -> sha256. A file whose stat is unchanged is not re-read;
-any change of size, mtime or inode re-hashes it.
+The stat cache maps (path, size, mtime_ns, ctime_ns, inode, device) -> sha256. A file whose stat is unchanged
+is not re-read; any change of those re-hashes it.
 """
 
 from __future__ import annotations
@@ -47,7 +47,9 @@ class StatCache:
 
     @staticmethod
     def _signature(st: os.stat_result) -> list[int]:
-        return [st.st_size, st.st_mtime_ns, st.st_ino]
+        # ctime cannot be set by a user (cp -p and touch -r restore mtime, not ctime), and a reused inode
+        # number on another device is another file: both are part of the identity.
+        return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
 
     def lookup(self, path: Path) -> str | None:
         entry = self._entries.get(str(path.resolve()))
@@ -68,10 +70,9 @@ class StatCache:
     def save(self) -> None:
         if not self._dirty:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(self._entries, indent=0, sort_keys=True))
-        os.replace(tmp, self.path)
+        from .store import write_durably
+
+        write_durably(self.path, json.dumps(self._entries, indent=0, sort_keys=True))
         self._dirty = False
 
 

@@ -16,6 +16,7 @@ from typing import Any
 from . import arch
 from .errors import InputError
 from .formats import EXPORTERS
+from .gates import NO_GATES, has_gate
 from .hashing import StatCache, key_of, tree_digest
 from .profile import LoadedProfile
 from .progress import Reporter
@@ -56,6 +57,7 @@ class Stage:
     skip_reason: str | None = None  # set when the stage is planned but cannot or need not run
     key: str = ""
     material: dict[str, Any] = field(default_factory=dict)
+    runtimes: list[dict[str, Any]] | None = None  # export stages: who loads the artifact (manifest, not key)
 
     @classmethod
     def fixed(cls, name: str, config: dict[str, Any], inputs: dict[str, str]) -> Stage:
@@ -81,6 +83,7 @@ class Plan:
     model_config: dict[str, Any]
     stages: list[Stage]
     notes: list[str]
+    runtimes: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # target label -> verdicts
 
     def stage(self, name: str) -> Stage:
         return next(s for s in self.stages if s.name == name)
@@ -108,6 +111,14 @@ def check_group_size(cfg: dict[str, Any], q: Any) -> None:
     )
 
 
+def check_gates(gates: Any) -> None:
+    """A profile that measures accuracy says what passes: at least one gate, or `gates: none` explicitly."""
+    if gates != NO_GATES and not has_gate(gates.model_dump()):
+        raise InputError("validate.accuracy.gates: no gate is set, so every result would pass; set at least one of "
+                         "max_ppl_increase_pct, max_kl, min_top1_agreement (e.g. gates: {max_ppl_increase_pct: 10}), "
+                         "or write `gates: none` to measure without gating")
+
+
 def _dataset_digest(loaded: LoadedProfile, cache: StatCache) -> tuple[str, str] | None:
     acc = loaded.profile.validate_.accuracy
     if acc is None:
@@ -116,6 +127,9 @@ def _dataset_digest(loaded: LoadedProfile, cache: StatCache) -> tuple[str, str] 
     if not path.is_file():
         raise InputError(f"validate.accuracy.dataset: {path} does not exist; give a UTF-8 text file "
                          "(e.g. WikiText-2's wiki.test.raw)")
+    from .quant.calibration import check_utf8
+
+    check_utf8(path, "validate.accuracy.dataset")
     return str(path), cache.hash(path)
 
 
@@ -151,6 +165,10 @@ def quantize_config(loaded: LoadedProfile, cache: StatCache, eval_sha256: str | 
         cal["dataset_sha256"] = cache.hash(src.path)
         refuse_eval_text(cal["dataset_sha256"], eval_sha256, str(src.path))
         del cal["dataset"]  # the content is the identity: moving the file does not rebuild
+    from .quant import device
+
+    qcfg["device"] = device.resolve(q.device)  # the device that will run, not `auto`: CPU and CUDA bytes differ
+    qcfg["kernels"] = device.kernel_identity(qcfg["device"], q.method)
     qcfg["method_version"] = CALIBRATED_METHODS[q.method]
     qcfg["calibrated_with"] = lib_versions(("transformers", "tokenizers"))
     return qcfg
@@ -193,6 +211,11 @@ def build_plan(loaded: LoadedProfile, store: Store, reporter: Reporter | None = 
     stages: list[Stage] = [source]
     quant = Stage.fixed("quantize", qcfg, {"source": source.key})
     stages.append(quant)
+    if p.quantize.calibration is not None and not store.has(quant.key):  # it will read the text: check it now
+        from .quant import calibration
+
+        cal = p.quantize.calibration
+        calibration.check_source(calibration.parse(cal.dataset, loaded.resolve), cal.text_field)
 
     acc = p.validate_.accuracy
     reference = None
@@ -202,6 +225,7 @@ def build_plan(loaded: LoadedProfile, store: Store, reporter: Reporter | None = 
                          "than this machine can hold; run the build on a machine with more memory, or remove "
                          "validate.accuracy to check the artifact layer by layer only")
     if acc is not None:
+        check_gates(acc.gates)
         protocol = {"dataset_sha256": dataset[1], "seq_len": acc.seq_len, "stride": acc.stride or acc.seq_len,
                     "max_tokens": acc.max_tokens, "protocol": PROTOCOL}
         reference = Stage.fixed("reference", protocol, {"source": source.key})
@@ -211,7 +235,8 @@ def build_plan(loaded: LoadedProfile, store: Store, reporter: Reporter | None = 
                          "check runs; use a real checkpoint for accuracy.")
         stages.append(reference)
 
-    for target in p.targets:
+    runtimes: dict[str, list[dict[str, Any]]] = {}
+    for i, target in enumerate(p.targets):
         exporter = EXPORTERS[target.format]
         if "*" not in exporter.methods and p.quantize.method not in exporter.methods:
             raise InputError(f"targets: format {target.format} cannot hold quantize.method {p.quantize.method} "
@@ -225,15 +250,20 @@ def build_plan(loaded: LoadedProfile, store: Store, reporter: Reporter | None = 
                              "what compressed-tensors calls actorder: weight) or act_order: false")
         if exporter.plan_check:
             _entry(exporter.plan_check)(p.quantize, cfg, target.options)
-        export_cfg = target.model_dump(mode="json")
+        verdicts = check_runtimes(i, target, p.quantize, cfg)
+        runtimes[target.label] = verdicts
+        export_cfg = target.model_dump(mode="json", exclude={"runtimes"})  # says who loads it, not its bytes
         engine_opts = export_cfg["options"].pop("engine", None)  # the engine stage's, not the export's
         export = Stage(f"export:{target.label}", export_cfg, {"quantize": quant.key},
                        exporter.version, exporter.libs, exporter.runner).finalize()
+        export.runtimes = verdicts
         stages.append(export)
         vconf: dict[str, Any] = {"format": target.format}
+        if exporter.checker:
+            vconf.update(_entry(exporter.checker)(target.options))
         vinputs = {"export": export.key, "quantize": quant.key, "source": source.key}
         if reference is not None and reference.skip_reason is None:
-            vconf["gates"] = acc.gates.model_dump(mode="json")
+            vconf["gates"] = acc.gates if acc.gates == NO_GATES else acc.gates.model_dump(mode="json")
             vconf["protocol"] = reference.config
             vinputs["reference"] = reference.key
         stages.append(Stage(f"validate:{target.label}", vconf, vinputs, VALIDATE_VERSION,
@@ -245,7 +275,23 @@ def build_plan(loaded: LoadedProfile, store: Store, reporter: Reporter | None = 
     from .stages.publish import publish_stages
 
     stages += publish_stages(p, stages)  # last: a target is pushed only after all its stages
-    return Plan(loaded, src, cfg, stages, notes)
+    return Plan(loaded, src, cfg, stages, notes, runtimes)
+
+
+def check_runtimes(index: int, target: Any, q: Any, cfg: dict[str, Any]) -> list[dict[str, Any]]:
+    """Which runtimes will load this target's artifact (toolchain.runtimes.rules); a runtime the profile names
+    that would refuse it is bad input, said with the rule and its source."""
+    from .runtimes import rules
+
+    verdicts = rules.judge(target.format, rules.recipe_facts(q, target.format, target.options, cfg))
+    for v in verdicts:
+        if target.runtimes is not None and v["runtime"] in target.runtimes and not v["loads"]:
+            raise InputError(rules.refusal_message(f"[{index}] ({target.label})", target.format, v))
+    if target.runtimes is not None:
+        verdicts = [v for v in verdicts if v["runtime"] in target.runtimes]
+    if verdicts and not any(v["loads"] for v in verdicts):  # an artifact nothing it is for would load
+        raise InputError(rules.refusal_message(f"[{index}] ({target.label})", target.format, verdicts[0], False))
+    return verdicts
 
 
 def _entry(ref: str) -> Any:
@@ -282,9 +328,18 @@ def explain(stage: Stage, previous: dict[str, Any] | None, store: Store) -> str:
     changed_inputs = [r for r, k in stage.inputs.items() if old.get("inputs", {}).get(r) != k]
     if changed_inputs and not reasons:
         reasons.append("input changed: " + ", ".join(changed_inputs))
-    return "; ".join(reasons) or "artifact missing from the store (removed by gc?)"
+    # refs are written before a build's first stage: an unfinished (or running, or killed) build leaves this too
+    return "; ".join(reasons) or "not in the store: the last build of this profile did not finish it, or gc removed it"
+
+
+def ref_name(profile_name: str, source: ResolvedSource) -> str:
+    """Refs are keyed by profile and source: a `--source synthetic` run keeps its own roots and history instead
+    of replacing the real build's (whose artifacts the next gc would then delete)."""
+    if source.kind == "synthetic":
+        return f"{profile_name}@synthetic-{source.synthetic['arch']}"
+    return profile_name
 
 
 def ref_record(plan: Plan) -> dict[str, Any]:
-    return {"profile": plan.profile.profile.name,
+    return {"profile": plan.profile.profile.name, "source": plan.source.label,
             "stages": [{"name": s.name, "key": s.key, "material": s.material} for s in plan.stages]}

@@ -100,6 +100,18 @@ class QuantizeSpec(Strict):
     blocksize: Literal[32, 64, 128, 256, 512, 1024, 2048, 4096] = 64
     double_quant: bool = False
 
+    @field_validator("ignore")
+    @classmethod
+    def _ignore_patterns_compile(cls, ignore: tuple[str, ...]) -> tuple[str, ...]:
+        for entry in ignore:
+            if entry.startswith("re:"):
+                try:
+                    re.compile(entry[3:])
+                except re.error as e:
+                    raise ValueError(f"{entry!r} is not a valid regular expression ({e}); fix the pattern, or give "
+                                     "an exact module name") from None
+        return ignore
+
     @model_validator(mode="after")
     def _coherent(self) -> QuantizeSpec:
         if self.method in ("gptq", "awq"):
@@ -159,6 +171,8 @@ class TargetSpec(Strict):
     format: str
     name: str | None = None
     options: dict[str, Any] = {}
+    # The serving runtimes this artifact must load in (toolchain.runtimes.rules); None = all the format is for.
+    runtimes: tuple[str, ...] | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -170,20 +184,42 @@ class TargetSpec(Strict):
         if not isinstance(data, dict) or "format" not in data:
             return data
         fmt = data["format"]
+        if not isinstance(fmt, str):
+            raise ValueError(f"format: one format name, e.g. `format: gguf` (got {fmt!r}); list several formats "
+                             "as several targets")
+        if not isinstance(data.get("options", {}), dict):
+            raise ValueError(f"options: a mapping of {fmt}'s options, e.g. `options: {{type: Q8_0}}` (got "
+                             f"{data['options']!r}); or write the options beside `format:`")
         if fmt not in EXPORTERS:
             raise ValueError(f"unknown format {fmt!r}; known: {', '.join(sorted(EXPORTERS))}")
-        rest = {k: v for k, v in data.items() if k not in ("format", "name", "options")}
+        rest = {k: v for k, v in data.items() if k not in ("format", "name", "options", "runtimes")}
         options = {**data.get("options", {}), **rest}
         try:
             checked = EXPORTERS[fmt].options.model_validate(options)
         except ValidationError as e:
             bad = "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())
             raise ValueError(f"options of format {fmt}: {bad}") from None
-        return {"format": fmt, "name": data.get("name"), "options": checked.model_dump(mode="json")}
+        return {"format": fmt, "name": data.get("name"), "options": checked.model_dump(mode="json"),
+                "runtimes": _check_runtimes(fmt, data.get("runtimes"))}
 
     @property
     def label(self) -> str:
         return self.name or self.format
+
+
+def _check_runtimes(fmt: str, runtimes: Any) -> Any:
+    from .runtimes.rules import FORMAT_RUNTIMES
+
+    if runtimes is None:
+        return None
+    if not isinstance(runtimes, list | tuple) or not all(isinstance(r, str) for r in runtimes):
+        raise ValueError(f"runtimes: a list of runtime names, e.g. [vllm, sglang]; got {runtimes!r}")
+    known = FORMAT_RUNTIMES[fmt]
+    unknown = [r for r in runtimes if r not in known]
+    if unknown:
+        raise ValueError(f"runtimes: format {fmt} is not loaded by {', '.join(unknown)}; it is for "
+                         f"{', '.join(known)} (pick another format for {unknown[0]})")
+    return tuple(runtimes)
 
 
 class GatesSpec(Strict):
@@ -197,7 +233,8 @@ class AccuracySpec(Strict):
     seq_len: int = Field(default=2048, ge=16)
     stride: int | None = Field(default=None, ge=1, description="defaults to seq_len (non-overlapping windows)")
     max_tokens: int | None = Field(default=None, ge=32)
-    gates: GatesSpec = GatesSpec()
+    # `none` measures without gating, said so in every report; leaving gates out is refused at plan time.
+    gates: GatesSpec | Literal["none"] = GatesSpec()
 
     @field_validator("stride")
     @classmethod
@@ -288,7 +325,12 @@ def package_file(spec: str) -> Path:
             f"package {package!r} is not installed (needed for pkg://{spec}); "
             f"install it, e.g. `pip install --no-deps {package.replace('_', '-')}`"
         )
-    return Path(list(found.submodule_search_locations)[0]) / rel
+    root = Path(list(found.submodule_search_locations)[0]).resolve()
+    path = (root / rel).resolve()
+    if not path.is_relative_to(root):
+        raise InputError(f"pkg://{spec}: the path leaves package {package!r} ({root}); pkg:// names a file inside "
+                         f"the package, e.g. pkg://{package}/<file>")
+    return path
 
 
 def _deep_merge(base: dict, over: dict) -> dict:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import BuildError, ToolchainError
-from .plan import Plan, Stage, explain, ref_record
+from .plan import Plan, Stage, explain, ref_name, ref_record
 from .progress import Reporter
 from .store import Store
 
@@ -88,34 +88,32 @@ def _tool_versions() -> dict[str, Any]:
             **lib_versions(("torch", "transformers", "compressed-tensors", "safetensors", "gguf"))}
 
 
+def _stored_result(stage: Stage, store: Store, t0: float, reason: str) -> StageResult:
+    """A finished artifact as this build's result: a failed gate stays a failure, whoever built it."""
+    m = store.manifest(stage.key)
+    failed = m.get("status") == "failed"
+    return StageResult(stage.name, stage.key, "failed" if failed else "cached", time.perf_counter() - t0,
+                       m.get("reason", "") if failed else reason, m.get("size", 0), m.get("info", {}))
+
+
 def _run_stage(stage: Stage, plan: Plan, store: Store, reporter: Reporter, previous: dict | None,
                remote: Any = None) -> StageResult:
     t0 = time.perf_counter()
     if stage.skip_reason:
         return StageResult(stage.name, stage.key, "skipped", 0.0, stage.skip_reason)
     if store.has(stage.key):
-        m = store.manifest(stage.key)
-        status = "failed" if m.get("status") == "failed" else "cached"
-        reason = m.get("reason", "") if status == "failed" else "cached"
-        return StageResult(stage.name, stage.key, status, time.perf_counter() - t0, reason, m.get("size", 0),
-                           m.get("info", {}))
+        return _stored_result(stage, store, t0, "cached")
     reason = explain(stage, previous, store)
 
     def waiting() -> None:
         reporter.info(f"  {stage.name}: another build holds {stage.key[:12]}; waiting for it")
 
     with store.lock(stage.key, on_wait=waiting):
-        if store.has(stage.key):  # the other builder finished it while we waited
-            m = store.manifest(stage.key)
-            return StageResult(stage.name, stage.key, "cached", time.perf_counter() - t0,
-                               "built by a concurrent build", m.get("size", 0), m.get("info", {}))
+        if store.has(stage.key):  # the other builder finished it while we waited: its verdict is ours
+            return _stored_result(stage, store, t0, "built by a concurrent build")
         tmp = store.new_tmp(stage.key)
         if remote is not None and remote.fetch(stage.key, store, tmp):  # registry/cache.py: verified, committed
-            m = store.manifest(stage.key)
-            failed = m.get("status") == "failed"
-            return StageResult(stage.name, stage.key, "failed" if failed else "cached", time.perf_counter() - t0,
-                               m.get("reason", "") if failed else f"from remote cache {remote.ref}",
-                               m.get("size", 0), m.get("info", {}))
+            return _stored_result(stage, store, t0, f"from remote cache {remote.ref}")
         ctx = StageContext(
             stage=stage, plan=plan, out=tmp,
             inputs={r: store.object_dir(k) for r, k in stage.inputs.items()},
@@ -139,6 +137,8 @@ def _run_stage(stage: Stage, plan: Plan, store: Store, reporter: Reporter, previ
             "profile": plan.profile.profile.name, "seconds": round(seconds, 3), "peak_rss_bytes": rss.peak,
             "tool_versions": _tool_versions(), "created_unix": int(time.time()), "info": info,
         }
+        if stage.runtimes is not None:
+            manifest["runtimes"] = stage.runtimes
         manifest = store.commit(tmp, stage.key, manifest)
     return StageResult(stage.name, stage.key, "failed" if status == "failed" else "built", seconds,
                        manifest["reason"], manifest["size"], info)
@@ -153,7 +153,18 @@ def _target_of(stage: Stage) -> str | None:
 def execute(plan: Plan, store: Store, reporter: Reporter, remote: Any = None) -> list[StageResult]:
     """Run every stage in order. A failing shared stage (source, quantize, reference) stops the build; a
     failing target stage fails that target only (its later stages are skipped) and the others go on."""
-    previous = {s["name"]: s for s in (store.read_ref(plan.profile.profile.name) or {}).get("stages", [])}
+    def waiting() -> None:
+        reporter.info("  `toolchain gc` is running on this store; waiting for it")
+
+    with store.building(on_wait=waiting):
+        return _execute(plan, store, reporter, remote)
+
+
+def _execute(plan: Plan, store: Store, reporter: Reporter, remote: Any) -> list[StageResult]:
+    ref = ref_name(plan.profile.profile.name, plan.source)
+    previous = {s["name"]: s for s in (store.read_ref(ref) or {}).get("stages", [])}
+    # The roots first: what this build commits is reachable from its first stage on, even if it is killed.
+    store.write_ref(ref, ref_record(plan))
     results: list[StageResult] = []
     failed_targets: dict[str, str] = {}
     for stage in plan.stages:
@@ -178,5 +189,4 @@ def execute(plan: Plan, store: Store, reporter: Reporter, remote: Any = None) ->
             reporter.warn(f"{stage.name} failed: {message}")
             results.append(StageResult(stage.name, stage.key, "failed", 0.0, message))
             failed_targets[target] = f"{stage.name} failed"
-    store.write_ref(plan.profile.profile.name, ref_record(plan))
     return results

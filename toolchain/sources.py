@@ -29,11 +29,24 @@ class ResolvedSource:
     def model_config(self) -> dict[str, Any]:
         """The HF config.json of the model, read without loading weights."""
         if self.kind == "hf":
-            return json.loads((self.path / "config.json").read_text())
+            return read_config_json(self.path / "config.json")
         if self.kind == "synthetic":
             s = self.synthetic
             return arch.synthetic_config(s["arch"], s.get("num_layers"), s["dtype"])
         return gguf_llama_config(self.path)
+
+
+def read_config_json(path: Path) -> dict[str, Any]:
+    """A model's config.json, or an error naming the file and what is wrong with it."""
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"source: {path} is not valid JSON ({e}); restore the model's config.json "
+                         "(e.g. from the model's hub page)") from None
+    if not isinstance(cfg, dict):
+        raise InputError(f"source: {path} holds a {type(cfg).__name__}, not a JSON object; restore the model's "
+                         "config.json")
+    return cfg
 
 
 def hf_cache_dir() -> Path:
@@ -92,17 +105,27 @@ def gguf_llama_config(path: Path) -> dict[str, Any]:
         from gguf import GGUFReader
     except ImportError:
         raise InputError("reading a .gguf source needs the `gguf` package: pip install gguf") from None
-    reader = GGUFReader(str(path))
+    try:
+        reader = GGUFReader(str(path))
+    except Exception as e:  # gguf-py raises ValueError, struct/numpy errors, ... on a corrupt or cut file
+        raise InputError(f"source.path: {path} is not a readable GGUF file ({type(e).__name__}: {e}); it is "
+                         "corrupt or truncated: download it again and compare its sha256") from None
+    missing = object()
 
-    def field(name: str, default: Any = None) -> Any:
+    def field(name: str, default: Any = missing) -> Any:
         f = reader.fields.get(name)
         if f is None:
+            if default is missing:
+                raise InputError(f"source.path: {path} lacks the GGUF metadata field {name!r} that a llama model "
+                                 "needs; re-convert it with llama.cpp's convert_hf_to_gguf.py")
             return default
         return f.contents()
 
-    arch_name = field("general.architecture")
+    arch_name = field("general.architecture", None)
     if arch_name != "llama":
         raise InputError(f"source.path: GGUF architecture {arch_name!r} is not supported yet (only llama)")
+    if "tokenizer.ggml.tokens" not in reader.fields:
+        field("tokenizer.ggml.tokens")  # raises, naming the missing field
     vocab = len(reader.fields["tokenizer.ggml.tokens"].data)
     heads = int(field("llama.attention.head_count"))
     return {

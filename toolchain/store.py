@@ -4,7 +4,10 @@ Layout under the store root:
   objects/<k[:2]>/<key>/   one finished artifact: its files and manifest.json (written last, then renamed in)
   tmp/<key>.<rand>/        an artifact being built; renamed into objects/ only when complete
   locks/<key>.lock         one builder per key; a second build of the same key waits, then reuses
-  refs/<profile>.json      what the last build of each profile produced (gc roots, and `plan`'s "what changed")
+  locks/store.lock         builds hold it shared, `gc` exclusive: gc never runs beside a build
+  refs/<profile>.json      what the last build of each profile produced (gc roots, and `plan`'s "what changed"),
+                           written before the build's first stage; `<profile>@synthetic-<arch>.json` for
+                           `--source synthetic` builds, so they never replace the real build's roots
   cache/stat.json          stat signature -> sha256 of source files
 
 A directory under objects/ is complete by construction: rename is atomic and happens after every file and
@@ -54,6 +57,38 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def write_durably(path: Path, text: str) -> None:
+    """Write via a temp file, fsync it, rename it over `path`, fsync the directory: a crash leaves the old
+    file or the new one, never an empty or partial one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+@contextmanager
+def _flock(path: Path, mode: int, on_wait: Any = None) -> Iterator[None]:
+    """An fcntl lock on `path`: LOCK_SH for builds, LOCK_EX for gc. Released when the process dies."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, mode | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if on_wait:
+                on_wait()
+            fcntl.flock(fd, mode)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
+
+
 def dir_size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
@@ -99,6 +134,18 @@ class Store:
         finally:
             lock.release()
 
+    def building(self, on_wait: Any = None) -> Any:
+        """Held (shared) for a whole build: `gc` waits for every running build to finish."""
+        import fcntl
+
+        return _flock(self.root / "locks" / "store.lock", fcntl.LOCK_SH, on_wait)
+
+    def collecting(self, on_wait: Any = None) -> Any:
+        """Held (exclusive) by `gc`: no build starts or runs meanwhile."""
+        import fcntl
+
+        return _flock(self.root / "locks" / "store.lock", fcntl.LOCK_EX, on_wait)
+
     def new_tmp(self, key: str) -> Path:
         """A fresh build directory for `key`; call with the key's lock held. Clears leftovers of killed builds."""
         tmp_root = self.root / "tmp"
@@ -137,11 +184,7 @@ class Store:
         """Record a profile's stages; writes nothing when the record is unchanged (a no-op build stays a no-op)."""
         if self.read_ref(name) == record:
             return False
-        path = self.ref_path(name)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(record, indent=2, sort_keys=True))
-        os.replace(tmp, path)
+        write_durably(self.ref_path(name), json.dumps(record, indent=2, sort_keys=True))
         return True
 
     # -- listing and garbage collection -----------------------------------------------------------
@@ -149,7 +192,8 @@ class Store:
         objects = self.root / "objects"
         if not objects.is_dir():
             return []
-        return sorted(p.name for p in objects.glob("*/*") if (p / MANIFEST).is_file())
+        # `.gc-*` are artifacts a gc renamed away to delete (a killed gc can leave one): not artifacts
+        return sorted(p.name for p in objects.glob("*/*") if not p.name.startswith(".") and (p / MANIFEST).is_file())
 
     def ls(self) -> list[dict[str, Any]]:
         return [self.manifest(k) for k in self.keys()]
@@ -175,10 +219,22 @@ class Store:
             todo.extend(k for k in self.manifest(key).get("inputs", {}).values() if self.has(k))
         return seen
 
-    def gc(self, dry_run: bool = False) -> list[dict[str, Any]]:
-        """Remove artifacts no profile ref reaches, and build directories no live builder holds."""
+    def gc(self, dry_run: bool = False, on_wait: Any = None) -> list[dict[str, Any]]:
+        """Remove artifacts no profile ref reaches, build directories no live builder holds, and what a killed
+        gc left half-deleted. Waits for running builds (their roots are recorded before their first stage)."""
+        with self.collecting(on_wait):
+            return self._gc(dry_run)
+
+    def _gc(self, dry_run: bool) -> list[dict[str, Any]]:
         keep = self.reachable()
         removed = []
+        objects = self.root / "objects"
+        for doomed in objects.glob("*/.gc-*") if objects.is_dir() else []:
+            key = doomed.name.split("-")[1] if doomed.name.count("-") >= 2 else doomed.name
+            removed.append({"key": key, "stage": "(left by a killed gc)", "size": dir_size(doomed),
+                            "path": str(doomed)})
+            if not dry_run:
+                shutil.rmtree(doomed, ignore_errors=True)
         for key in self.keys():
             if key in keep:
                 continue

@@ -37,6 +37,9 @@ class Exporter:
     plan_check: str = ""
     # "module:function(label, options, export_key) -> (Stage, notes)": a stage compiling the export (an engine).
     engine: str = ""
+    # "module:function(options) -> dict": which independent checker the validator will run (with its version),
+    # put in the validate key so a weaker fallback check never shares a key with the real one.
+    checker: str = ""
 
 
 def check_compressed_tensors(quantize_spec: Any, model_config: dict[str, Any], options: dict[str, Any]) -> None:
@@ -52,7 +55,7 @@ def check_compressed_tensors(quantize_spec: Any, model_config: dict[str, Any], o
 
 EXPORTERS: dict[str, Exporter] = {
     "compressed-tensors": Exporter(
-        version="1",
+        version="2",  # 2: `ignore` written as resolved module names
         libs=("torch", "safetensors", "compressed-tensors"),
         runner="toolchain.formats.compressed_tensors:run",
         validator="toolchain.validate.accuracy:run_validate",
@@ -111,6 +114,7 @@ EXPORTERS: dict[str, Exporter] = {
         methods=("*",),  # the wrapped format's own methods, checked by plan_check
         notes="Xinference custom model: model.json (v2) beside a gguf, gptq or compressed-tensors artifact",
         plan_check="toolchain.formats.xinference:plan_check",
+        checker="toolchain.formats.xinference:checker",
     ),
     "onnx": Exporter(
         version="1",

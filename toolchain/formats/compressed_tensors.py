@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from ..arch import resolved_ignore
 from ..errors import BuildError, MissingToolError
 from ..ir import IRReader, QuantizedLinear, ShardWriter, copy_model_metadata
 from ..run import StageContext
@@ -102,8 +103,11 @@ def write_quantization_config(out_dir, ir: IRReader, schemes: dict[str, Any]) ->
     formats = {str(getattr(sch.format, "value", sch.format)) for sch in schemes.values()}
     if len(formats) != 1:
         raise BuildError(f"mixed compressed-tensors formats are not supported: {sorted(formats)}")
+    # `ignore` as resolved module names: loaders match exact names or re: only (vLLM should_ignore_layer,
+    # TensorRT-LLM _matches_target), so the profile's shorthand (a bare `down_proj`) would match nothing there.
+    ignore = resolved_ignore(ir.config, ir.scheme.get("ignore", []))
     qc = QuantizationConfig(config_groups=groups, quantization_status=QuantizationStatus.COMPRESSED,
-                            format=formats.pop(), ignore=list(ir.scheme.get("ignore", [])))
+                            format=formats.pop(), ignore=ignore)
     ModelCompressor(quantization_config=qc).update_config(str(out_dir))
     return json.loads((out_dir / "config.json").read_text())["quantization_config"]
 

@@ -33,7 +33,23 @@ DATA_FILE = "model.onnx.data"
 OPSET = 18
 
 
+MODULES = ("onnx", "onnxscript", "onnxruntime")  # exporter (torch.onnx's dynamo path needs onnxscript), checker
+
+
+def _importable(module: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a broken or blocked install
+        return False
+
+
 def plan_check(quantize_spec: Any, model_config: dict[str, Any], options: dict[str, Any]) -> None:
+    missing = [m for m in MODULES if not _importable(m)]
+    if missing:
+        raise MissingToolError(f"targets: the onnx target needs {', '.join(missing)} (missing here): "
+                               f"pip install {' '.join(MODULES)}")
     q = quantize_spec
     gs = q.group_size or 0
     if q.bits != 4 or q.strategy != "group" or gs < 16 or gs & (gs - 1):

@@ -6,9 +6,10 @@ into this same directory, and model.json points at it:
   of: gguf                model_format ggufv2, quantization = the GGUF type (Q4_1, ...), model_file_name_template
                           model.gguf: Xinference's llama.cpp engine
   of: gptq                model_format gptq, quantization Int4/Int8: vLLM, SGLang, transformers engines
-  of: compressed-tensors  model_format fp8 (quantization FP8) for FP8, else pytorch (quantization none):
-                          Xinference has no compressed-tensors format; its vLLM/SGLang engines read the
-                          checkpoint's quantization_config themselves (vllm/core.py leaves `quantization` unset)
+  of: compressed-tensors  model_format pytorch (quantization none), FP8 included: Xinference has no
+                          compressed-tensors format; its vLLM/SGLang engines read the checkpoint's
+                          quantization_config themselves (vllm/core.py leaves `quantization` unset for pytorch,
+                          but sets quantization=fp8 for model_format fp8, which vLLM then refuses)
 model_uri is file://<this artifact's absolute path in the store> (Xinference refuses relative URIs): register
 the file where the store lives, or rewrite model_uri after moving the directory.
 The chat template, stop strings and stop token ids come from the source tokenizer.
@@ -25,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from ..errors import BuildError, InputError
+from ..errors import BuildError, InputError, MissingToolError
 
 if TYPE_CHECKING:
     from ..run import StageContext
@@ -42,6 +43,9 @@ class XinferenceOptions(BaseModel):
     model_family: str | None = None  # Xinference requires one; defaults to model_name
     model_lang: tuple[str, ...] = ("en",)
     context_length: int | None = None  # default: the model's max_position_embeddings
+    # Where Xinference is not installed, check model.json against its documented fields instead of Xinference's
+    # own model. Off by default: a missing oracle is an error, not a silent weaker pass.
+    fallback_check: bool = False
 
     @model_validator(mode="after")
     def _known_payload(self) -> XinferenceOptions:
@@ -93,8 +97,8 @@ def format_and_quantization(of: str, payload_info: dict[str, Any], scheme: dict[
         return "ggufv2", payload_info["type"]
     if of == "gptq":
         return "gptq", f"Int{scheme['bits']}"
-    if scheme.get("method") == "fp8":
-        return "fp8", "FP8"
+    # compressed-tensors, FP8 included, is `pytorch`: Xinference's vLLM engine turns model_format fp8 into
+    # quantization=fp8, which vLLM refuses for a compressed-tensors checkpoint (rule xinference-ct-fp8-format).
     return "pytorch", "none"
 
 
@@ -210,12 +214,41 @@ def xinference_python() -> str | None:
     return str(python) if python.is_file() else None
 
 
-def schema_check(doc: dict[str, Any]) -> dict[str, Any]:
+FIELD_CHECK = "the documented custom-model fields (fallback_check: true; Xinference's own model did not run)"
+
+
+def xinference_version(python: str) -> str:
+    import subprocess
+
+    r = subprocess.run([python, "-c", "import importlib.metadata as m; print(m.version('xinference'))"],
+                       capture_output=True, text=True, timeout=120)
+    return r.stdout.strip() if r.returncode == 0 else "unknown version"
+
+
+def checker(options: dict[str, Any]) -> dict[str, Any]:
+    """The checker the validate stage will run, part of its key: Xinference's own model (with its version), or,
+    only where the profile allows it, the documented-field check. A missing oracle is refused before any work."""
+    python = xinference_python()
+    if python:
+        return {"checker": f"xinference {xinference_version(python)} CustomLLMFamilyV2"}
+    if options.get("fallback_check"):
+        return {"checker": FIELD_CHECK}
+    raise MissingToolError(
+        "targets: xinference: model.json is checked by Xinference's own model, and xinference is importable "
+        "neither here nor in $TOOLCHAIN_XINFERENCE_PYTHON / ~/.cache/toolchain-venvs/xinference. Run scripts/setup "
+        "(it makes that venv: Xinference pins its own torch), or set `fallback_check: true` on the target to "
+        "accept the documented-field check instead (the report then says so)")
+
+
+def schema_check(doc: dict[str, Any], expected_checker: str | None = None) -> dict[str, Any]:
     """model.json against Xinference's own pydantic model (CustomLLMFamilyV2.parse_raw, what `xinference
-    register` runs) where Xinference is installed, else against the documented fields."""
+    register` runs); against the documented fields only when the plan chose that fallback."""
     import subprocess
 
     python = xinference_python()
+    if expected_checker is not None and expected_checker != FIELD_CHECK and not python:
+        return {"checked_by": None, "parsed": None,
+                "problems": [f"the plan chose {expected_checker}, but xinference is no longer importable"]}
     if python:
         r = subprocess.run([python, "-c", _XINFERENCE_CHECK], input=json.dumps(doc), capture_output=True,
                            text=True, timeout=300)
@@ -245,20 +278,25 @@ def schema_check(doc: dict[str, Any]) -> dict[str, Any]:
             problems.append("ggufv2 needs model_file_name_template")
     if not all(isinstance(i, int) for i in doc.get("stop_token_ids") or []):
         problems.append("stop_token_ids must be integers")
-    return {"checked_by": "the documented custom-model fields (xinference not installed: pip install xinference "
-                          "in a venv and set TOOLCHAIN_XINFERENCE_PYTHON)", "problems": problems, "parsed": None}
+    return {"checked_by": FIELD_CHECK, "problems": problems, "parsed": None}
 
 
-def model_json_check(export_dir: Path, ir_dir: Path, info: dict[str, Any]) -> dict[str, Any]:
+def model_json_check(export_dir: Path, ir_dir: Path, info: dict[str, Any], expected_checker: str | None = None
+                     ) -> dict[str, Any]:
     """Schema, then what it must say about this artifact: its URI, file, format/quantization and stops."""
     from transformers import AutoTokenizer
 
     from .gguf import chat_template_of
 
     doc = json.loads((export_dir / MODEL_JSON).read_text())
-    result = schema_check(doc)
+    result = schema_check(doc, expected_checker)
     problems = result["problems"]
     spec = doc["model_specs"][0]
+    from ..runtimes.rules import RULES
+
+    facts = {"of": info.get("payload_format"), "xinference_model_format": spec.get("model_format")}
+    problems += [f"{r.says} [rule {r.id}]" for r in RULES
+                 if r.runtime == "xinference" and r.applies("xinference", facts)]
     uri = spec.get("model_uri", "")
     target = Path(uri.removeprefix("file://"))
     if not uri.startswith("file:///") or not target.is_dir() or not target.samefile(export_dir):
@@ -289,7 +327,7 @@ def run_validate(ctx: StageContext) -> dict[str, Any]:
     from . import EXPORTERS
 
     info = ctx.input_manifests["export"].get("info", {})
-    check = model_json_check(ctx.inputs["export"], ctx.inputs["quantize"], info)
+    check = model_json_check(ctx.inputs["export"], ctx.inputs["quantize"], info, ctx.config.get("checker"))
     if check["problems"]:
         return {"format": ctx.config["format"], "model_json": check, "passed": False, "status": "failed",
                 "reason": "model.json: " + "; ".join(check["problems"])[:500]}

@@ -58,6 +58,39 @@ def refuse_eval_text(calibration_sha256: str | None, eval_sha256: str | None, la
         )
 
 
+# -- plan-time checks: bad text is bad input, found before any work -----------------------------------------
+
+def check_utf8(path: Path, yaml_path: str) -> None:
+    """The file decodes as UTF-8 (read in chunks: the error names the byte offset)."""
+    import codecs
+
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as e:
+                raise InputError(f"{yaml_path}: {path} is not UTF-8 text (byte {offset + e.start}: {e.reason}); "
+                                 "convert it, e.g. `iconv -f latin1 -t utf-8`") from None
+            offset += len(chunk)
+    try:
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError as e:
+        raise InputError(f"{yaml_path}: {path} ends inside a UTF-8 character ({e.reason}); the file is cut "
+                         "short or not UTF-8") from None
+
+
+def check_source(src: CalibrationSource, text_field: str) -> None:
+    """Everything about the calibration text that would otherwise fail mid-quantize."""
+    if src.kind == "file":
+        check_utf8(src.path, "quantize.calibration.dataset")
+        if src.path.suffix == ".jsonl":
+            _jsonl_text(src.path.read_text(encoding="utf-8"), text_field, src.path)
+    elif src.kind == "hf":
+        _hf_dataset(src.label[3:])
+
+
 # -- reading and tokenizing ---------------------------------------------------------------------------------
 
 def read_text(src: CalibrationSource, text_field: str, min_chars: int) -> str:
@@ -77,32 +110,20 @@ def _jsonl_text(raw: str, field: str, path: Path) -> str:
     for n, line in enumerate(raw.splitlines(), 1):
         if not line.strip():
             continue
-        rec = json.loads(line)
-        if field not in rec:
-            raise InputError(f"{path}:{n}: no field {field!r} (set quantize.calibration.text_field)")
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InputError(f"quantize.calibration.dataset: {path}:{n}: not a JSON line ({e.msg} at column "
+                             f"{e.colno}); fix that line (one JSON object per line)") from None
+        if not isinstance(rec, dict) or field not in rec:
+            raise InputError(f"quantize.calibration.dataset: {path}:{n}: no field {field!r} in this record; set "
+                             "quantize.calibration.text_field to the field that holds the text")
         texts.append(str(rec[field]))
     return "\n\n".join(texts)
 
 
 def _hf_text(spec: str, field: str, min_chars: int) -> str:
-    parts = spec.split(":")
-    if len(parts) not in (2, 3) or not all(parts):
-        raise InputError(f"quantize.calibration.dataset: hf:{spec}: write hf:<dataset>:<split> or "
-                         "hf:<dataset>:<config>:<split>")
-    name, config, split = (parts[0], None, parts[1]) if len(parts) == 2 else parts
-    try:
-        import datasets
-    except ImportError:
-        raise MissingToolError("calibrating on an HF dataset needs the `datasets` package: pip install datasets") \
-            from None
-    import os
-
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    try:
-        ds = datasets.load_dataset(name, config, split=split)
-    except Exception as e:  # offline and not cached, unknown split, ...
-        raise InputError(f"quantize.calibration.dataset: hf:{spec} could not be loaded from the local cache "
-                         f"({type(e).__name__}: {e}); use a local .txt/.jsonl file") from None
+    ds = _hf_dataset(spec)
     texts, total = [], 0
     for rec in ds:
         t = str(rec[field])
@@ -111,6 +132,30 @@ def _hf_text(spec: str, field: str, min_chars: int) -> str:
         if total >= min_chars:
             break
     return "\n\n".join(texts)
+
+
+def _hf_dataset(spec: str) -> Any:
+    """An HF dataset from the local cache only. The offline flag is set before `datasets` is imported: the
+    library reads it once, at import."""
+    import os
+
+    parts = spec.split(":")
+    if len(parts) not in (2, 3) or not all(parts):
+        raise InputError(f"quantize.calibration.dataset: hf:{spec}: write hf:<dataset>:<split> or "
+                         "hf:<dataset>:<config>:<split>")
+    name, config, split = (parts[0], None, parts[1]) if len(parts) == 2 else parts
+    os.environ["HF_DATASETS_OFFLINE"] = "1"  # offline by design: nothing is downloaded
+    try:
+        import datasets
+    except ImportError:
+        raise MissingToolError("calibrating on an HF dataset needs the `datasets` package: pip install datasets") \
+            from None
+    try:
+        return datasets.load_dataset(name, config, split=split)
+    except Exception as e:  # offline and not cached, unknown split, ...
+        raise InputError(f"quantize.calibration.dataset: hf:{spec} could not be loaded from the local cache "
+                         f"({type(e).__name__}: {e}); put it in the HF datasets cache, or use a local "
+                         ".txt/.jsonl file") from None
 
 
 def load_tokenizer(model_dir: Path) -> Any | None:

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from ..arch import is_ignored, linear_shapes
+from ..errors import BuildError
 from ..ir import IRWriter, TensorReader
 from ..run import StageContext
 from .source import model_dir
@@ -105,8 +106,12 @@ def run_calibrated(ctx: StageContext, src_dir) -> dict[str, Any]:
     # scale_dtype is resolved against the source dtype inside the runner's writer factory.
     source_dtype = _source_dtype(src_dir)
     args["scale_dtype"] = scale_dtype_for(q, source_dtype)
+    planned = q.get("device", "auto")  # resolved at plan time (toolchain.quant.device): it is in the key
+    if planned.startswith("cuda") and not torch.cuda.is_available():
+        raise BuildError(f"quantize: the plan resolved device {planned} (a CUDA torch and a GPU were found), but "
+                         "torch sees no usable GPU; set quantize.device: cpu, or fix the CUDA driver")
     try:
-        info = run_layerwise(src_dir, make_writer, ids, args, ctx.reporter, device=q.get("device", "auto"))
+        info = run_layerwise(src_dir, make_writer, ids, args, ctx.reporter, device=planned)
     except ModuleNotFoundError as e:
         if e.name == "toolchain.quant.awq":
             raise MissingToolError("quantize.method awq: toolchain.quant.awq is not in this checkout") from None

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from .. import gates
 from ..arch import fits_in_memory
 from ..errors import BuildError
 from ..run import StageContext
@@ -135,8 +136,13 @@ def compare(logits_fn: LogitsFn, ids: torch.Tensor, ref: dict[str, torch.Tensor]
         offset += n
     if offset != len(ref["targets"]):
         raise RuntimeError(f"scored {offset} tokens but the reference has {len(ref['targets'])}")
-    return {"ppl": math.exp(nll_sum / offset), "kl_mean": kl_sum / offset, "top1_agreement": agree / offset,
+    return {"ppl": safe_exp(nll_sum / offset), "kl_mean": kl_sum / offset, "top1_agreement": agree / offset,
             "tokens": offset}
+
+
+def safe_exp(x: float) -> float:
+    """exp that gives inf (a failed gate, said so) instead of raising OverflowError for a huge mean NLL."""
+    return math.inf if x > 709 else math.exp(x)
 
 
 def topk_kl(ref_logp: torch.Tensor, ref_idx: torch.Tensor, q_logp: torch.Tensor) -> torch.Tensor:
@@ -183,17 +189,6 @@ def loader_dense_weight(mod: torch.nn.Module) -> torch.Tensor:
     m = copy.deepcopy(mod)
     decompress_module(m)
     return m.weight.data
-
-
-def evaluate_gates(metrics: dict[str, Any], gates: dict[str, Any]) -> list[str]:
-    failures = []
-    if gates.get("max_ppl_increase_pct") is not None and metrics["ppl_increase_pct"] > gates["max_ppl_increase_pct"]:
-        failures.append(f"perplexity +{metrics['ppl_increase_pct']:.2f}% > max {gates['max_ppl_increase_pct']}%")
-    if gates.get("max_kl") is not None and metrics["kl_mean"] > gates["max_kl"]:
-        failures.append(f"KL {metrics['kl_mean']:.4f} > max {gates['max_kl']}")
-    if gates.get("min_top1_agreement") is not None and metrics["top1_agreement"] < gates["min_top1_agreement"]:
-        failures.append(f"top-1 agreement {metrics['top1_agreement']:.4f} < min {gates['min_top1_agreement']}")
-    return failures
 
 
 def file_conformance(export_dir: Path, ir_dir: Path, reporter) -> dict[str, Any]:
@@ -264,17 +259,18 @@ def finish_validation(ctx: StageContext, loader: str, conformance: dict[str, Any
         **{k: ref_stats[k] for k in ("dataset", "seq_len", "stride", "tokenizer", "protocol")},
         "runtime": loader, "reference_runtime": ref_stats["runtime"],
         "tokens": metrics["tokens"], "reference_ppl": ref_stats["ppl"], "ppl": metrics["ppl"],
-        "ppl_increase_pct": 100 * (metrics["ppl"] / ref_stats["ppl"] - 1), "kl_mean": metrics["kl_mean"],
+        "ppl_increase_pct": 100 * (metrics["ppl"] / ref_stats["ppl"] - 1) if math.isfinite(metrics["ppl"])
+        else metrics["ppl"], "kl_mean": metrics["kl_mean"],
         "top1_agreement": metrics["top1_agreement"],
     }
-    failures = evaluate_gates(validation, cfg.get("gates", {}))
-    validation["passed"] = not failures
+    verdict = gates.evaluate(validation, cfg.get("gates"))
+    validation["passed"] = verdict.passed
     ctx.reporter.info(
         f"  perplexity {validation['reference_ppl']:.3f} -> {validation['ppl']:.3f} "
         f"({validation['ppl_increase_pct']:+.2f}%), KL {validation['kl_mean']:.4f}, "
         f"top-1 {validation['top1_agreement']:.4f} over {validation['tokens']} tokens")
-    out = {**result, "validation": validation, "passed": not failures}
+    out = {**result, "validation": validation, "passed": verdict.passed}
     (ctx.out / "validation.json").write_text(json.dumps(out, indent=2))
-    if failures:
-        return {**out, "status": "failed", "reason": "gate failed: " + "; ".join(failures)}
-    return {**out, "reason": "all gates passed"}
+    if not verdict.passed:
+        return {**out, "status": "failed", "reason": "gate failed: " + verdict.reason}
+    return {**out, "reason": verdict.reason}

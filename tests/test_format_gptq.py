@@ -16,6 +16,7 @@ from conftest import build_json, needs_smollm2, needs_wikitext, smol_profile, ti
 
 from toolchain.errors import BuildError, MissingToolError
 from toolchain.formats.gptq import GPTQLayer, loader_python, pack_layer, pack_rows, to_gptq
+from toolchain.oracles import venv_python
 from toolchain.quant.rtn import quantize_rtn, quantize_with
 from toolchain.validate.gptq import unpack_layer
 
@@ -28,8 +29,8 @@ def _have_loader() -> bool:
     return True
 
 
-needs_loader = pytest.mark.skipif(not _have_loader(), reason="GPTQModel missing: run scripts/setup (it makes "
-                                  "~/.cache/toolchain-venvs/gptqmodel with gptqmodel==7.6.0 optimum==2.3.0) or set "
+needs_loader = pytest.mark.skipif(not _have_loader(), reason=f"GPTQModel missing: run scripts/setup (it makes "
+                                  f"{venv_python('gptqmodel')} with gptqmodel==7.6.0 optimum==2.3.0) or set "
                                   "TOOLCHAIN_GPTQMODEL_PYTHON")
 
 

@@ -299,18 +299,15 @@ def test_smollm2_tokenizer_and_chat_template_round_trip(smol_tok):
     assert fields["tokenizer.ggml.eos_token_id"].contents() == 2
 
 
-@pytest.mark.slow
 @needs_smollm2
 @needs_wikitext
-def test_smollm2_gguf_logits_match_compressed_tensors(smol_store):
+def test_smollm2_gguf_logits_match_compressed_tensors(smol_store, smol_source, tmp_path):
     """Q4_1 holds our int4 g64 asymmetric codes: its perplexity through transformers' GGUF loader must be the
     compressed-tensors one up to the fp16 rounding of d/m (same codes, two formats, two loaders)."""
-    import tempfile
-
     from conftest import build_json
 
-    d = Path(tempfile.mkdtemp())
-    profile = write_profile(d, smol_profile(targets=["compressed-tensors", {"format": "gguf"}]))
+    profile = write_profile(tmp_path, smol_profile(source=smol_source,
+                                                   targets=["compressed-tensors", {"format": "gguf"}]))
     doc = build_json(str(profile), "--store", str(smol_store))
     ct, gg = doc["targets"]
     assert {ct["status"], gg["status"]} <= {"built", "cached"}, doc["stages"]

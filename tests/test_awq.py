@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DATA, WIKITEXT, needs_smollm2, needs_wikitext
+from conftest import DATA, WIKITEXT, needs_shakespeare, needs_smollm2, needs_wikitext
 
 from toolchain.quant import awq
 from toolchain.quant.layerwise import BlockCalibration, rotary
@@ -255,8 +255,7 @@ def test_pre_quant_scale_kept_unfolded():
     assert qkv[0].shape == (cfg.hidden_size,)
 
 
-needs_calibration_text = pytest.mark.skipif(not CALIBRATION_TEXT.is_file(),
-                                            reason=f"{CALIBRATION_TEXT} missing (set TOOLCHAIN_DATA)")
+needs_calibration_text = needs_shakespeare
 
 
 @needs_calibration_text

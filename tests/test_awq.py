@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DATA, WIKITEXT, needs_smollm2, needs_wikitext
+from conftest import DATA, WIKITEXT, needs_shakespeare, needs_smollm2, needs_wikitext
 
 from toolchain.quant import awq
 from toolchain.quant.layerwise import BlockCalibration, rotary
@@ -255,8 +255,7 @@ def test_pre_quant_scale_kept_unfolded():
     assert qkv[0].shape == (cfg.hidden_size,)
 
 
-needs_calibration_text = pytest.mark.skipif(not CALIBRATION_TEXT.is_file(),
-                                            reason=f"{CALIBRATION_TEXT} missing (set TOOLCHAIN_DATA)")
+needs_calibration_text = needs_shakespeare
 
 
 @needs_calibration_text
@@ -291,30 +290,38 @@ def test_pipeline_exports_folded_norms_and_reloads_exactly(tmp_path):
         assert not torch.equal(ir.tensors.get(k), source.get(k)), f"{k}: no scale was folded in"
 
 
-@pytest.mark.slow
 @needs_smollm2
 @needs_wikitext
 @needs_calibration_text
 @pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
-def test_smollm2_awq_perplexity_increase_below_rtn(tmp_path, smol_store, symmetric):
+def test_smollm2_awq_perplexity_increase_below_rtn(tmp_path, smol_store, smol_source, symmetric):
     """SmolLM2-135M at INT4 g64 (its GGUF weights are g32, so g64 RTN loses something): AWQ calibrated on Tiny
-    Shakespeare loses less WikiText-2 perplexity than RTN. A shortened protocol (64 x 512 calibration tokens,
-    8 windows of 2,048 evaluation tokens) keeps it to minutes on a CPU."""
-    from conftest import build_json, smol_profile, write_profile
+    Shakespeare loses less WikiText-2 perplexity than RTN (whole model, 64 x 512 calibration tokens, 8 windows of
+    2,048 evaluation tokens: -m slow). On the first layers alone (the default run: 16 x 256, 8 windows of 512) the
+    network predicts nothing sensible (perplexity ~1e8), so perplexity cannot rank the two there: that run checks
+    that AWQ on real weights changes them, reloads bit-exact and passes its gates."""
+    from conftest import SMOL_GGUF, build_json, smol_profile, write_profile
 
-    acc = {"dataset": str(WIKITEXT), "seq_len": 2048, "max_tokens": 16384, "gates": "none"}
+    full = smol_source["path"] == SMOL_GGUF
+    seq_len, windows = (2048, 8) if full else (512, 8)
+    acc = {"dataset": str(WIKITEXT), "seq_len": seq_len, "max_tokens": seq_len * windows, "gates": "none"}
+    calibration = {"dataset": str(CALIBRATION_TEXT), "samples": 64 if full else 16, "seq_len": 512 if full else 256}
     base = {"bits": 4, "group_size": 64, "symmetric": symmetric, "ignore": ["lm_head"]}
     results = {}
-    for method, extra in (("rtn", {}), ("awq", {"calibration": {"dataset": str(CALIBRATION_TEXT), "samples": 64,
-                                                                  "seq_len": 512}})):
-        profile = write_profile(tmp_path, smol_profile(quantize={"method": method, **base, **extra},
+    for method, extra in (("rtn", {}), ("awq", {"calibration": calibration})):
+        profile = write_profile(tmp_path, smol_profile(source=smol_source,
+                                                       quantize={"method": method, **base, **extra},
                                                        validate={"accuracy": acc}), name=f"{method}.yaml")
         doc = build_json(str(profile), "--store", str(smol_store))
         assert doc["targets"][0]["status"] == "built", doc
+        assert doc["targets"][0]["conformance"]["max_abs_err"] == 0, doc["targets"][0]["conformance"]
         results[method] = doc["targets"][0]["validation"]
+    assert results["awq"]["tokens"] == windows * (seq_len - 1)
     rtn, ours = results["rtn"]["ppl_increase_pct"], results["awq"]["ppl_increase_pct"]
-    assert results["awq"]["tokens"] == 8 * 2047
-    assert 0 < ours < rtn, (ours, rtn)
+    if full:
+        assert 0 < ours < rtn, (ours, rtn)
+    else:
+        assert results["awq"]["passed"] and ours != rtn, results
 
 
 def test_profile_awq_options_belong_to_awq():

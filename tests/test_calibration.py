@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import WIKITEXT, tiny_profile, write_profile
+from conftest import WIKITEXT, needs_wikitext, tiny_profile, write_profile
 
 from toolchain.errors import InputError
 from toolchain.quant import calibration as cal
@@ -90,7 +90,7 @@ def _gptq_profile(dataset: str, **cal_over) -> dict:
                                                      "gates": "none"}})
 
 
-@pytest.mark.skipif(not WIKITEXT.is_file(), reason=f"{WIKITEXT} missing (set TOOLCHAIN_DATA)")
+@needs_wikitext
 def test_refuses_to_calibrate_on_the_evaluation_text(tmp_path, cli):
     copy = tmp_path / "renamed-copy.txt"
     copy.write_bytes(WIKITEXT.read_bytes())  # another name, same content: still the evaluation text
@@ -101,7 +101,7 @@ def test_refuses_to_calibrate_on_the_evaluation_text(tmp_path, cli):
         assert "same content" in r.output and "validate.accuracy.dataset" in r.output
 
 
-@pytest.mark.skipif(not WIKITEXT.is_file(), reason=f"{WIKITEXT} missing (set TOOLCHAIN_DATA)")
+@needs_wikitext
 def test_calibration_content_shapes_the_key_not_its_path(tmp_path):
     from toolchain import profile as prof
     from toolchain.plan import build_plan

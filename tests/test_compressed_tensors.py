@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import build_json, have, tiny_profile, write_profile
+from conftest import build_json, have, run_cli, tiny_profile, write_profile
 from safetensors import safe_open
 
 from toolchain.ir import IRReader
@@ -98,3 +98,74 @@ def test_config_and_tensors_agree_with_llmcompressor(tmp_path, scheme):
         elif ours_t[k].dtype == torch.float8_e4m3fn:
             mismatch = (ours_t[k].float() != theirs_t[k].float()).float().mean().item()
             assert mismatch == 0, f"{k}: {mismatch:.2%} of fp8 codes differ"
+
+
+def _corrupt_scale(tensors: dict[str, torch.Tensor], config: dict) -> str:
+    name = "model.layers.1.mlp.down_proj"
+    tensors[f"{name}.weight_scale"][3] *= 2  # one output row's scales doubled
+    return name
+
+
+def _corrupt_codes(tensors: dict[str, torch.Tensor], config: dict) -> str:
+    name = "model.layers.0.self_attn.q_proj"
+    packed = tensors[f"{name}.weight_packed"]
+    packed[[0, 1]] = packed[[1, 0]]  # two rows swapped
+    return name
+
+
+def _corrupt_zero_point(tensors: dict[str, torch.Tensor], config: dict) -> str:
+    name = "model.layers.0.mlp.gate_proj"
+    tensors[f"{name}.weight_zero_point"].zero_()  # packed zero points all read as zero
+    return name
+
+
+def _corrupt_config(tensors: dict[str, torch.Tensor], config: dict) -> None:
+    config["quantization_config"]["config_groups"]["group_0"]["weights"]["group_size"] = 64
+    return None  # the loader itself cannot make the tensors fit: any clear reason will do
+
+
+CORRUPTIONS = {"scale": _corrupt_scale, "codes": _corrupt_codes, "zero_point": _corrupt_zero_point,
+               "config": _corrupt_config}
+
+
+@pytest.fixture(scope="module")
+def clean_build(tmp_path_factory) -> tuple[dict, Path]:
+    """The tiny model at INT4 g32 asymmetric through compressed-tensors, built and validated once."""
+    tmp = tmp_path_factory.mktemp("ct-clean")
+    doc, store = build_tiny(tmp, {"method": "rtn", "bits": 4, "group_size": 32, "symmetric": False})
+    assert doc["targets"][0]["validation"]["passed"], doc
+    return doc, store.root
+
+
+@pytest.mark.parametrize("corruption", list(CORRUPTIONS))
+def test_validate_stage_fails_a_corrupted_export(clean_build, tmp_path, corruption):
+    """The export in the store is damaged after the fact (the key still matches, so it is reused as is); the
+    validate stage, run again, must fail the target (exit 1) and name what differs."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    doc, root = clean_build
+    store = Store(shutil.copytree(root, tmp_path / "store"))
+    stages = {s["name"]: s["key"] for s in doc["stages"]}
+    export = store.object_dir(stages["export:compressed-tensors"])
+    files = sorted(export.glob("*.safetensors"))
+    assert len(files) == 1
+    tensors = tensors_of(export)
+    config = json.loads((export / "config.json").read_text())
+    where = CORRUPTIONS[corruption](tensors, config)
+    save_file(tensors, str(files[0]), metadata={"format": "pt"})
+    (export / "config.json").write_text(json.dumps(config, indent=2))
+    shutil.rmtree(store.object_dir(stages["validate:compressed-tensors"]))
+
+    profile = write_profile(tmp_path, tiny_profile(quantize={"method": "rtn", "bits": 4, "group_size": 32,
+                                                             "symmetric": False}))
+    r = run_cli("build", str(profile), "--store", str(store.root), "--json")
+    assert r.returncode == 1, (r.returncode, r.stdout[-2000:], r.stderr[-2000:])
+    out = json.loads(r.stdout)
+    status = {s["name"]: s["status"] for s in out["stages"]}
+    assert status["export:compressed-tensors"] == "cached" and status["validate:compressed-tensors"] == "failed"
+    target = out["targets"][0]
+    assert target["status"] == "failed", target
+    reason = json.dumps(target)
+    assert (where or "size of tensor") in reason, (where, target)

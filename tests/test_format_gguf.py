@@ -9,7 +9,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import WIKITEXT, have, needs_smollm2, needs_wikitext, smol_profile, tiny_profile, write_profile
+from conftest import (
+    SHAKESPEARE,
+    WIKITEXT,
+    have,
+    needs_smollm2,
+    needs_wikitext,
+    shipped,
+    smol_profile,
+    tiny_profile,
+    write_profile,
+)
 
 import toolchain.formats.gguf as G
 from toolchain.ir import QuantizedLinear
@@ -289,7 +299,7 @@ def test_smollm2_tokenizer_and_chat_template_round_trip(smol_tok):
     assert info["add_bos"] is False and info["chat_template"]
     ours = AutoTokenizer.from_pretrained(src)
     theirs = AutoTokenizer.from_pretrained(out, gguf_file="model.gguf")
-    text = PROBE_TEXT + (WIKITEXT.read_text()[:5000] if WIKITEXT.is_file() else "")
+    text = PROBE_TEXT + shipped(WIKITEXT).read_text()[:5000]
     assert ours(text).input_ids == theirs(text).input_ids
     chat = [{"role": "user", "content": "What is 2+2?"}]
     assert ours.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) == \
@@ -299,18 +309,15 @@ def test_smollm2_tokenizer_and_chat_template_round_trip(smol_tok):
     assert fields["tokenizer.ggml.eos_token_id"].contents() == 2
 
 
-@pytest.mark.slow
 @needs_smollm2
 @needs_wikitext
-def test_smollm2_gguf_logits_match_compressed_tensors(smol_store):
+def test_smollm2_gguf_logits_match_compressed_tensors(smol_store, smol_source, tmp_path):
     """Q4_1 holds our int4 g64 asymmetric codes: its perplexity through transformers' GGUF loader must be the
     compressed-tensors one up to the fp16 rounding of d/m (same codes, two formats, two loaders)."""
-    import tempfile
-
     from conftest import build_json
 
-    d = Path(tempfile.mkdtemp())
-    profile = write_profile(d, smol_profile(targets=["compressed-tensors", {"format": "gguf"}]))
+    profile = write_profile(tmp_path, smol_profile(source=smol_source,
+                                                   targets=["compressed-tensors", {"format": "gguf"}]))
     doc = build_json(str(profile), "--store", str(smol_store))
     ct, gg = doc["targets"]
     assert {ct["status"], gg["status"]} <= {"built", "cached"}, doc["stages"]
@@ -364,9 +371,7 @@ def test_sentencepiece_vocabulary_round_trip(tmp_path):
     from toolchain.arch import ARCHS
     from toolchain.validate.gguf import spm_check
 
-    text = Path(WIKITEXT).parent.parent / "tinyshakespeare" / "input.txt"
-    if not text.is_file():
-        pytest.skip(f"{text} missing (set TOOLCHAIN_DATA)")
+    text = shipped(SHAKESPEARE)
     (tmp_path / "train.txt").write_text(text.read_text()[:100_000])
     spm.SentencePieceTrainer.train(input=str(tmp_path / "train.txt"), model_prefix=str(tmp_path / "tokenizer"),
                                    vocab_size=1024, model_type="bpe", byte_fallback=True, bos_id=1, eos_id=2,

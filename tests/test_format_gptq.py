@@ -16,6 +16,7 @@ from conftest import build_json, needs_smollm2, needs_wikitext, smol_profile, ti
 
 from toolchain.errors import BuildError, MissingToolError
 from toolchain.formats.gptq import GPTQLayer, loader_python, pack_layer, pack_rows, to_gptq
+from toolchain.oracles import venv_python
 from toolchain.quant.rtn import quantize_rtn, quantize_with
 from toolchain.validate.gptq import unpack_layer
 
@@ -28,8 +29,8 @@ def _have_loader() -> bool:
     return True
 
 
-needs_loader = pytest.mark.skipif(not _have_loader(), reason="GPTQModel missing: run scripts/setup (it makes "
-                                  "~/.cache/toolchain-venvs/gptqmodel with gptqmodel==7.6.0 optimum==2.3.0) or set "
+needs_loader = pytest.mark.skipif(not _have_loader(), reason=f"GPTQModel missing: run scripts/setup (it makes "
+                                  f"{venv_python('gptqmodel')} with gptqmodel==7.6.0 optimum==2.3.0) or set "
                                   "TOOLCHAIN_GPTQMODEL_PYTHON")
 
 
@@ -296,15 +297,15 @@ def test_gptqmodel_load_refuses_asymmetric_v1_from_other_producers(built):
         LoaderProcess(built.export, "gptqmodel")
 
 
-@pytest.mark.slow
 @needs_loader
 @needs_smollm2
 @needs_wikitext
-def test_smollm2_gptq_accuracy(smol_store):
-    """SmolLM2 INT4 g64 symmetric RTN through the gptq target, scored against the fp32 reference."""
+def test_smollm2_gptq_accuracy(smol_store, smol_source, tmp_path):
+    """SmolLM2 INT4 g64 symmetric RTN through the gptq target (GPTQModel's loader), scored against the fp32
+    reference."""
     quantize = {"method": "rtn", "bits": 4, "group_size": 64, "symmetric": True, "ignore": ["lm_head"]}
-    path = write_profile(Path(smol_store), smol_profile(name="smol-gptq", quantize=quantize, targets=["gptq"]),
-                         "smol-gptq.yaml")
+    path = write_profile(tmp_path, smol_profile(name="smol-gptq", source=smol_source, quantize=quantize,
+                                                targets=["gptq"]), "smol-gptq.yaml")
     target = build_json(str(path), "--store", str(smol_store))["targets"][0]
     assert target["status"] in ("built", "cached"), target
     assert target["conformance"]["max_abs_err"] == 0

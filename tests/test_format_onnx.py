@@ -132,15 +132,14 @@ def test_plan_refuses_what_matmulnbits_cannot_hold(cli, tmp_path):
         assert r.exit_code == 2 and text in r.output, r.output
 
 
-@pytest.mark.slow
 @needs_smollm2
 @needs_wikitext
-def test_smollm2_onnx_scores_like_compressed_tensors(smol_store, tmp_path):
+def test_smollm2_onnx_scores_like_compressed_tensors(smol_store, smol_source, tmp_path):
     """Same codes in two formats and two runtimes (onnxruntime MatMulNBits vs transformers + compressed-tensors):
     the perplexities agree to float32 noise."""
     from conftest import build_json
 
-    profile = write_profile(tmp_path, smol_profile(targets=["compressed-tensors", "onnx"]))
+    profile = write_profile(tmp_path, smol_profile(source=smol_source, targets=["compressed-tensors", "onnx"]))
     doc = build_json(str(profile), "--store", str(smol_store))
     ct, ox = doc["targets"]
     assert {ct["status"], ox["status"]} <= {"built", "cached"}, doc["stages"]

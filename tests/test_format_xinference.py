@@ -11,10 +11,11 @@ import pytest
 from conftest import needs_smollm2, tiny_profile, write_profile
 
 import toolchain.formats.xinference as X
+from toolchain.oracles import venv_python
 
 needs_xinference = pytest.mark.skipif(
     X.xinference_python() is None,
-    reason="xinference not importable here nor in ~/.cache/toolchain-venvs/xinference: run scripts/setup (or set "
+    reason=f"xinference not importable here nor in {venv_python('xinference')}: run scripts/setup (or set "
            "TOOLCHAIN_XINFERENCE_PYTHON to a python where `import xinference` works)")
 
 TARGETS = [{"format": "xinference"}, {"format": "xinference", "name": "x-ct", "of": "compressed-tensors"},

@@ -10,7 +10,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import WIKITEXT, build_json, needs_smollm2, needs_wikitext, smol_profile, tiny_profile, write_profile
+from conftest import (
+    WIKITEXT,
+    build_json,
+    needs_shakespeare,
+    needs_smollm2,
+    needs_wikitext,
+    smol_profile,
+    tiny_profile,
+    write_profile,
+)
 
 from toolchain.ir import IRReader, TensorReader
 from toolchain.quant.gptq import Hessian, gptq_quantize
@@ -18,7 +27,6 @@ from toolchain.quant.rtn import compute_scale_zero, int_range, quantize_rtn
 from toolchain.store import Store
 
 SHAKESPEARE = WIKITEXT.parent.parent / "tinyshakespeare" / "input.txt"
-needs_shakespeare = pytest.mark.skipif(not SHAKESPEARE.is_file(), reason=f"{SHAKESPEARE} missing (TOOLCHAIN_DATA)")
 
 
 def _layer(out_f: int = 48, in_f: int = 256, n: int = 2048, seed: int = 0):

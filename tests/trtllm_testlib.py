@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 
 from toolchain import arch
 from toolchain.ir import IRWriter
+from toolchain.oracles import venv_python
 from toolchain.progress import Reporter
 from toolchain.quant.fp8 import quantize_fp8
 from toolchain.quant.rtn import quantize_rtn
@@ -97,20 +98,19 @@ def export(kind: str, ir: Path, out: Path, **options: Any) -> dict[str, Any]:
 
 def modelopt_python() -> str | None:
     """A Python with nvidia-modelopt: $TOOLCHAIN_MODELOPT_PYTHON, else this one if it imports modelopt, else the
-    venv scripts/setup makes ($TOOLCHAIN_VENV_DIR or ~/.cache/toolchain-venvs)/modelopt."""
+    oracle venv scripts/setup makes (toolchain.oracles: <venv root>/modelopt)."""
     env = os.environ.get("TOOLCHAIN_MODELOPT_PYTHON")
     if env:
         return env if Path(env).exists() else None
     if importlib.util.find_spec("modelopt"):
         return sys.executable
-    venvs = Path(os.environ.get("TOOLCHAIN_VENV_DIR") or Path.home() / ".cache" / "toolchain-venvs")
-    python = venvs / "modelopt" / "bin" / "python"
+    python = venv_python("modelopt")
     return str(python) if python.exists() else None
 
 
-MODELOPT_SKIP = ("nvidia-modelopt not found: run scripts/setup (it makes a venv for it), or python -m venv "
-                 "--system-site-packages V && V/bin/pip install nvidia-modelopt==0.47.0 torch==2.13.0 and set "
-                 "TOOLCHAIN_MODELOPT_PYTHON=V/bin/python (its [hf] extra pins transformers<5.15: not in our env)")
+MODELOPT_SKIP = (f"nvidia-modelopt not found in this environment nor in {venv_python('modelopt')}: run scripts/setup "
+                 "(it makes that oracle venv), or set TOOLCHAIN_MODELOPT_PYTHON to a python with "
+                 "nvidia-modelopt==0.47.0 (its [hf] extra pins transformers<5.15: not in our env)")
 
 
 def run_oracle(jobs: list[dict[str, Any]], workdir: Path) -> None:

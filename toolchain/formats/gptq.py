@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import BuildError, InputError, MissingToolError
+from ..oracles import venv_python
 
 if TYPE_CHECKING:
     import torch
@@ -45,10 +46,9 @@ if TYPE_CHECKING:
 
 FORMAT_BITS = (4, 8)  # what our IR produces; the format also has 2 and 3
 # GPTQModel 7.6 pins numpy==2.2.6 (7.7 needs transformers >= 5.20), so it lives in its own venv that reuses our
-# torch and transformers (system site-packages): ($TOOLCHAIN_VENV_DIR or ~/.cache/toolchain-venvs)/gptqmodel.
-INSTALL = ("run scripts/setup, which makes the venv ~/.cache/toolchain-venvs/gptqmodel (python -m venv "
-           "--system-site-packages, then pip install gptqmodel==7.6.0 optimum==2.3.0 in it), or set "
-           "TOOLCHAIN_GPTQMODEL_PYTHON to an interpreter that has gptqmodel and optimum")
+# torch and transformers (layered on this environment, toolchain.oracles): <venv root>/gptqmodel.
+INSTALL = ("run scripts/setup, which makes the oracle venv gptqmodel (gptqmodel==7.6.0 optimum==2.3.0, layered on "
+           "this environment), or set TOOLCHAIN_GPTQMODEL_PYTHON to an interpreter that has gptqmodel and optimum")
 
 
 def loader_python() -> str:
@@ -56,8 +56,7 @@ def loader_python() -> str:
     TOOLCHAIN_GPTQMODEL_PYTHON, else the venv scripts/setup makes."""
     if all(importlib.util.find_spec(m) is not None for m in ("gptqmodel", "optimum")):
         return sys.executable
-    venvs = Path(os.environ.get("TOOLCHAIN_VENV_DIR") or Path.home() / ".cache" / "toolchain-venvs")
-    py = os.environ.get("TOOLCHAIN_GPTQMODEL_PYTHON") or str(venvs / "gptqmodel" / "bin" / "python")
+    py = os.environ.get("TOOLCHAIN_GPTQMODEL_PYTHON") or str(venv_python("gptqmodel"))
     if not Path(py).is_file():
         raise MissingToolError(f"the gptq target is validated with transformers + optimum + GPTQModel: {INSTALL}")
     return py

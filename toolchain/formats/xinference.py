@@ -200,7 +200,7 @@ print(json.dumps({"model_format": spec.model_format, "quantization": spec.quanti
 
 def xinference_python() -> str | None:
     """An interpreter where `xinference` imports: this one, $TOOLCHAIN_XINFERENCE_PYTHON, or the venv scripts/setup
-    makes (($TOOLCHAIN_VENV_DIR or ~/.cache/toolchain-venvs)/xinference): Xinference pins a torch of its own."""
+    makes (toolchain.oracles: <venv root>/xinference): Xinference pins a torch of its own."""
     import importlib.util
     import os
     import sys
@@ -209,8 +209,9 @@ def xinference_python() -> str | None:
         return sys.executable
     if os.environ.get("TOOLCHAIN_XINFERENCE_PYTHON"):
         return os.environ["TOOLCHAIN_XINFERENCE_PYTHON"]
-    venvs = Path(os.environ.get("TOOLCHAIN_VENV_DIR") or Path.home() / ".cache" / "toolchain-venvs")
-    python = venvs / "xinference" / "bin" / "python"
+    from ..oracles import venv_python
+
+    python = venv_python("xinference")
     return str(python) if python.is_file() else None
 
 

@@ -29,7 +29,7 @@ FIXED_STAGES = {
     "quantize": ("1", ("torch", "safetensors"), "toolchain.stages.quantize:run"),
     "reference": ("2", ("torch", "transformers"), "toolchain.validate.accuracy:run_reference"),
 }
-VALIDATE_VERSION = "2"
+VALIDATE_VERSION = "3"  # 3: weights compared in the loader's arithmetic; NaN/inf fail
 VALIDATE_LIBS = ("torch", "transformers")
 # Version of the evaluation protocol (windowing, statistics kept); part of reference and validate keys.
 PROTOCOL = "ppl-windows-v1/kl-top1024+tail"

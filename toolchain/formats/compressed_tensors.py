@@ -16,6 +16,7 @@ import torch
 from ..errors import BuildError, MissingToolError
 from ..ir import IRReader, QuantizedLinear, ShardWriter, copy_model_metadata
 from ..run import StageContext
+from ..validate.compare import WeightComparison
 
 
 def _ct():
@@ -34,6 +35,17 @@ def _ct():
 
     return compress_module, decompress_module, QuantizationArgs, QuantizationConfig, QuantizationScheme, \
         QuantizationStatus
+
+
+# compressed-tensors decompresses (codes - zero) * scale in the scale's dtype (compressed_tensors/quantization/
+# lifecycle/forward.py `dequantize`: dtype defaults to scale.dtype; forward_helpers.py `_dequantize`), and vLLM's
+# kernels for these checkpoints hold the scales in the model dtype, which `scale_dtype: auto` makes the same.
+ARITHMETIC = "{dtype}: (codes - zero) * scale, one rounding to the scale's dtype, as compressed-tensors decompresses"
+
+
+def consumer_dtype(q: QuantizedLinear) -> torch.dtype:
+    """The dtype compressed-tensors (and a runtime holding the scales as stored) computes this layer's weight in."""
+    return q.scale.dtype if q.scale.is_floating_point() else torch.float32
 
 
 def scheme_for(meta: dict[str, Any], layer_type: str, scheme: dict[str, Any]):
@@ -114,7 +126,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
         raise BuildError("compressed-tensors export needs a quantized model (quantize.method is 'none')")
     writer = ShardWriter(ctx.out, prefix="model")
     schemes: dict[str, Any] = {}
-    max_err = 0.0
+    check = WeightComparison(ARITHMETIC.format(dtype=ir.scheme.get("scale_dtype", "float32")))
     with ctx.reporter.task("export compressed-tensors", total=len(ir.layers) + 1) as task:
         for name in ir.plain_names():
             writer.add(name, ir.tensors.get(name))
@@ -123,16 +135,17 @@ def run(ctx: StageContext) -> dict[str, Any]:
             q = ir.layer(name)
             schemes[name] = scheme_for(q.meta, q.type, ir.scheme)
             packed = compress_layer(q, schemes[name])
-            # Read back through the library: what a loader will see must equal what we quantized.
-            err = (decompress_layer(packed, schemes[name], q.shape).float() - q.dequantize()).abs().max().item()
-            if err > 0:
-                raise BuildError(f"{name}: compressed-tensors round trip differs from our weights by {err:.3g}")
-            max_err = max(max_err, err)
+            # Read back through the library: what a loader will see must equal what we quantized, computed as
+            # the library computes it (in the scale's dtype), bit for bit.
+            check.add(name, decompress_layer(packed, schemes[name], q.shape), q.dequantize(consumer_dtype(q)))
+            failure = check.failure()
+            if failure:
+                raise BuildError(f"{name}: compressed-tensors round trip: {failure}")
             for k, v in packed.items():
                 writer.add(f"{name}.{k}", v)
             task.advance()
     writer.close(hf_layout=True)
     copy_model_metadata(ir.directory, ctx.out)
     qconfig = write_quantization_config(ctx.out, ir, schemes)
-    return {"format": "compressed-tensors", "layers": len(ir.layers), "roundtrip_max_abs_err": max_err,
-            "quantization_config": qconfig}
+    return {"format": "compressed-tensors", "layers": len(ir.layers), "roundtrip_max_abs_err": check.max_abs_err,
+            "roundtrip_arithmetic": check.arithmetic, "quantization_config": qconfig}

@@ -186,6 +186,7 @@ def _document(plan, store, results, seconds: float) -> dict[str, Any]:
             "validation": (val.info.get("validation") or {"passed": val.info.get("passed"), "reason": val.reason})
             if val else None,
             "conformance": val.info.get("conformance") if val else None,
+            "export_fidelity": val.info.get("export_fidelity") if val else None,
             "engine": {"path": str(store.object_dir(engine.key)), "status": engine.status, "reason": engine.reason}
             if engine else None,
         })

@@ -67,22 +67,24 @@ def scheme_for(meta: dict[str, Any], layer_type: str, scheme: dict[str, Any]):
     return QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(**args))
 
 
-def compress_layer(q: QuantizedLinear, scheme) -> dict[str, torch.Tensor]:
-    """Pack one layer with compressed-tensors; returns its tensors (names relative to the module)."""
+def compress_layer(q: QuantizedLinear, scheme, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """Pack one layer with compressed-tensors; returns its tensors (names relative to the module), on the CPU.
+    `device` is where the library computes (a GPU packs a 7B layer in milliseconds; same integer results)."""
     compress_module, _d, _a, _qc, _s, QuantizationStatus = _ct()
     out_f, in_f = q.shape
-    lin = torch.nn.Linear(in_f, out_f, bias=False, device="cpu")
-    lin.weight.data = q.dequantize(torch.float32)
+    lin = torch.nn.Linear(in_f, out_f, bias=False, device="meta")  # no random init: the weight is ours
+    lin.weight = torch.nn.Parameter(q.dequantize(torch.float32).to(device), requires_grad=False)
     lin.quantization_scheme = scheme
     lin.quantization_status = QuantizationStatus.FROZEN
-    lin.register_parameter("weight_scale", torch.nn.Parameter(q.scale.clone(), requires_grad=False))
+    lin.register_parameter("weight_scale", torch.nn.Parameter(q.scale.clone().to(device), requires_grad=False))
     if q.type == "int":
         zero = q.zero if q.zero is not None else torch.zeros_like(q.scale, dtype=torch.int8)
-        lin.register_parameter("weight_zero_point", torch.nn.Parameter(zero.clone(), requires_grad=False))
+        lin.register_parameter("weight_zero_point", torch.nn.Parameter(zero.clone().to(device), requires_grad=False))
     if q.g_idx is not None:
-        lin.register_parameter("weight_g_idx", torch.nn.Parameter(q.g_idx.to(torch.int32), requires_grad=False))
+        lin.register_parameter("weight_g_idx", torch.nn.Parameter(q.g_idx.to(device=device, dtype=torch.int32),
+                                                                  requires_grad=False))
     compress_module(lin)
-    state = dict(lin.state_dict())
+    state = {k: v.cpu() for k, v in lin.state_dict().items()}
     if q.type == "int" and q.zero is None:
         state.pop("weight_zero_point", None)  # symmetric checkpoints carry no zero point
     return state
@@ -127,6 +129,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     writer = ShardWriter(ctx.out, prefix="model")
     schemes: dict[str, Any] = {}
     check = WeightComparison(ARITHMETIC.format(dtype=ir.scheme.get("scale_dtype", "float32")))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     with ctx.reporter.task("export compressed-tensors", total=len(ir.layers) + 1) as task:
         for name in ir.plain_names():
             writer.add(name, ir.tensors.get(name))
@@ -134,10 +137,11 @@ def run(ctx: StageContext) -> dict[str, Any]:
         for name in ir.layers:
             q = ir.layer(name)
             schemes[name] = scheme_for(q.meta, q.type, ir.scheme)
-            packed = compress_layer(q, schemes[name])
+            packed = compress_layer(q, schemes[name], device)
             # Read back through the library: what a loader will see must equal what we quantized, computed as
             # the library computes it (in the scale's dtype), bit for bit.
-            check.add(name, decompress_layer(packed, schemes[name], q.shape), q.dequantize(consumer_dtype(q)))
+            back = decompress_layer({k: v.to(device) for k, v in packed.items()}, schemes[name], q.shape)
+            check.add(name, back, q.dequantize(consumer_dtype(q)).to(device))
             failure = check.failure()
             if failure:
                 raise BuildError(f"{name}: compressed-tensors round trip: {failure}")

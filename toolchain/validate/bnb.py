@@ -74,4 +74,24 @@ def run_validate(ctx: StageContext) -> dict[str, Any]:
               else "dequantize_4bit + matmul in the compute dtype")
     loader = (f"transformers {importlib.metadata.version('transformers')} + bitsandbytes "
               f"{importlib.metadata.version('bitsandbytes')} (cpu, {kernel})")
-    return finish_validation(ctx, loader, conformance, hf_logits(model))
+    return finish_validation(ctx, loader, conformance, hf_logits(model), bnb_weights(model))
+
+
+def bnb_weights(model):
+    """The loaded model as a weight source: each Linear4bit's weight as bitsandbytes dequantizes it (read before
+    any forward: its CPU kernel repacks in place), other tensors as loaded."""
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as F
+
+    from .accuracy import hf_model_weights
+
+    modules = dict(model.named_modules())
+    plain = hf_model_weights(model)
+
+    def get(name: str) -> torch.Tensor:
+        mod = modules.get(name.rpartition(".")[0])
+        if isinstance(mod, bnb.nn.Linear4bit) and name.endswith(".weight"):
+            return F.dequantize_4bit(mod.weight.data, mod.weight.quant_state)
+        return plain(name)
+
+    return get

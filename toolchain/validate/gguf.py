@@ -22,7 +22,7 @@ import torch
 from ..formats.gguf import BLOCK, FILE_NAME
 from ..ir import IRReader, QuantizedLinear, default_g_idx
 from ..run import StageContext
-from .accuracy import finish_validation, hf_logits
+from .accuracy import finish_validation, hf_logits, hf_model_weights
 from .compare import WeightComparison, max_abs_diff
 
 # llama.cpp and gguf-py dequantize in float32: d (and m) widened from their stored float16, times the code.
@@ -171,7 +171,7 @@ def validate_gguf(ctx: StageContext, export_dir: Path, export_info: dict[str, An
                     "reason": f"GGUF tokenizer differs from the source's (first mismatching token "
                               f"{tok['first_mismatch']}, chat template equal: {tok['chat_template_equal']})"}
     loader = f"transformers {transformers.__version__} GGUF loader (gguf-py dequantize, float32)"
-    return finish_validation(ctx, loader, conformance, hf_logits(model))
+    return finish_validation(ctx, loader, conformance, hf_logits(model), hf_model_weights(model))
 
 
 def run_validate(ctx: StageContext) -> dict[str, Any]:

@@ -187,6 +187,20 @@ def loader_pairs(proc: LoaderProcess, ir_dir: Path) -> Iterator[tuple[str, torch
         yield name, theirs, to_gptq(ir.layer(name), check=False).dequantize().to(dtype).float()
 
 
+def loader_weights(proc: LoaderProcess, export_dir: Path, ir_dir: Path):
+    """The checkpoint as the loader holds it, as a weight source: quantized linears dequantized by the loader's
+    kernels (in its process), the rest read from the files."""
+    from ..ir import IRReader, TensorReader
+
+    layers, files = set(IRReader(ir_dir).layers), TensorReader(export_dir)
+
+    def get(name: str) -> torch.Tensor:
+        layer = name.removesuffix(".weight")
+        return proc.weight(layer) if name.endswith(".weight") and layer in layers else files.get(name)
+
+    return get
+
+
 def run_validate(ctx: StageContext) -> dict[str, Any]:
     from .accuracy import finish_validation
 
@@ -204,6 +218,6 @@ def run_validate(ctx: StageContext) -> dict[str, Any]:
                        "unpacked": unpacked}
         i = proc.info
         label = f"transformers {i['transformers']} + GPTQModel {i['gptqmodel']} ({i['kernel']}, {i['device']})"
-        return finish_validation(ctx, label, conformance, proc.logits)
+        return finish_validation(ctx, label, conformance, proc.logits, loader_weights(proc, export_dir, ir_dir))
     finally:
         proc.close()

@@ -238,6 +238,7 @@ def _document(plan, store, results, seconds: float) -> dict[str, Any]:
             "conformance": val.info.get("conformance") if val else None,
             "checked_by": (val.info.get("model_json") or {}).get("checked_by") if val else None,
             "verdict": val.reason if val else None,  # "all gates passed", "no gates (...)", "gate failed: ..."
+            "export_fidelity": val.info.get("export_fidelity") if val else None,
             "engine": {"path": str(store.object_dir(engine.key)), "status": engine.status, "reason": engine.reason}
             if engine else None,
             "published": publish.info.get("published") if publish and publish.status in ("built", "cached")

@@ -80,6 +80,15 @@ class QuantizedLinear:
         if self.type == "nf4":
             return self._dequantize_nf4().to(getattr(torch, self.meta["dtype"])).to(dtype)
         out_f, in_f = self.shape
+        if self.g_idx is None and scale_is_grouped(self.scale) and self.scale.shape[1] > 1 \
+                and in_f % self.scale.shape[1] == 0:
+            # groups in column order: broadcast over (out, groups, group_size) instead of gathering per column
+            # (the same products, several times faster on a 7B layer)
+            n_groups = self.scale.shape[1]
+            codes = self.codes.to(torch.float32).reshape(out_f, n_groups, in_f // n_groups)
+            if self.zero is not None:
+                codes = codes - self.zero.to(torch.float32)[:, :, None]
+            return (codes * self.scale.to(torch.float32)[:, :, None]).reshape(out_f, in_f).to(dtype)
         g_idx = self.g_idx.long() if self.g_idx is not None else default_g_idx(in_f, self.meta.get("group_size"))
         scale = self.scale.to(torch.float32)[:, g_idx] if scale_is_grouped(self.scale) else self.scale.float()
         codes = self.codes.to(torch.float32)

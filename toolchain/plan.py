@@ -28,12 +28,31 @@ from .store import Store
 FIXED_STAGES = {
     "source": ("2", ("torch", "transformers", "gguf", "safetensors"), "toolchain.stages.source:run"),
     "quantize": ("1", ("torch", "safetensors"), "toolchain.stages.quantize:run"),
-    "reference": ("2", ("torch", "transformers"), "toolchain.validate.accuracy:run_reference"),
+    "reference": ("3", ("torch", "transformers"), "toolchain.validate.accuracy:run_reference"),  # 3: streamed
 }
-VALIDATE_VERSION = "2"
+VALIDATE_VERSION = "3"  # 3: weights compared in the loader's arithmetic; NaN/inf fail
 VALIDATE_LIBS = ("torch", "transformers")
 # Version of the evaluation protocol (windowing, statistics kept); part of reference and validate keys.
 PROTOCOL = "ppl-windows-v1/kl-top1024+tail"
+
+
+STREAMED_FORMATS = {"compressed-tensors"}
+
+
+def scoring_config(acc: Any, cfg: dict[str, Any]) -> dict[str, str]:
+    """Where and in what dtype models are scored, resolved now (it is part of the keys: a CPU float32 reference
+    and a CUDA bf16 one are different measurements). auto: CUDA when an NVIDIA driver is present; the checkpoint's
+    dtype. Decided without importing torch (plans stay fast)."""
+    import os
+
+    device = acc.device if acc is not None else "auto"
+    if device == "auto":
+        device = "cuda" if any(os.path.exists(p) for p in ("/proc/driver/nvidia/version", "/dev/nvidiactl")) else "cpu"
+    dtype = acc.dtype if acc is not None else "auto"
+    if dtype == "auto":
+        dtype = cfg.get("dtype") or cfg.get("torch_dtype") or "float32"
+        dtype = dtype if dtype in ("bfloat16", "float16", "float32") else "float32"
+    return {"device": device, "dtype": dtype}
 
 
 def lib_versions(names: tuple[str, ...]) -> dict[str, str | None]:
@@ -219,15 +238,18 @@ def build_plan(loaded: LoadedProfile, store: Store, reporter: Reporter | None = 
 
     acc = p.validate_.accuracy
     reference = None
-    if acc is not None and src.kind != "synthetic" and not arch.fits_in_memory(cfg):
+    # The reference and compressed-tensors are scored block by block; other formats' loaders hold the whole model.
+    whole = sorted({t.format for t in p.targets} - STREAMED_FORMATS)
+    if acc is not None and src.kind != "synthetic" and whole and not arch.fits_in_memory(cfg):
         gib = arch.dense_params(cfg) * 4 / 2**30
-        raise InputError(f"validate.accuracy: scoring this model reloads it whole in float32 ({gib:.0f} GiB), more "
-                         "than this machine can hold; run the build on a machine with more memory, or remove "
-                         "validate.accuracy to check the artifact layer by layer only")
+        raise InputError(f"validate.accuracy: the loaders of {', '.join(whole)} reload this model whole in float32 "
+                         f"({gib:.0f} GiB), more than this machine can hold; run the build on a machine with more "
+                         "memory, target compressed-tensors (scored block by block), or remove validate.accuracy")
+    scoring = scoring_config(acc, cfg)
     if acc is not None:
         check_gates(acc.gates)
         protocol = {"dataset_sha256": dataset[1], "seq_len": acc.seq_len, "stride": acc.stride or acc.seq_len,
-                    "max_tokens": acc.max_tokens, "protocol": PROTOCOL}
+                    "max_tokens": acc.max_tokens, "protocol": PROTOCOL, **scoring}
         reference = Stage.fixed("reference", protocol, {"source": source.key})
         if src.kind == "synthetic":
             reference.skip_reason = "synthetic weights: accuracy is meaningless, gates skipped"
@@ -258,7 +280,7 @@ def build_plan(loaded: LoadedProfile, store: Store, reporter: Reporter | None = 
                        exporter.version, exporter.libs, exporter.runner).finalize()
         export.runtimes = verdicts
         stages.append(export)
-        vconf: dict[str, Any] = {"format": target.format}
+        vconf: dict[str, Any] = {"format": target.format, "scoring": scoring}
         if exporter.checker:
             vconf.update(_entry(exporter.checker)(target.options))
         vinputs = {"export": export.key, "quantize": quant.key, "source": source.key}

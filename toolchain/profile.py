@@ -235,6 +235,10 @@ class AccuracySpec(Strict):
     max_tokens: int | None = Field(default=None, ge=32)
     # `none` measures without gating, said so in every report; leaving gates out is refused at plan time.
     gates: GatesSpec | Literal["none"] = GatesSpec()
+    # Where and in what dtype the models are scored (toolchain.validate.streamed): auto = CUDA when present, and
+    # the checkpoint's own dtype for the matmuls (logits, log-softmax and sums are float32 either way).
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
 
     @field_validator("stride")
     @classmethod

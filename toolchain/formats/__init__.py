@@ -85,7 +85,7 @@ EXPORTERS: dict[str, Exporter] = {
         engine="toolchain.engines.trtllm_build:engine_stage",
     ),
     "gguf": Exporter(
-        version="1",
+        version="2",  # 2: a bfloat16 source's embedding/lm_head kept in BF16 (was F16)
         libs=("torch", "gguf", "transformers"),
         runner="toolchain.formats.gguf:run",
         validator="toolchain.validate.gguf:run_validate",
@@ -96,7 +96,7 @@ EXPORTERS: dict[str, Exporter] = {
         plan_check="toolchain.formats.gguf:plan_check",
     ),
     "ollama": Exporter(
-        version="1",
+        version="2",  # 2: a bfloat16 source's embedding/lm_head kept in BF16 (was F16)
         libs=("torch", "gguf", "transformers"),
         runner="toolchain.formats.ollama:run",
         validator="toolchain.validate.gguf:run_validate_ollama",
@@ -106,7 +106,7 @@ EXPORTERS: dict[str, Exporter] = {
         plan_check="toolchain.formats.gguf:plan_check",
     ),
     "xinference": Exporter(
-        version="1",
+        version="2",  # 2: a bfloat16 source's embedding/lm_head kept in BF16 (was F16)
         libs=("torch", "gguf", "transformers", "safetensors", "compressed-tensors"),
         runner="toolchain.formats.xinference:run",
         validator="toolchain.formats.xinference:run_validate",

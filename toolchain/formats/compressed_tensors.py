@@ -17,6 +17,7 @@ from ..arch import resolved_ignore
 from ..errors import BuildError, MissingToolError
 from ..ir import IRReader, QuantizedLinear, ShardWriter, copy_model_metadata
 from ..run import StageContext
+from ..validate.compare import WeightComparison
 
 
 def _ct():
@@ -35,6 +36,17 @@ def _ct():
 
     return compress_module, decompress_module, QuantizationArgs, QuantizationConfig, QuantizationScheme, \
         QuantizationStatus
+
+
+# compressed-tensors decompresses (codes - zero) * scale in the scale's dtype (compressed_tensors/quantization/
+# lifecycle/forward.py `dequantize`: dtype defaults to scale.dtype; forward_helpers.py `_dequantize`), and vLLM's
+# kernels for these checkpoints hold the scales in the model dtype, which `scale_dtype: auto` makes the same.
+ARITHMETIC = "{dtype}: (codes - zero) * scale, one rounding to the scale's dtype, as compressed-tensors decompresses"
+
+
+def consumer_dtype(q: QuantizedLinear) -> torch.dtype:
+    """The dtype compressed-tensors (and a runtime holding the scales as stored) computes this layer's weight in."""
+    return q.scale.dtype if q.scale.is_floating_point() else torch.float32
 
 
 def scheme_for(meta: dict[str, Any], layer_type: str, scheme: dict[str, Any]):
@@ -56,22 +68,24 @@ def scheme_for(meta: dict[str, Any], layer_type: str, scheme: dict[str, Any]):
     return QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(**args))
 
 
-def compress_layer(q: QuantizedLinear, scheme) -> dict[str, torch.Tensor]:
-    """Pack one layer with compressed-tensors; returns its tensors (names relative to the module)."""
+def compress_layer(q: QuantizedLinear, scheme, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """Pack one layer with compressed-tensors; returns its tensors (names relative to the module), on the CPU.
+    `device` is where the library computes (a GPU packs a 7B layer in milliseconds; same integer results)."""
     compress_module, _d, _a, _qc, _s, QuantizationStatus = _ct()
     out_f, in_f = q.shape
-    lin = torch.nn.Linear(in_f, out_f, bias=False, device="cpu")
-    lin.weight.data = q.dequantize(torch.float32)
+    lin = torch.nn.Linear(in_f, out_f, bias=False, device="meta")  # no random init: the weight is ours
+    lin.weight = torch.nn.Parameter(q.dequantize(torch.float32).to(device), requires_grad=False)
     lin.quantization_scheme = scheme
     lin.quantization_status = QuantizationStatus.FROZEN
-    lin.register_parameter("weight_scale", torch.nn.Parameter(q.scale.clone(), requires_grad=False))
+    lin.register_parameter("weight_scale", torch.nn.Parameter(q.scale.clone().to(device), requires_grad=False))
     if q.type == "int":
         zero = q.zero if q.zero is not None else torch.zeros_like(q.scale, dtype=torch.int8)
-        lin.register_parameter("weight_zero_point", torch.nn.Parameter(zero.clone(), requires_grad=False))
+        lin.register_parameter("weight_zero_point", torch.nn.Parameter(zero.clone().to(device), requires_grad=False))
     if q.g_idx is not None:
-        lin.register_parameter("weight_g_idx", torch.nn.Parameter(q.g_idx.to(torch.int32), requires_grad=False))
+        lin.register_parameter("weight_g_idx", torch.nn.Parameter(q.g_idx.to(device=device, dtype=torch.int32),
+                                                                  requires_grad=False))
     compress_module(lin)
-    state = dict(lin.state_dict())
+    state = {k: v.cpu() for k, v in lin.state_dict().items()}
     if q.type == "int" and q.zero is None:
         state.pop("weight_zero_point", None)  # symmetric checkpoints carry no zero point
     return state
@@ -118,7 +132,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
         raise BuildError("compressed-tensors export needs a quantized model (quantize.method is 'none')")
     writer = ShardWriter(ctx.out, prefix="model")
     schemes: dict[str, Any] = {}
-    max_err = 0.0
+    check = WeightComparison(ARITHMETIC.format(dtype=ir.scheme.get("scale_dtype", "float32")))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     with ctx.reporter.task("export compressed-tensors", total=len(ir.layers) + 1) as task:
         for name in ir.plain_names():
             writer.add(name, ir.tensors.get(name))
@@ -126,17 +141,19 @@ def run(ctx: StageContext) -> dict[str, Any]:
         for name in ir.layers:
             q = ir.layer(name)
             schemes[name] = scheme_for(q.meta, q.type, ir.scheme)
-            packed = compress_layer(q, schemes[name])
-            # Read back through the library: what a loader will see must equal what we quantized.
-            err = (decompress_layer(packed, schemes[name], q.shape).float() - q.dequantize()).abs().max().item()
-            if err > 0:
-                raise BuildError(f"{name}: compressed-tensors round trip differs from our weights by {err:.3g}")
-            max_err = max(max_err, err)
+            packed = compress_layer(q, schemes[name], device)
+            # Read back through the library: what a loader will see must equal what we quantized, computed as
+            # the library computes it (in the scale's dtype), bit for bit.
+            back = decompress_layer({k: v.to(device) for k, v in packed.items()}, schemes[name], q.shape)
+            check.add(name, back, q.dequantize(consumer_dtype(q)).to(device))
+            failure = check.failure()
+            if failure:
+                raise BuildError(f"{name}: compressed-tensors round trip: {failure}")
             for k, v in packed.items():
                 writer.add(f"{name}.{k}", v)
             task.advance()
     writer.close(hf_layout=True)
     copy_model_metadata(ir.directory, ctx.out)
     qconfig = write_quantization_config(ctx.out, ir, schemes)
-    return {"format": "compressed-tensors", "layers": len(ir.layers), "roundtrip_max_abs_err": max_err,
-            "quantization_config": qconfig}
+    return {"format": "compressed-tensors", "layers": len(ir.layers), "roundtrip_max_abs_err": check.max_abs_err,
+            "roundtrip_arithmetic": check.arithmetic, "quantization_config": qconfig}

@@ -16,9 +16,10 @@ Types (target option `type:`): F32, F16, BF16 (what ollama's own quantizer start
                with respect to the IR; the manifest says `requantized: true` and how far the weights moved.
 `exact: true` forbids requantizing (and F16/BF16 rounding of quantized layers): checked at plan time.
 Tensors the IR keeps unquantized: 1-D (norms) as F32; 2-D (embeddings, an ignored lm_head) as F16 (BF16 for
-type BF16, F32 for type F32). Llama's q/k rows are permuted as llama.cpp's converter does (its RoPE pairs
-adjacent rows; HF's pairs row i with row i + head_dim/2). The tokenizer (GPT-2 BPE or SentencePiece) and the
-chat template are carried over. Tensors are written one at a time: memory stays bounded by one layer.
+type BF16 or a bfloat16 source, F32 for type F32). Llama's q/k rows are permuted as llama.cpp's converter does
+(its RoPE pairs adjacent rows; HF's pairs row i with row i + head_dim/2). The tokenizer (GPT-2 BPE or
+SentencePiece) and the chat template are carried over. Tensors are written one at a time: memory stays bounded by
+one layer.
 
 This module is imported at plan time (options, plan checks): heavy imports stay inside the functions.
 """
@@ -216,8 +217,11 @@ def encode_layer(q: QuantizedLinear, gtype: str, n_head: int | None, exact: bool
     gguf-py's own dequantizer before it is written: a packing mismatch fails the export, not the user."""
     import numpy as np
 
+    from ..validate.compare import check_finite
+
     gguf = _gguf()
     qtype = gguf.GGMLQuantizationType[gtype]
+    check_finite(f"GGUF {gtype} layer of shape {q.shape}", "of the IR", scale=q.scale, **q.extras)
     ir_w = q.dequantize().numpy()
     packed = pack_direct(q, gtype, n_head) if gtype in QUANT_TYPES else None
     if packed is not None:
@@ -238,16 +242,19 @@ def encode_layer(q: QuantizedLinear, gtype: str, n_head: int | None, exact: bool
     return packed, mode, float(np.abs(back - ir_w).max())
 
 
-def plain_type(ndim: int, gtype: str) -> str:
-    """Tensors the IR keeps unquantized: norms F32; matrices F16 (BF16/F32 when that is the file's type)."""
-    return "F32" if ndim == 1 or gtype == "F32" else ("BF16" if gtype == "BF16" else "F16")
+def plain_type(ndim: int, gtype: str, source_dtype: str | None = None) -> str:
+    """Tensors the IR keeps unquantized: norms F32; matrices F16 (BF16/F32 when that is the file's type, BF16 when
+    the IR holds them in bfloat16: float16 would round their small values and overflow their large ones)."""
+    if ndim == 1 or gtype == "F32":
+        return "F32"
+    return "BF16" if gtype == "BF16" or source_dtype == "bfloat16" else "F16"
 
 
-def encode_plain(w: np.ndarray, gtype: str) -> tuple[np.ndarray, str, float]:
+def encode_plain(w: np.ndarray, gtype: str, source_dtype: str | None = None) -> tuple[np.ndarray, str, float]:
     import numpy as np
 
     gguf = _gguf()
-    ptype = plain_type(w.ndim, gtype)
+    ptype = plain_type(w.ndim, gtype, source_dtype)
     qtype = gguf.GGMLQuantizationType[ptype]
     data = gguf.quants.quantize(w, qtype)
     err = float(np.abs(gguf.quants.dequantize(data, qtype) - w).max())
@@ -452,6 +459,7 @@ def write_gguf(ir_dir: Path, out_path: Path, options: dict[str, Any], source_ggu
     import numpy as np
 
     from ..ir import IRReader
+    from ..validate.compare import check_finite
 
     gguf = _gguf()
     opts = GGUFOptions.model_validate(options)
@@ -485,7 +493,7 @@ def write_gguf(ir_dir: Path, out_path: Path, options: dict[str, Any], source_ggu
         else:
             t = ir.tensors.get(n)
             shape, tname = tuple(t.shape), _gguf_name(n, tmap)
-            ttype = plain_type(t.dim(), gtype)
+            ttype = plain_type(t.dim(), gtype, str(t.dtype).removeprefix("torch."))
         qtype = gguf.GGMLQuantizationType[ttype]
         block, type_size = gguf.GGML_QUANT_SIZES[qtype]
         nbytes = int(np.prod(shape)) // block * type_size
@@ -509,9 +517,11 @@ def write_gguf(ir_dir: Path, out_path: Path, options: dict[str, Any], source_ggu
                 if mode == "requantized":
                     requantized.append(n)
             else:
-                t = ir.tensors.get(n).float().numpy()
+                t = ir.tensors.get(n)
+                check_finite(n, "of the IR", tensor=t)
+                source_dtype, t = str(t.dtype).removeprefix("torch."), t.float().numpy()
                 heads = _qk_heads(n.removesuffix(".weight"), cfg) if t.ndim == 2 else None
-                data, _ptype, err = encode_plain(permute_qk(t, heads) if heads else t, gtype)
+                data, _ptype, err = encode_plain(permute_qk(t, heads) if heads else t, gtype, source_dtype)
                 plain_err = max(plain_err, err)
             w.write_tensor_data(np.ascontiguousarray(data).view(np.uint8))
             if task is not None:

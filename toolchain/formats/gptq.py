@@ -110,8 +110,9 @@ class GPTQLayer:
         return (self.codes - self.zeros[:, g]).float() * self.scales.float()[:, g]
 
 
-def to_gptq(q: QuantizedLinear) -> GPTQLayer:
-    """Our IR layer in GPTQ's unsigned convention (the scales rounded to float16)."""
+def to_gptq(q: QuantizedLinear, check: bool = True) -> GPTQLayer:
+    """Our IR layer in GPTQ's unsigned convention (the scales rounded to float16). `check` refuses scales that
+    float16 cannot hold (validators pass False: a corrupt IR must show up as their own non-finite failure)."""
     import torch
 
     from ..ir import default_g_idx
@@ -137,8 +138,12 @@ def to_gptq(q: QuantizedLinear) -> GPTQLayer:
     else:
         g_idx = default_g_idx(in_f, q.meta.get("group_size") if grouped else None).to(torch.int32)
     scales16 = scale.to(torch.float16)
-    if not torch.isfinite(scales16).all():
-        raise BuildError("a scale overflows float16, which the gptq format stores scales in")
+    if check:
+        from ..validate.compare import check_finite
+
+        check_finite("gptq export", "of the IR", scale=scale)
+        if not torch.isfinite(scales16).all():
+            raise BuildError("a scale overflows float16, which the gptq format stores scales in")
     return GPTQLayer(bits=bits, codes=q.codes.to(torch.int32) + offset, zeros=zeros.contiguous(),
                      scales=scales16.contiguous(), g_idx=g_idx,
                      group_size=q.meta["group_size"] if grouped else -1)
@@ -209,7 +214,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     import torch
 
     from ..ir import IRReader, ShardWriter, copy_model_metadata
-    from ..validate.gptq import unpack_layer
+    from ..validate.gptq import arithmetic, runtime_dtype, unpack_layer
 
     ir = IRReader(ctx.inputs["quantize"])
     if not ir.layers:
@@ -217,6 +222,9 @@ def run(ctx: StageContext) -> dict[str, Any]:
     writer = ShardWriter(ctx.out, prefix="model")
     kinds: set[tuple[int, int, bool, bool]] = set()
     fp16_err = 0.0
+    # Runtimes serving a bf16 model hold the scales in bf16: float16 scales that bf16 cannot hold are rounded again.
+    served_dtype = getattr(torch, runtime_dtype(ir.config))
+    rescaled: list[str] = []
     with ctx.reporter.task("export gptq", total=len(ir.layers) + 1) as task:
         for name in ir.plain_names():
             writer.add(name, ir.tensors.get(name))
@@ -228,10 +236,14 @@ def run(ctx: StageContext) -> dict[str, Any]:
             # Read back with the validator's unpacker (written apart from the packer above).
             expect = layer.dequantize()
             back = unpack_layer(packed, layer.bits)
+            # Exact float32 products on both sides (validate.gptq.ARITHMETIC); any difference is a packing bug.
             if not torch.equal(back, expect):
                 raise BuildError(f"{name}: gptq read-back differs from our weights by "
                                  f"{(back - expect).abs().max().item():.3g}")
             fp16_err = max(fp16_err, (expect - q.dequantize()).abs().max().item())
+            served = layer.scales.to(served_dtype)
+            if not torch.equal(served.float(), layer.scales.float()):
+                rescaled.append(name)
             kinds.add((layer.bits, layer.group_size, q.zero is None, q.g_idx is not None))
             for k, v in packed.items():
                 writer.add(f"{name}.{k}", v)
@@ -246,5 +258,10 @@ def run(ctx: StageContext) -> dict[str, Any]:
     config = json.loads((ctx.out / "config.json").read_text())
     config["quantization_config"] = qcfg
     (ctx.out / "config.json").write_text(json.dumps(config, indent=2))
+    if rescaled:
+        ctx.reporter.info(f"  note: {len(rescaled)} layers have float16 scales that {served_dtype} runtimes round "
+                          f"again (e.g. {rescaled[0]}); quantize with scale_dtype auto to avoid it")
     return {"format": "gptq", "checkpoint_format": "gptq (v1)", "layers": len(ir.layers),
-            "fp16_scale_max_abs_err": fp16_err, "quantization_config": qcfg}
+            "fp16_scale_max_abs_err": fp16_err, "runtime_dtype": str(served_dtype).removeprefix("torch."),
+            "scales_rounded_again_by_runtime": rescaled, "arithmetic": arithmetic(ir.directory),
+            "quantization_config": qcfg}

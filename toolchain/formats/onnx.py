@@ -83,6 +83,9 @@ def pack_nibbles(u: np.ndarray) -> np.ndarray:
 def matmulnbits_tensors(q: QuantizedLinear) -> dict[str, np.ndarray]:
     import numpy as np
 
+    from ..validate.compare import check_finite
+
+    check_finite(f"MatMulNBits layer of shape {q.shape}", "of the IR", scale=q.scale)
     out_f, in_f = q.shape
     block = q.meta.get("group_size")
     if (q.type != "int" or "pre_quant_scale" in q.extras or q.g_idx is not None or not block or in_f % block

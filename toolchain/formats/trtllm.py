@@ -56,6 +56,9 @@ def pack_int4(codes: torch.Tensor) -> torch.Tensor:
 
 def check_layer(name: str, q: QuantizedLinear) -> None:
     """What the format cannot hold, caught again at export time (the plan checks the recipe)."""
+    from ..validate.compare import check_finite
+
+    check_finite(name, "of the IR", scale=q.scale, **q.extras)
     if q.type == "float8":
         return
     problems = []

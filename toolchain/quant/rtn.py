@@ -74,6 +74,6 @@ def quantize_rtn(
         raise ValueError(f"group_size {gs} does not divide in_features {in_f}")
     grouped = wf.reshape(out_f, in_f // gs, gs)
     scale, zero = compute_scale_zero(grouped.amin(-1), grouped.amax(-1), bits, symmetric, scale_dtype)
-    g_idx = torch.arange(in_f) // gs
+    g_idx = torch.arange(in_f, device=w.device) // gs
     codes = quantize_with(wf, scale, zero, bits, g_idx)
     return QuantizedLinear("int", (out_f, in_f), scale, codes=codes, zero=zero, meta=meta)

@@ -14,24 +14,40 @@ from __future__ import annotations
 import importlib.metadata
 from typing import Any
 
+import torch
+
 from ..errors import BuildError, MissingToolError
 from ..ir import IRReader
 from ..run import StageContext
 
+# bitsandbytes' dequantize_4bit: level * absmax in float32 (its absmax is float32), rounded once to the dtype the
+# weight had when quantized (QuantState.dtype); QuantizedLinear.dequantize does the same in plain torch.
+ARITHMETIC = "float32: NF4 level * float32 absmax, rounded once to the checkpoint dtype, as dequantize_4bit does"
+
 
 def weight_conformance(model, ir: IRReader) -> dict[str, Any]:
-    errors = layer_errors(model, ir)
-    worst = max(errors, key=errors.__getitem__)
-    return {"layers_checked": len(errors), "max_abs_err": errors[worst], "worst_layer": worst}
+    from .compare import WeightComparison
+
+    check = WeightComparison(ARITHMETIC)
+    for name, theirs, ours in layer_pairs(model, ir):
+        check.add(name, theirs, ours)
+    return check.result()
 
 
 def layer_errors(model, ir: IRReader) -> dict[str, float]:
-    """Per quantized layer: max |bitsandbytes' dequantization of the loaded weight - ours| (inf: wrong shape)."""
+    """Per quantized layer: max |bitsandbytes' dequantization of the loaded weight - ours| (inf: wrong shape or a
+    non-finite value)."""
+    from .compare import max_abs_diff
+
+    return {name: max_abs_diff(a.float(), b.float()) for name, a, b in layer_pairs(model, ir)}
+
+
+def layer_pairs(model, ir: IRReader):
+    """(name, bitsandbytes' dequantization of the loaded weight, ours) per quantized layer, one at a time."""
     import bitsandbytes as bnb
     import bitsandbytes.functional as F
 
     modules = dict(model.named_modules())
-    errors = {}
     for name in ir.layers:
         mod = modules.get(name)
         if not isinstance(mod, bnb.nn.Linear4bit):
@@ -40,10 +56,8 @@ def layer_errors(model, ir: IRReader) -> dict[str, float]:
         if getattr(state, "packing_format_for_cpu", False):
             raise BuildError(f"{name}: weight already repacked for the CPU kernel; compare before any forward")
         theirs = F.dequantize_4bit(mod.weight.data, state)
-        ours = ir.layer(name).dequantize(theirs.dtype)
-        errors[name] = ((theirs.float() - ours.float()).abs().max().item() if theirs.shape == ours.shape
-                        else float("inf"))
-    return errors
+        q = ir.layer(name)
+        yield name, theirs, q.dequantize(getattr(torch, q.meta["dtype"]))
 
 
 def run_validate(ctx: StageContext) -> dict[str, Any]:
@@ -60,4 +74,24 @@ def run_validate(ctx: StageContext) -> dict[str, Any]:
               else "dequantize_4bit + matmul in the compute dtype")
     loader = (f"transformers {importlib.metadata.version('transformers')} + bitsandbytes "
               f"{importlib.metadata.version('bitsandbytes')} (cpu, {kernel})")
-    return finish_validation(ctx, loader, conformance, hf_logits(model))
+    return finish_validation(ctx, loader, conformance, hf_logits(model), bnb_weights(model))
+
+
+def bnb_weights(model):
+    """The loaded model as a weight source: each Linear4bit's weight as bitsandbytes dequantizes it (read before
+    any forward: its CPU kernel repacks in place), other tensors as loaded."""
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as F
+
+    from .accuracy import hf_model_weights
+
+    modules = dict(model.named_modules())
+    plain = hf_model_weights(model)
+
+    def get(name: str) -> torch.Tensor:
+        mod = modules.get(name.rpartition(".")[0])
+        if isinstance(mod, bnb.nn.Linear4bit) and name.endswith(".weight"):
+            return F.dequantize_4bit(mod.weight.data, mod.weight.quant_state)
+        return plain(name)
+
+    return get

@@ -22,7 +22,12 @@ import torch
 from ..formats.gguf import BLOCK, FILE_NAME
 from ..ir import IRReader, QuantizedLinear, default_g_idx
 from ..run import StageContext
-from .accuracy import finish_validation, hf_logits
+from .accuracy import finish_validation, hf_logits, hf_model_weights
+from .compare import WeightComparison, max_abs_diff
+
+# llama.cpp and gguf-py dequantize in float32: d (and m) widened from their stored float16, times the code.
+ARITHMETIC = ("float32: (codes - zero) * float32(fp16 d) (+ fp16 m for Q4_1), as llama.cpp and gguf-py dequantize; "
+              "F16/BF16/F32 tensors widened exactly")
 
 PROBE_TEXT = "Hello world! 1234 numbers, ünïcödé, tabs\tand  spaces.\nNew line: <|im_start|> end."
 
@@ -69,7 +74,8 @@ def gguf_conformance(model, ir_dir: Path, gguf_path: Path, export_info: dict[str
     tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, ir.config["num_hidden_layers"])
     requantized = set(export_info.get("requantized_layers", []))
     params = dict(model.named_parameters(remove_duplicate=False))
-    worst, worst_name, ir_err, checked = 0.0, None, 0.0, 0
+    check = WeightComparison(ARITHMETIC)
+    ir_err = 0.0
     for name in ir.layers:
         gname = tmap.get_name(name) + ".weight"
         gtype = types[gname]
@@ -79,22 +85,15 @@ def gguf_conformance(model, ir_dir: Path, gguf_path: Path, export_info: dict[str
             direct = False
         exp = expected_weight(q, gtype, "direct" if direct else "other")
         got = params[f"{name}.weight"].detach().float()
-        err = (got - exp).abs().max().item()
-        ir_err = max(ir_err, (got - q.dequantize()).abs().max().item())
-        checked += 1
-        if err >= worst:
-            worst, worst_name = err, name
+        check.add(name, got, exp)
+        ir_err = max(ir_err, max_abs_diff(got, q.dequantize()))
     for name in ir.plain_names():
         t = ir.tensors.get(name).float()
         gtype = types[tmap.get_name(name, try_suffixes=(".weight", ".bias"))]
         exp = {"F32": t, "F16": t.half().float(), "BF16": t.bfloat16().float()}[gtype]
-        err = (params[name].detach().float() - exp).abs().max().item()
-        checked += 1
-        if err >= worst:
-            worst, worst_name = err, name
-    return {"layers_checked": checked, "max_abs_err": worst, "worst_layer": worst_name, "tolerance": 0.0,
-            "ir_max_abs_err": ir_err,
-            "compared_to": "the IR with the GGUF type's stated rounding (fp16 d/m, F16 cast, gguf-py requant)"}
+        check.add(name, params[name].detach().float(), exp)
+    return check.result(ir_max_abs_err=ir_err, compared_to="the IR with the GGUF type's stated rounding (fp16 "
+                        "d/m, F16 cast, gguf-py requant)")
 
 
 def _aligned(q: QuantizedLinear) -> bool:
@@ -172,7 +171,7 @@ def validate_gguf(ctx: StageContext, export_dir: Path, export_info: dict[str, An
                     "reason": f"GGUF tokenizer differs from the source's (first mismatching token "
                               f"{tok['first_mismatch']}, chat template equal: {tok['chat_template_equal']})"}
     loader = f"transformers {transformers.__version__} GGUF loader (gguf-py dequantize, float32)"
-    return finish_validation(ctx, loader, conformance, hf_logits(model))
+    return finish_validation(ctx, loader, conformance, hf_logits(model), hf_model_weights(model))
 
 
 def run_validate(ctx: StageContext) -> dict[str, Any]:

@@ -6,7 +6,8 @@
    into our interpreter here (it pins numpy==2.2.6), so the loader runs in the Python named by
    TOOLCHAIN_GPTQMODEL_PYTHON (default: the venv scripts/setup makes, toolchain.formats.gptq.loader_python), as a worker
    process speaking a small pipe protocol (toolchain.validate.gptq_worker). The loader's dequantized weights
-   must match ours after rounding to float16 (GPTQ kernels dequantize in float16: that rounding is theirs).
+   must equal ours in the loader's arithmetic, bit for bit: (q - z) * scale in the dtype it holds the scales in
+   (it says which: float32 for a bf16 checkpoint loaded in float32, float16 for an fp16 one), see ARITHMETIC.
    GPTQModel.load itself refuses sym=False v1 checkpoints not written by GPTQModel >= 0.9 (its guard against
    AutoGPTQ's zero-point overflow), so transformers' path is the one used; tests load symmetric ones with both.
 3. `finish_validation` scores the loader's logits against the fp32 reference. On CPU GPTQModel picks
@@ -21,6 +22,7 @@ import json
 import os
 import struct
 import subprocess
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +31,7 @@ import torch
 from ..errors import BuildError
 from ..formats.gptq import loader_python
 from ..run import StageContext
+from .compare import conformance_failure
 
 
 def unpack_layer(t: dict[str, torch.Tensor], bits: int) -> torch.Tensor:
@@ -56,29 +59,55 @@ def check_config(export_dir: Path) -> dict[str, Any]:
     return qc
 
 
-def summarise(errors: dict[str, float]) -> dict[str, Any]:
-    worst = max(errors, key=errors.__getitem__)
-    return {"layers_checked": len(errors), "max_abs_err": errors[worst], "worst_layer": worst}
+# GPTQ stores float16 scales; (q - z) * scale needs at most 9 + 11 significant bits, so float32 holds it exactly,
+# and a loader computing in a half dtype rounds that exact product once. Our unpacking forms it in float32; the
+# loader (GPTQModel's dequantize_weight) computes in the dtype it holds the scales in, which it reports: ours is
+# rounded to the same. A runtime computing in the model's dtype (vLLM's Marlin in bf16/fp16) rounds it alike.
+ARITHMETIC = "{compute}: (q - z) * float16 scale, one rounding to {compute} (runtimes serve this model in {dtype})"
 
 
-def _diff(theirs: torch.Tensor, ours: torch.Tensor) -> float:
-    if theirs.shape != ours.shape:
-        return float("inf")
-    return (theirs - ours).abs().max().item()
+def arithmetic(ir_dir: Path, compute: str = "float32") -> str:
+    from ..ir import IRReader
+
+    return ARITHMETIC.format(compute=compute, dtype=runtime_dtype(IRReader(ir_dir).config))
+
+
+def runtime_dtype(config: dict[str, Any]) -> str:
+    """The dtype GPTQ kernels serve this model in: its own when half precision, else float16."""
+    dtype = config.get("dtype") or config.get("torch_dtype")
+    return dtype if dtype in ("bfloat16", "float16") else "float16"
+
+
+def summarise(pairs: Iterator[tuple[str, torch.Tensor, torch.Tensor]], ir_dir: Path,
+              compute: Callable[[], str] = lambda: "float32") -> dict[str, Any]:
+    """One layer at a time (a 7B's dense weights would not fit twice in memory). `compute` names the dtype the
+    comparison was made in, once the pairs are consumed."""
+    from .compare import WeightComparison
+
+    check = WeightComparison("")
+    for name, theirs, ours in pairs:
+        check.add(name, theirs, ours)
+    check.arithmetic = arithmetic(ir_dir, compute())
+    return check.result()
 
 
 def unpacked_errors(export_dir: Path, ir_dir: Path) -> dict[str, float]:
-    """Per layer: max |our unpacking of the checkpoint - the IR dequantized with float16 scales|."""
+    """Per layer: max |our unpacking - ours| (inf for a non-finite value)."""
+    from .compare import max_abs_diff
+
+    return {n: max_abs_diff(a, b) for n, a, b in unpacked_pairs(export_dir, ir_dir)}
+
+
+def unpacked_pairs(export_dir: Path, ir_dir: Path) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
+    """Per layer: (our unpacking of the checkpoint, the IR dequantized with float16 scales)."""
     from ..formats.gptq import to_gptq
     from ..ir import IRReader, TensorReader
 
     qc = check_config(export_dir)
     ir, ckpt = IRReader(ir_dir), TensorReader(export_dir)
-    errors = {}
     for name in ir.layers:
         t = {k: ckpt.get(f"{name}.{k}") for k in ("qweight", "qzeros", "scales", "g_idx")}
-        errors[name] = _diff(unpack_layer(t, qc["bits"]), to_gptq(ir.layer(name)).dequantize())
-    return errors
+        yield name, unpack_layer(t, qc["bits"]), to_gptq(ir.layer(name), check=False).dequantize()
 
 
 # -- the loader, in its own interpreter --------------------------------------------------------------------------
@@ -90,6 +119,7 @@ class LoaderProcess:
     def __init__(self, export_dir: Path, loader: str):
         env = {**os.environ, "GPTQMODEL_CPU_WORKERS": os.environ.get("GPTQMODEL_CPU_WORKERS", "2"),
                "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+        self.dtypes: set[str] = set()  # the dtypes the loader dequantized weights in
         self.proc = subprocess.Popen([loader_python(), "-m", "toolchain.validate.gptq_worker", str(export_dir),
                                       loader], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
         try:
@@ -109,7 +139,7 @@ class LoaderProcess:
         return head
 
     def _tensor(self) -> torch.Tensor:
-        head = self._read_header()
+        head = self.last_header = self._read_header()
         (n,) = struct.unpack("<q", self.proc.stdout.read(8))
         data = bytearray(self.proc.stdout.read(n))
         return torch.frombuffer(data, dtype=torch.float32).reshape(head["shape"]).clone()
@@ -122,6 +152,11 @@ class LoaderProcess:
     def weight(self, name: str) -> torch.Tensor:
         return self.request(op="weight", name=name)
 
+    def weight_and_dtype(self, name: str) -> tuple[torch.Tensor, torch.dtype]:
+        """The loader's dense weight (float32) and the dtype it computed it in (its scales')."""
+        w = self.request(op="weight", name=name)
+        return w, getattr(torch, self.last_header.get("dtype", "float32"))
+
     def logits(self, ids: torch.Tensor) -> torch.Tensor:
         return self.request(op="logits", ids=ids.tolist())
 
@@ -132,32 +167,57 @@ class LoaderProcess:
 
 
 def loader_errors(proc: LoaderProcess, ir_dir: Path) -> dict[str, float]:
-    """Per layer: the loader's dequantized weight vs ours, both rounded to float16 (the loaders' arithmetic)."""
+    """Per layer: max |the loader's weight - ours| (inf for a non-finite value)."""
+    from .compare import max_abs_diff
+
+    return {n: max_abs_diff(a, b) for n, a, b in loader_pairs(proc, ir_dir)}
+
+
+def loader_pairs(proc: LoaderProcess, ir_dir: Path) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
+    """Per layer: (the loader's dequantized weight, ours in the loader's arithmetic): (q - z) * scale in the dtype
+    the loader holds the scales in (float32 for a bf16 checkpoint loaded in float32: exact; float16 for an fp16 one:
+    the exact product rounded once)."""
     from ..formats.gptq import to_gptq
     from ..ir import IRReader
 
     ir = IRReader(ir_dir)
-    return {name: _diff(proc.weight(name).half().float(), to_gptq(ir.layer(name)).dequantize().half().float())
-            for name in ir.layers}
+    for name in ir.layers:
+        theirs, dtype = proc.weight_and_dtype(name)
+        proc.dtypes.add(str(dtype).removeprefix("torch."))
+        yield name, theirs, to_gptq(ir.layer(name), check=False).dequantize().to(dtype).float()
+
+
+def loader_weights(proc: LoaderProcess, export_dir: Path, ir_dir: Path):
+    """The checkpoint as the loader holds it, as a weight source: quantized linears dequantized by the loader's
+    kernels (in its process), the rest read from the files."""
+    from ..ir import IRReader, TensorReader
+
+    layers, files = set(IRReader(ir_dir).layers), TensorReader(export_dir)
+
+    def get(name: str) -> torch.Tensor:
+        layer = name.removesuffix(".weight")
+        return proc.weight(layer) if name.endswith(".weight") and layer in layers else files.get(name)
+
+    return get
 
 
 def run_validate(ctx: StageContext) -> dict[str, Any]:
     from .accuracy import finish_validation
 
     export_dir, ir_dir = ctx.inputs["export"], ctx.inputs["quantize"]
-    unpacked = summarise(unpacked_errors(export_dir, ir_dir))
+    unpacked = summarise(unpacked_pairs(export_dir, ir_dir), ir_dir)
     ctx.reporter.info(f"  our unpacking: {unpacked['layers_checked']} layers, max |w - ours| = "
                       f"{unpacked['max_abs_err']:.3g}")
-    if unpacked["max_abs_err"] > 0:
+    failure = conformance_failure(unpacked)
+    if failure:
         return {"format": ctx.config["format"], "status": "failed", "passed": False, "conformance": unpacked,
-                "reason": f"unpacked weights differ from ours (max {unpacked['max_abs_err']:.3g} in "
-                          f"{unpacked['worst_layer']})"}
+                "reason": f"our unpacking: {failure}"}
     proc = LoaderProcess(export_dir, "transformers")
     try:
-        conformance = {**summarise(loader_errors(proc, ir_dir)), "compared": "float16-rounded dense weights",
+        conformance = {**summarise(loader_pairs(proc, ir_dir), ir_dir, lambda: "/".join(sorted(proc.dtypes))),
                        "unpacked": unpacked}
         i = proc.info
         label = f"transformers {i['transformers']} + GPTQModel {i['gptqmodel']} ({i['kernel']}, {i['device']})"
-        return finish_validation(ctx, label, conformance, proc.logits)
+        return finish_validation(ctx, label, conformance, proc.logits, loader_weights(proc, export_dir, ir_dir))
     finally:
         proc.close()

@@ -4,7 +4,8 @@
 Protocol on stdin/stdout (stderr is the loader's own logging):
   -> first a JSON line {"gptqmodel", "transformers", "kernel", "device", "layers"} once the model is loaded
   <- a JSON request per line: {"op": "weight", "name": module} or {"op": "logits", "ids": [...]}
-  -> a JSON line {"shape": [...]} (or {"error": ...}), 8 bytes little-endian length, float32 little-endian data
+  -> a JSON line {"shape": [...]} (weights also {"dtype": the loader's scale dtype}) (or {"error": ...}), 8 bytes
+     little-endian length, float32 little-endian data
 Weights come back (out, in), as the loader's kernel dequantizes them (`dequantize_weight`); logits (L, vocab).
 Weights must be asked for before any logits: GPTQModel's CPU kernel repacks them at its first forward.
 Only the standard library, torch and the loader are imported: this runs outside our interpreter.
@@ -43,8 +44,9 @@ def load(export_dir: Path, loader: str):
     return model
 
 
-def send(out, shape: list[int] | None = None, data: bytes = b"", error: str | None = None) -> None:
-    head = {"error": error} if error else {"shape": shape}
+def send(out, shape: list[int] | None = None, data: bytes = b"", error: str | None = None,
+         meta: dict | None = None) -> None:
+    head = {"error": error} if error else {"shape": shape, **(meta or {})}
     out.write((json.dumps(head) + "\n").encode())
     if not error:
         out.write(struct.pack("<q", len(data)))
@@ -78,6 +80,7 @@ def main() -> None:
     for line in sys.stdin.buffer:
         req = json.loads(line)
         try:
+            meta = {}
             with torch.inference_mode():
                 if req["op"] == "weight":
                     if forwarded:  # CPU kernels repack weights at their first forward
@@ -85,12 +88,14 @@ def main() -> None:
                     if req["name"] not in qlinears:
                         raise KeyError(f"{req['name']} was not loaded as a GPTQ module")
                     t = qlinears[req["name"]].dequantize_weight().t()  # GPTQ kernels dequantize to (in, out)
+                    # the arithmetic: (q - z) * scales in the dtype the loader holds the scales in
+                    meta["dtype"] = str(qlinears[req["name"]].scales.dtype).removeprefix("torch.")
                 else:
                     forwarded = True
                     ids = torch.tensor(req["ids"], dtype=torch.long)
                     t = model(ids.unsqueeze(0)).logits[0]
             t = t.float().contiguous()
-            send(out, list(t.shape), t.numpy().tobytes())
+            send(out, list(t.shape), t.numpy().tobytes(), meta=meta)
         except Exception as e:
             send(out, error=f"{type(e).__name__}: {e}")
 

@@ -17,6 +17,7 @@ tensor-parallel shards and names), written separately from the exporter so that 
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -277,9 +278,13 @@ def conformance(dec: Decoded, ir_dir: Path) -> dict[str, Any]:
     ir = IRReader(ir_dir)
     worst, worst_name = 0.0, None
     requant_err, requantized = 0.0, []
+    non_finite: list[dict[str, str]] = []
 
     def note(name: str, err: float) -> None:
         nonlocal worst, worst_name
+        if not math.isfinite(err):  # _diff: a NaN or inf on either side (shapes were checked)
+            non_finite.append({"layer": name, "side": "loaded or IR"})
+            err = math.inf
         if err > worst or worst_name is None:
             worst, worst_name = err, name
 
@@ -343,14 +348,24 @@ def conformance(dec: Decoded, ir_dir: Path) -> dict[str, Any]:
                 k = v = max(k, v, 1.0)
             note(f"model.layers.{i} KV-cache scales", max(abs(dec.kv[i][0] - k), abs(dec.kv[i][1] - v)))
     return {"layers_checked": len(ir.layers), "max_abs_err": worst, "worst_layer": worst_name, "tolerance": 0.0,
+            "arithmetic": ARITHMETIC.format(dtype=str(dec.dtype).removeprefix("torch.")), "non_finite": non_finite,
             "plain_tensors_checked": len(ir.plain_names()), "requantized_to_shared_scale": len(requantized),
             "requantization_max_abs_err": requant_err}
 
 
+# The files hold float32 scales (ours, widened exactly) beside INT4 codes / FP8 weights, so the stored weight is the
+# exact float32 product on both sides. TensorRT-LLM computes with it in the activation dtype: the INT4 scale rounded
+# to it, the product rounded once (runtime_weights emulates that for the logits, the same for any correct file).
+ARITHMETIC = ("float32: code * scale exactly as stored (INT4 codes, FP8 weights; float32 scales); TensorRT-LLM then "
+              "computes INT4 weights in {dtype}, emulated for the logits")
+
+
 def _diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    from .compare import max_abs_diff
+
     if a.shape != b.shape:
         raise BuildError(f"shape {tuple(a.shape)} where {tuple(b.shape)} was expected")
-    return (a.float() - b.float()).abs().max().item() if a.numel() else 0.0
+    return max_abs_diff(a.float(), b.float())
 
 
 def _norm_before(name: str) -> str | None:
@@ -370,10 +385,11 @@ def fake_fp8(x: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
 
 
 def runtime_weights(dec: Decoded) -> dict[str, torch.Tensor]:
-    """The weights TensorRT-LLM computes with: INT4 group scales rounded to the activation dtype; on the HF layout,
+    """The weights TensorRT-LLM computes with: INT4 group scales rounded to the activation dtype and the product
+    code * scale rounded to it (its W4A16 kernels dequantize in the activation dtype); on the HF layout,
     per-tensor FP8 q/k/v and gate/up requantized to their largest scale at load (its fused-GEMM loader)."""
     out = {n: (lin.codes.float().reshape(lin.scale.shape[0], lin.scale.shape[1], -1)
-               * lin.scale.to(dec.dtype).float()[:, :, None]).reshape(lin.dense.shape)
+               * lin.scale.to(dec.dtype).float()[:, :, None]).reshape(lin.dense.shape).to(dec.dtype).float()
            if lin.kind == "int4" else lin.dense for n, lin in dec.linears.items()}
     if dec.layout != "modelopt-hf" or dec.quant_algo != "FP8":
         return out

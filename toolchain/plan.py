@@ -242,7 +242,21 @@ def build_plan(loaded: LoadedProfile, store: Store, reporter: Reporter | None = 
             engine, engine_notes = _entry(exporter.engine)(target.label, target.options, export.key)
             stages.append(engine)
             notes += engine_notes
+        if p.validate_.speed is not None:
+            stages.append(speed_stage(target.label, target.format, p.validate_.speed, export.key))
     return Plan(loaded, src, cfg, stages, notes)
+
+
+def speed_stage(label: str, fmt: str, spec: Any, export_key: str) -> Stage:
+    """speed:<target>, after its validation: keyed by the export, the runtime and its version, the card and the
+    settings (toolchain.runtimes.select); skipped, with the reason, where nothing here can time it."""
+    from .runtimes.select import BUILTIN_VERSION, stage_config
+
+    config, choice = stage_config(fmt, spec)
+    stage = Stage(f"speed:{label}", config, {"export": export_key}, BUILTIN_VERSION, choice.libs,
+                  "toolchain.runtimes.speed:run").finalize()
+    stage.skip_reason = choice.skip_reason
+    return stage
 
 
 def _entry(ref: str) -> Any:

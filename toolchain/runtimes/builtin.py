@@ -29,7 +29,9 @@ from .weights import Checkpoint, Linear
 FP8_WEIGHT_ONLY_MAX_M = 64
 BLOCK_LINEARS = ("qkv", "o", "gate_up", "down")
 # Relative L2 error of logits, kernels (bf16 activations) vs the float32 reference of the same dataflow ...
-KERNEL_TOLERANCE = 3e-2
+# (FP8 W8A8 prefill: bf16 activations round to other E4M3 values than float32 ones do, a few percent on tiny
+# random models; tests/test_speed.py measures it.)
+KERNEL_TOLERANCE = {"dense": 3e-2, "int4": 3e-2, "fp8": 6e-2}
 # ... and vs the checkpoint's own scheme: FP8's weight-only decode skips rounding activations to E4M3 (3 mantissa
 # bits), a difference of a few percent on random-weight models (measured: tests/test_speed.py, BENCHMARKS.md).
 LOGITS_TOLERANCE = {"dense": 3e-2, "int4": 3e-2, "fp8": 1e-1}
@@ -212,7 +214,7 @@ class Model:
 
     def decode(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """ids (B, 1) at position `pos` (a 0-d device tensor) -> logits (B, vocab). Uses the static cache."""
-        h = self.parts["embed"][ids[:, 0]]
+        h = self.parts["embed"][ids[:, 0]].to(self.dtype)
         cos, sin = self.cos[pos], self.sin[pos]
         mask = self.positions <= pos
         kcs, vcs = self.caches
@@ -224,7 +226,7 @@ class Model:
         """ids (B, T) from position 0 -> logits (B, vocab) of the last position (or (B, T, vocab))."""
         b, t = ids.shape
         hd, nh, nkv = self.head_dim, self.n_heads, self.n_kv
-        h = self.parts["embed"][ids].reshape(b * t, self.hidden)
+        h = self.parts["embed"][ids].reshape(b * t, self.hidden).to(self.dtype)
         cos, sin = self.cos[:t], self.sin[:t]
         kcs, vcs = self.caches
         for i, lay in enumerate(self.parts["layers"]):
@@ -350,9 +352,9 @@ def logits_check(model: Model, seed: int = 0, tokens: int = 96) -> dict[str, Any
                         "decode_rel_err": rel(outs["fast"][1], outs[name][1])}
     result["prefill_rel_err"] = result["checkpoint_scheme"]["prefill_rel_err"]
     result["decode_rel_err"] = result["checkpoint_scheme"]["decode_rel_err"]
-    result["kernel_tolerance"] = KERNEL_TOLERANCE
+    result["kernel_tolerance"] = KERNEL_TOLERANCE[kind]
     result["passed"] = (max(result["prefill_rel_err"], result["decode_rel_err"]) <= result["tolerance"]
-                        and max(result["same_dataflow"].values()) <= KERNEL_TOLERANCE)
+                        and max(result["same_dataflow"].values()) <= KERNEL_TOLERANCE[kind])
     return result
 
 
@@ -392,7 +394,7 @@ def time_batch(model: Model, batch: int, input_len: int, output_len: int, iterat
 def compile_blocks(model: Model) -> str:
     """torch.compile each decoder block (one compiled graph serves every layer); returns what was done."""
     try:
-        model.block = torch.compile(model._block, dynamic=False, fullgraph=False)
+        model.block = torch.compile(model._block, dynamic=True, fullgraph=False)  # one graph for every batch size
         return f"torch.compile (inductor, torch {torch.__version__})"
     except Exception as e:  # noqa: BLE001  (an old or broken compiler: run eager, say so)
         model.block = model._block

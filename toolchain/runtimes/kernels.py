@@ -77,35 +77,36 @@ if triton is not None:
     def _int4_gemv(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, N, K, stride_xm, stride_wn, stride_sn, stride_zn, stride_ym,
                    GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                    SPLIT_K: tl.constexpr):
+        # 2-D tiles only (rows x packed words); nibble i of each word is taken in turn. A nibble becomes a float
+        # without a conversion instruction: (q | 0x4B000000) read as float32 is 2^23 + q exactly, and subtracting
+        # 2^23 + zero (exact) leaves q - zero.
         pid_n, pid_k, m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-        NG: tl.constexpr = BLOCK_K // GROUP
+        W: tl.constexpr = BLOCK_K // 8
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         nmask = rn < N
-        rw = tl.arange(0, BLOCK_K // 8)
-        shifts = tl.arange(0, 8) * 4
-        rk = tl.arange(0, BLOCK_K)
-        rg = tl.arange(0, NG)
-        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        rw = tl.arange(0, W)
+        acc = tl.zeros((BLOCK_N, W), dtype=tl.float32)
         for c in range(pid_k, K // BLOCK_K, SPLIT_K):
             k0 = c * BLOCK_K
-            packed = tl.load(w_ptr + rn[:, None] * stride_wn + (k0 // 8 + rw)[None, :], mask=nmask[:, None], other=0)
-            q = (packed[:, :, None] >> shifts[None, None, :]) & 0xF
-            q = tl.reshape(q, (BLOCK_N, NG, GROUP)).to(tl.float32)
-            x = tl.reshape(tl.load(x_ptr + m * stride_xm + k0 + rk).to(tl.float32), (NG, GROUP))
-            dots = tl.sum(q * x[None, :, :], axis=2)  # (BLOCK_N, NG): sum of q * x within each group
-            g = k0 // GROUP + rg
+            words = tl.load(w_ptr + rn[:, None] * stride_wn + (k0 // 8 + rw)[None, :], mask=nmask[:, None], other=0)
+            g = (k0 + rw * 8) // GROUP
             s = tl.load(s_ptr + rn[:, None] * stride_sn + g[None, :], mask=nmask[:, None], other=0).to(tl.float32)
             if HAS_ZERO:
-                z = tl.load(z_ptr + rn[:, None] * stride_zn + g[None, :], mask=nmask[:, None], other=8)
-                z = z.to(tl.float32)
+                zc = tl.load(z_ptr + rn[:, None] * stride_zn + g[None, :], mask=nmask[:, None], other=8)
+                zc = zc.to(tl.float32) + 8388608.0
             else:
-                z = tl.full((BLOCK_N, NG), 8.0, tl.float32)
-            xs = tl.sum(x, axis=1)  # (NG,): sum(x) per group, for the zero point
-            acc += tl.sum((dots - z * xs[None, :]) * s, axis=1)
+                zc = tl.full((BLOCK_N, W), 8388616.0, tl.float32)
+            t = tl.zeros((BLOCK_N, W), dtype=tl.float32)
+            for i in tl.static_range(8):
+                xi = tl.load(x_ptr + m * stride_xm + k0 + rw * 8 + i).to(tl.float32)
+                qi = ((words >> (4 * i)) & 0xF) | 0x4B000000
+                t += (qi.to(tl.float32, bitcast=True) - zc) * xi[None, :]
+            acc += t * s
+        out = tl.sum(acc, axis=1)
         if SPLIT_K == 1:
-            tl.store(y_ptr + m * stride_ym + rn, acc, mask=nmask)
+            tl.store(y_ptr + m * stride_ym + rn, out, mask=nmask)
         else:
-            tl.atomic_add(y_ptr + m * stride_ym + rn, acc, mask=nmask)
+            tl.atomic_add(y_ptr + m * stride_ym + rn, out, mask=nmask)
 
     @triton.jit
     def _fp8_gemv(x_ptr, w_ptr, s_ptr, y_ptr, N, K, stride_xm, stride_wn, stride_ym,
@@ -130,35 +131,39 @@ if triton is not None:
     def _wq_dot(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_sn, stride_zn, stride_ym,
                 INT4: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, BLOCK_M: tl.constexpr,
                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+        # Weight tiles are loaded K-major, (BLOCK_K, BLOCK_N), so tl.dot needs no transpose. INT4: one dot per
+        # nibble position i, on the columns k = 8 j + i (no reshapes), each tile dequantized in registers.
         pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         mmask, nmask = rm < M, rn < N
-        rk = tl.arange(0, BLOCK_K)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for c in range(pid_k, K // BLOCK_K, SPLIT_K):
             k0 = c * BLOCK_K
-            x = tl.load(x_ptr + rm[:, None] * stride_xm + (k0 + rk)[None, :], mask=mmask[:, None], other=0.0)
             if INT4:
-                NG: tl.constexpr = BLOCK_K // GROUP
-                rw = tl.arange(0, BLOCK_K // 8)
-                shifts = tl.arange(0, 8) * 4
-                packed = tl.load(w_ptr + rn[:, None] * stride_wn + (k0 // 8 + rw)[None, :], mask=nmask[:, None],
-                                 other=0)
-                q = tl.reshape((packed[:, :, None] >> shifts[None, None, :]) & 0xF, (BLOCK_N, NG, GROUP))
-                g = k0 // GROUP + tl.arange(0, NG)
-                s = tl.load(s_ptr + rn[:, None] * stride_sn + g[None, :], mask=nmask[:, None], other=0)
+                W: tl.constexpr = BLOCK_K // 8
+                rw = tl.arange(0, W)
+                words = tl.load(w_ptr + rn[None, :] * stride_wn + (k0 // 8 + rw)[:, None], mask=nmask[None, :],
+                                other=0)
+                g = (k0 + rw * 8) // GROUP
+                s = tl.load(s_ptr + rn[None, :] * stride_sn + g[:, None], mask=nmask[None, :], other=0)
+                s = s.to(tl.float32)
                 if HAS_ZERO:
-                    z = tl.load(z_ptr + rn[:, None] * stride_zn + g[None, :], mask=nmask[:, None], other=8)
-                    z = z.to(tl.float32)
+                    zc = tl.load(z_ptr + rn[None, :] * stride_zn + g[:, None], mask=nmask[None, :], other=8)
+                    zc = zc.to(tl.float32) + 8388608.0
                 else:
-                    z = tl.full((BLOCK_N, NG), 8.0, tl.float32)
-                w = (q.to(tl.float32) - z[:, :, None]) * s.to(tl.float32)[:, :, None]
-                w = tl.reshape(w, (BLOCK_N, BLOCK_K)).to(x.dtype)
+                    zc = tl.full((W, BLOCK_N), 8388616.0, tl.float32)
+                for i in tl.static_range(8):
+                    x = tl.load(x_ptr + rm[:, None] * stride_xm + (k0 + rw * 8 + i)[None, :], mask=mmask[:, None],
+                                other=0.0)
+                    qi = ((words >> (4 * i)) & 0xF) | 0x4B000000
+                    w = ((qi.to(tl.float32, bitcast=True) - zc) * s).to(x.dtype)
+                    acc += tl.dot(x, w, out_dtype=tl.float32)
             else:
-                w = tl.load(w_ptr + rn[:, None] * stride_wn + (k0 + rk)[None, :], mask=nmask[:, None], other=0.0)
-                w = w.to(x.dtype)  # E4M3 values are exact in bf16 / fp16 / fp32
-            acc += tl.dot(x, tl.trans(w), out_dtype=tl.float32)
+                rk = tl.arange(0, BLOCK_K)
+                x = tl.load(x_ptr + rm[:, None] * stride_xm + (k0 + rk)[None, :], mask=mmask[:, None], other=0.0)
+                w = tl.load(w_ptr + rn[None, :] * stride_wn + (k0 + rk)[:, None], mask=nmask[None, :], other=0.0)
+                acc += tl.dot(x, w.to(x.dtype), out_dtype=tl.float32)  # E4M3 values are exact in bf16 / fp16
         if not INT4:
             acc = acc * tl.load(s_ptr + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
         ptrs = y_ptr + rm[:, None] * stride_ym + rn[None, :]
@@ -168,19 +173,18 @@ if triton is not None:
             tl.atomic_add(ptrs, acc, mask=mmask[:, None] & nmask[None, :])
 
     def _gemv_configs():
-        return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk}, num_warps=nw)
-                for bn in (8, 16, 32) for bk in (128, 256, 512) for sk in (1, 2, 4) for nw in (4,)]
+        return [triton.Config({"BLOCK_N": bn, "BLOCK_K": 256, "SPLIT_K": sk}, num_warps=4)
+                for bn in (16, 32, 64) for sk in (1, 2, 4)]
 
     def _dot_configs():
-        return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk}, num_warps=nw,
-                              num_stages=ns)
-                for bm in (16, 64) for bn in (64, 128) for bk in (128, 256) for sk in (1, 4) for nw in (4,)
-                for ns in (3,)]
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": 128, "SPLIT_K": sk}, num_warps=4,
+                              num_stages=3)
+                for bn in (32, 64, 128) for sk in (1, 2, 4)]
 
     def _prune(configs, named_args, **kwargs):
-        """Keep configs whose K block divides K and holds whole groups (int4); never prune to nothing."""
-        k, group = named_args["K"], kwargs.get("GROUP", 1)
-        ok = [c for c in configs if k % c.kwargs["BLOCK_K"] == 0 and c.kwargs["BLOCK_K"] % group == 0]
+        """Keep configs whose K block divides K (a packed word never spans two groups: group % 8 == 0)."""
+        k = named_args["K"]
+        ok = [c for c in configs if k % c.kwargs["BLOCK_K"] == 0]
         return ok or configs[:1]
 
     _TUNED: dict[str, object] = {}
@@ -193,8 +197,8 @@ if triton is not None:
 
 
 def _pick_block_k(k: int, group: int, prefer: int) -> int:
-    for bk in (prefer, 512, 256, 128, 64, 32):
-        if bk <= k and k % bk == 0 and bk % group == 0:
+    for bk in (prefer, 512, 256, 128):
+        if bk <= k and k % bk == 0:
             return bk
     raise ValueError(f"no K block divides K={k} with whole groups of {group}")
 

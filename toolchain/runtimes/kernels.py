@@ -174,12 +174,12 @@ if triton is not None:
 
     def _gemv_configs():
         return [triton.Config({"BLOCK_N": bn, "BLOCK_K": 256, "SPLIT_K": sk}, num_warps=4)
-                for bn in (16, 32, 64) for sk in (1, 2, 4)]
+                for bn in (32, 64) for sk in (1, 2)]
 
     def _dot_configs():
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": 128, "SPLIT_K": sk}, num_warps=4,
                               num_stages=3)
-                for bn in (32, 64, 128) for sk in (1, 2, 4)]
+                for bn in (64, 128) for sk in (1, 2)]
 
     def _prune(configs, named_args, **kwargs):
         """Keep configs whose K block divides K (a packed word never spans two groups: group % 8 == 0)."""

@@ -278,7 +278,7 @@ def main() -> int:
             log(f"  batch {b}: decode {r['decode_tok_s']:.1f} tok/s, ITL p50 {r['itl_ms_p50']:.3f} ms p99 "
                 f"{r['itl_ms_p99']:.3f}, TTFT {r['ttft_ms']:.1f} ms, {r['effective_bandwidth_gbs']:.0f} GB/s "
                 f"({100 * r['bandwidth_ratio']:.1f}% of copy)")
-        doc["modes"][mode] = {"runtime_mode": model.mode, "logits_check": check, "blocks": how,
+        doc["modes"][mode] = {"runtime_mode": model.mode, "logits_check": check, "blocks": how, "fp8_w8a8": model.w8a8,
                               "compile_and_time_s": time.perf_counter() - t0, "per_batch": rows}
         del model
         torch.cuda.empty_cache()

@@ -136,6 +136,21 @@ def test_fp8_weight_only_path_stays_within_tolerance_of_the_checkpoint_scheme(ex
     assert check["passed"]
 
 
+def test_a_wrong_scaled_mm_is_caught_and_replaced_by_the_weight_only_path(exports, monkeypatch):
+    """The model checks torch._scaled_mm on its card before using it: a product that disagrees with float64 (as
+    seen once on an H200) sends every FP8 product through the weight-only path, said in the result."""
+    from toolchain.runtimes import builtin, kernels
+    from toolchain.runtimes.weights import Checkpoint
+
+    monkeypatch.setattr(kernels, "fp8_scaled_mm", lambda x, w, s: torch.zeros(x.shape[0], w.shape[0], dtype=x.dtype))
+    # the weight-only product in plain torch (the Triton kernel itself is tested against float64 below)
+    monkeypatch.setattr(builtin, "fp8_mm", lambda x, w, s: (x.float() @ (w.float() * s).T).to(x.dtype))
+    model = builtin.Model(Checkpoint.open(exports["fp8"]), torch.device("cpu"), torch.float32, use_kernels=True)
+    assert model.w8a8["used"] is False and "relative error 1" in model.w8a8["reason"]
+    check = builtin.logits_check(model, tokens=70)
+    assert check["same_dataflow"]["prefill_rel_err"] < 1e-5 and check["passed"], check
+
+
 def test_zero_point_unpacking_matches_compressed_tensors():
     from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
 

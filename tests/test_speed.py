@@ -339,6 +339,21 @@ def test_vllm_stand_in_gives_ttft_and_decode_from_two_runs(tmp_path, monkeypatch
 
 
 @pytest.mark.skipif(not have("onnxruntime"), reason="onnxruntime not installed")
+def test_onnx_target_is_timed_by_onnxruntime_on_this_machine(tmp_path):
+    """onnxruntime is the ONNX target's own runtime and runs on the CPU: the stage times it here, card `cpu`,
+    each decode step a whole forward (the export has no KV cache)."""
+    data = speed_profile(INT4_SYM, targets=("onnx",), batch_sizes=[1, 2], input_len=8, output_len=4, iterations=1)
+    doc = build_json(str(write_profile(tmp_path, data)), "--store", str(tmp_path / "st"))
+    sp = doc["targets"][0]["speed"]
+    assert sp["status"] == "built" and sp["runtime"] == "onnxruntime", sp
+    assert sp["card"]["kind"] == "cpu" and sp["copy_bandwidth_gbs"] > 0
+    b1, b2 = sp["per_batch"]
+    assert b1["decode_steps_timed"] == 3 and b1["decode_tok_s"] > 0 and b1["ttft_ms"] > 0
+    assert "no KV cache" in b1["itl_source"]
+    assert "not measured" in b2["skipped"]  # the export's batch dimension is 1
+
+
+@pytest.mark.skipif(not have("onnxruntime"), reason="onnxruntime not installed")
 def test_onnxruntime_profile_is_parsed_from_a_real_run(tmp_path):
     """onnxruntime's own profiler on a tiny graph: one model_run event per run, durations in order."""
     import numpy as np

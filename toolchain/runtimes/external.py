@@ -156,6 +156,9 @@ def _onnxruntime(export: Path, batch: int, s: dict[str, Any], reporter, work: Pa
     opts.enable_profiling = True
     opts.profile_file_prefix = str(work / f"ort-b{batch}")
     sess = ort.InferenceSession(str(export / MODEL_FILE), opts, providers=ort.get_available_providers())
+    fixed = sess.get_inputs()[0].shape[0]
+    if isinstance(fixed, int) and fixed != batch:  # our export's batch dimension is 1
+        return None
     rng = np.random.default_rng(0)
     vocab = json.loads((export / "config.json").read_text())["vocab_size"] if (export / "config.json").is_file() \
         else 1000
@@ -171,6 +174,12 @@ def _onnxruntime(export: Path, batch: int, s: dict[str, Any], reporter, work: Pa
     steps = [x for i in range(s["iterations"]) for x in runs[i * per_iter + 1 : (i + 1) * per_iter]]
     return statistics.median(ttfts), steps, "onnxruntime profiler model_run per step (no KV cache: each step " \
         "recomputes the whole sequence)"
+
+
+def _ort_providers() -> list[str]:
+    import onnxruntime as ort
+
+    return ort.get_available_providers()
 
 
 RUNNERS = {"vllm": _vllm, "trtllm-bench": _trtllm, "llama-bench": _llama_bench, "onnxruntime": _onnxruntime}
@@ -206,7 +215,8 @@ def measure(runtime: str, fmt: str, export: Path, model_cfg: dict[str, Any], set
             work: Path) -> dict[str, Any]:
     from .select import cpu_card, cuda_card
 
-    on_gpu = runtime in ("vllm", "trtllm-bench") or (runtime == "llama-bench" and cuda_card() is not None)
+    on_gpu = runtime in ("vllm", "trtllm-bench") or (runtime == "llama-bench" and cuda_card() is not None) or \
+        (runtime == "onnxruntime" and "CUDAExecutionProvider" in _ort_providers())
     card = (cuda_card() if on_gpu else None) or cpu_card()
     copy_gbs = (device_copy_bandwidth_gbs() if on_gpu else None) or host_copy_bandwidth_gbs()
     weight_bytes = artifact_weight_bytes(export)
@@ -215,7 +225,9 @@ def measure(runtime: str, fmt: str, export: Path, model_cfg: dict[str, Any], set
     for b in settings["batch_sizes"]:
         got = RUNNERS[runtime](export, b, settings, reporter, work)
         if got is None:
-            per_batch.append({"batch_size": b, "skipped": f"{runtime} times one sequence; batch {b} not measured"})
+            why = {"llama-bench": "llama-bench times one sequence",
+                   "onnxruntime": "the ONNX export takes one sequence (batch dimension 1)"}[runtime]
+            per_batch.append({"batch_size": b, "skipped": f"{why}; batch {b} not measured"})
             continue
         ttft, steps, source = got
         step_bytes = weight_bytes + b * mean_context(settings["input_len"], settings["output_len"]) * kv_token

@@ -99,7 +99,9 @@ def installed(runtime: str) -> str | None:
     if runtime == "vllm":
         return _py_version("vllm") if shutil.which("vllm") else None
     if runtime == "trtllm-bench":
-        return _py_version("tensorrt_llm") or _py_version("tensorrt-llm") if shutil.which("trtllm-bench") else None
+        if shutil.which("trtllm-bench") is None:
+            return None
+        return _py_version("tensorrt_llm") or _py_version("tensorrt-llm") or "unknown"
     if runtime == "llama-bench":
         return _binary_version(os.environ.get("TOOLCHAIN_LLAMA_BENCH", "llama-bench"))
     if runtime == "onnxruntime":

@@ -338,6 +338,45 @@ def test_vllm_stand_in_gives_ttft_and_decode_from_two_runs(tmp_path, monkeypatch
     assert b["decode_tok_s"] > 0 and b["itl_source"].startswith("per-iteration")
 
 
+TRTLLM_STAND_IN = """
+import json, shutil, sys
+argv = sys.argv[1:]
+args = dict(zip(argv[::2], argv[1::2]))
+assert "throughput" in argv and "--streaming" in argv, argv
+i = argv.index("throughput")
+opts = dict(zip([a for a in argv[i + 1:] if a.startswith("--") and a != "--streaming"],
+                [argv[argv.index(a) + 1] for a in argv[i + 1:] if a.startswith("--") and a != "--streaming"]))
+lines = open(opts["--dataset"]).read().splitlines()
+assert len(lines) == int(opts["--num_requests"]) and json.loads(lines[0])["output_tokens"] > 0
+shutil.copy({report!r}, opts["--report_json"])
+"""
+
+
+def test_trtllm_bench_stand_in_reports_ttft_and_tpot(tmp_path, monkeypatch):
+    from toolchain.arch import ARCHS
+    from toolchain.progress import Reporter
+    from toolchain.runtimes import external as ext
+    from toolchain.runtimes import select
+
+    bin_dir = tmp_path / "bin"
+    _stand_in(bin_dir, "trtllm-bench", TRTLLM_STAND_IN.format(report=str(RECORDED / "trtllm-bench-report.json")))
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    monkeypatch.setattr(select, "cuda_card", lambda: None)
+    export = tmp_path / "export"
+    export.mkdir()
+    (export / "model.safetensors").write_bytes(b"\0" * 1000)
+    res = ext.measure("trtllm-bench", "trtllm", export, ARCHS["llama-tiny"],
+                      {"batch_sizes": [1, 4], "input_len": 128, "output_len": 128, "iterations": 3},
+                      Reporter(quiet=True), tmp_path)
+    report = json.loads((RECORDED / "trtllm-bench-report.json").read_text())["streaming_metrics"]
+    for b in res["per_batch"]:
+        assert b["ttft_ms"] == report["avg_ttft_ms"]
+        assert b["decode_tok_s"] == pytest.approx(b["batch_size"] * 1e3 / report["avg_tpot_ms"])
+        assert "p99 3.750" in b["itl_source"]
+        assert (b["itl_ms_p50"], b["itl_ms_p99"]) == (report["tpot_percentiles"]["p50"],
+                                                      report["tpot_percentiles"]["p99"])
+
+
 @pytest.mark.skipif(not have("onnxruntime"), reason="onnxruntime not installed")
 def test_onnx_target_is_timed_by_onnxruntime_on_this_machine(tmp_path):
     """onnxruntime is the ONNX target's own runtime and runs on the CPU: the stage times it here, card `cpu`,

@@ -125,7 +125,7 @@ def _trtllm(export: Path, batch: int, s: dict[str, Any], reporter, work: Path) -
     r = parse_trtllm_report(json.loads(report.read_text()))
     # trtllm-bench reports the mean and percentiles of per-request TPOT, not each step: keep what it gives.
     return r["ttft_ms"], [r["tpot_ms"]], f"trtllm-bench per-request TPOT (p50 {r['tpot_p50_ms']:.3f}, " \
-        f"p99 {r['tpot_p99_ms']:.3f} ms)"
+        f"p99 {r['tpot_p99_ms']:.3f} ms)", {"itl_ms_p50": r["tpot_p50_ms"], "itl_ms_p99": r["tpot_p99_ms"]}
 
 
 def _gguf_file(export: Path) -> Path:
@@ -229,9 +229,9 @@ def measure(runtime: str, fmt: str, export: Path, model_cfg: dict[str, Any], set
                    "onnxruntime": "the ONNX export takes one sequence (batch dimension 1)"}[runtime]
             per_batch.append({"batch_size": b, "skipped": f"{why}; batch {b} not measured"})
             continue
-        ttft, steps, source = got
+        ttft, steps, source, *reported = got  # reported: percentiles the tool computed itself
         step_bytes = weight_bytes + b * mean_context(settings["input_len"], settings["output_len"]) * kv_token
         per_batch.append(batch_result(b, settings["input_len"], settings["output_len"], ttft, steps, step_bytes,
-                                      copy_gbs, source))
+                                      copy_gbs, source) | (reported[0] if reported else {}))
     return {"mode": fmt, "card": card, "copy_bandwidth_gbs": copy_gbs, "per_batch": per_batch,
             "method": {"bytes_per_step": "artifact weight files (embedding included) + K/V of the mean context"}}

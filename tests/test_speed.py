@@ -13,8 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from tests.conftest import REPO, build_json, have, run_cli, tiny_profile, write_profile
+from conftest import REPO, build_json, have, run_cli, tiny_profile, write_profile
 
 SPEED = {"batch_sizes": [1, 4], "input_len": 16, "output_len": 8, "iterations": 2}
 RECORDED = Path(__file__).parent / "data" / "speed"
@@ -200,11 +199,12 @@ def _triton_importable() -> bool:
                                                       "runs the kernels on CPU")
 def test_kernels_match_float64_in_the_interpreter():
     """TRITON_INTERPRET must be set before triton is imported: a fresh process."""
-    code = ("import json; from tests.test_speed import _kernel_errors; import torch; "
+    code = ("import json; from test_speed import _kernel_errors; import torch; "
             "print(json.dumps(_kernel_errors('cpu', torch.float32)))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=600,
                        env={**os.environ, "TRITON_INTERPRET": "1",
-                            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])})
+                            "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests"),
+                                                           os.environ.get("PYTHONPATH", "")])})
     assert r.returncode == 0, r.stderr[-2000:]
     errors = json.loads(r.stdout.strip().splitlines()[-1])
     assert len(errors) == 2 * len(KERNEL_CASES)

@@ -226,7 +226,8 @@ def _document(plan, store, results, seconds: float) -> dict[str, Any]:
         val = by_name.get(f"validate:{t.label}")
         engine = by_name.get(f"engine:{t.label}")
         publish = by_name.get(f"publish:{t.label}")
-        failed = val is None or val.status == "failed" or (engine is not None and engine.status == "failed")
+        speed = by_name.get(f"speed:{t.label}")
+        failed = val is None or any(s is not None and s.status == "failed" for s in (val, engine, speed))
         status = "failed" if failed else export.status
         targets.append({
             "format": t.format,
@@ -244,6 +245,7 @@ def _document(plan, store, results, seconds: float) -> dict[str, Any]:
             "published": publish.info.get("published") if publish and publish.status in ("built", "cached")
             else None,
             "runtimes": plan.runtimes.get(t.label, []),
+            "speed": {"status": speed.status, "reason": speed.reason, **speed.info.get("speed", {})} if speed else None,
         })
     return {
         "profile": plan.profile.profile.name,
@@ -287,6 +289,8 @@ def _print_summary(doc: dict[str, Any]) -> None:
             from .runtimes.rules import summary
 
             console.print(f"  runtimes: {summary(t['runtimes'])}")
+        if t.get("speed"):
+            _print_speed(t["speed"])
     for note in doc["notes"]:
         console.print(f"[bold yellow]{note}[/]")
 
@@ -393,6 +397,26 @@ def pull(reference: str, directory: str, insecure: bool, as_json: bool, quiet: b
     elif not quiet:
         click.echo(f"pulled {ref} ({doc['digest']}): {len(doc['files'])} files, "
                       f"{_fmt_size(sum(f['size'] for f in doc['files']))} verified into {directory}")
+
+
+def _print_speed(sp: dict[str, Any]) -> None:
+    if "per_batch" not in sp:
+        console.print(f"  speed: {sp['status']}: {sp['reason']}")
+        return
+    card = sp["card"]
+    console.print(f"  speed ({sp['status']}) by {sp['runtime']} {sp.get('runtime_version') or ''} on {card['name']}"
+                  f" (driver {card.get('driver', '?')}), copy bandwidth {sp['copy_bandwidth_gbs']:.0f} GB/s:")
+    for b in sp["per_batch"]:
+        if b.get("skipped"):
+            console.print(f"    batch {b['batch_size']:>3}: {b['skipped']}")
+            continue
+        ratio = b.get("bandwidth_ratio")
+        console.print(
+            f"    batch {b['batch_size']:>3}: TTFT {b['ttft_ms']:.1f} ms, prefill {b['prefill_tok_s']:.0f} tok/s, "
+            f"decode {b['decode_tok_s']:.1f} tok/s, ITL p50 {b['itl_ms_p50']:.2f} / p99 {b['itl_ms_p99']:.2f} ms"
+            + (f", {b['effective_bandwidth_gbs']:.0f} GB/s ({100 * ratio:.0f}% of copy)" if ratio else ""))
+    if sp["status"] == "failed":
+        console.print(f"  [bold red]{sp['reason']}[/]")
 
 
 @main.command(name="ls")

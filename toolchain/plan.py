@@ -294,6 +294,8 @@ def build_plan(loaded: LoadedProfile, store: Store, reporter: Reporter | None = 
             engine, engine_notes = _entry(exporter.engine)(target.label, target.options, export.key)
             stages.append(engine)
             notes += engine_notes
+        if p.validate_.speed is not None:
+            stages.append(speed_stage(target.label, target.format, p.validate_.speed, export.key))
     from .stages.publish import publish_stages
 
     stages += publish_stages(p, stages)  # last: a target is pushed only after all its stages
@@ -314,6 +316,18 @@ def check_runtimes(index: int, target: Any, q: Any, cfg: dict[str, Any]) -> list
     if verdicts and not any(v["loads"] for v in verdicts):  # an artifact nothing it is for would load
         raise InputError(rules.refusal_message(f"[{index}] ({target.label})", target.format, verdicts[0], False))
     return verdicts
+
+
+def speed_stage(label: str, fmt: str, spec: Any, export_key: str) -> Stage:
+    """speed:<target>, after its validation: keyed by the export, the runtime and its version, the card and the
+    settings (toolchain.runtimes.select); skipped, with the reason, where nothing here can time it."""
+    from .runtimes.select import BUILTIN_VERSION, stage_config
+
+    config, choice = stage_config(fmt, spec)
+    stage = Stage(f"speed:{label}", config, {"export": export_key}, BUILTIN_VERSION, choice.libs,
+                  "toolchain.runtimes.speed:run").finalize()
+    stage.skip_reason = choice.skip_reason
+    return stage
 
 
 def _entry(ref: str) -> Any:

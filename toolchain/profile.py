@@ -252,8 +252,35 @@ class AccuracySpec(Strict):
         return self
 
 
+class SpeedGatesSpec(Strict):
+    """Applied to every batch size measured: the smallest batch binds decode tok/s, the largest binds TTFT."""
+
+    min_decode_tok_s: float | None = Field(default=None, gt=0)
+    max_ttft_ms: float | None = Field(default=None, gt=0)
+
+
+class SpeedSpec(Strict):
+    """Time each target on this machine's GPU (toolchain.runtimes.speed): the target's own benchmark where it is
+    installed, else the built-in GPU runtime; `auto` picks in that order."""
+
+    batch_sizes: tuple[int, ...] = (1, 16)
+    input_len: int = Field(default=128, ge=1, le=32768)
+    output_len: int = Field(default=128, ge=2, le=32768)
+    iterations: int = Field(default=3, ge=1, le=100, description="timed generations per batch size (median)")
+    runtime: Literal["auto", "builtin", "vllm", "trtllm-bench", "llama-bench", "onnxruntime"] = "auto"
+    gates: SpeedGatesSpec = SpeedGatesSpec()
+
+    @field_validator("batch_sizes")
+    @classmethod
+    def _batches(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        if not v or any(b < 1 or b > 1024 for b in v) or len(set(v)) != len(v):
+            raise ValueError(f"give distinct batch sizes between 1 and 1024, e.g. [1, 16] (got {list(v)})")
+        return tuple(sorted(v))
+
+
 class ValidateSpec(Strict):
     accuracy: AccuracySpec | None = None
+    speed: SpeedSpec | None = None
 
 
 class PublishSpec(Strict):

@@ -145,7 +145,8 @@ def _run_stage(stage: Stage, plan: Plan, store: Store, reporter: Reporter, previ
 
 
 def _target_of(stage: Stage) -> str | None:
-    """export:<t> and validate:<t> belong to target t; a failure there must not stop the other targets."""
+    """export:<t>, validate:<t>, engine:<t> and speed:<t> belong to target t; a failure there must not stop the
+    other targets."""
     kind, _, label = stage.name.partition(":")
     return label if kind in ("export", "validate", "engine", "speed", "publish") else None
 

@@ -1,1 +1,2 @@
-"""Serving runtimes: what each one loads and the rules it imposes on our artifacts (rules.py)."""
+"""Serving runtimes: the rules their loaders impose on our artifacts (rules.py), and the adapters that time a
+built artifact on this machine (the speed stage)."""

@@ -180,7 +180,8 @@ def full_kl(ref_logp: torch.Tensor, q_logp: torch.Tensor) -> torch.Tensor:
     return (ref_logp.exp() * (ref_logp - q_logp)).sum(-1)
 
 
-def weight_conformance(model, ir_dir: Path, device: str | None = None) -> dict[str, Any]:
+def weight_conformance(model, ir_dir: Path, device: str | None = None,
+                       keep: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
     """Every quantized layer's weight as the loader materialised it vs our own dequantization, both in the
     arithmetic compressed-tensors uses (the scale's dtype; the model loaded in its checkpoint dtype), bit for bit."""
     from ..formats.compressed_tensors import ARITHMETIC, consumer_dtype
@@ -194,6 +195,8 @@ def weight_conformance(model, ir_dir: Path, device: str | None = None) -> dict[s
         q = ir.layer(name)
         theirs = loader_dense_weight(modules[name], device)
         check.add(name, theirs, q.dequantize(consumer_dtype(q)).to(theirs.device))
+        if keep is not None:  # the runner reuses them (fidelity, scoring) instead of decompressing again
+            keep[f"{name}.weight"] = theirs
     return check.result()
 
 
@@ -273,9 +276,12 @@ def run_validate(ctx: StageContext) -> dict[str, Any]:
     # In the checkpoint's dtype: transformers would otherwise cast the scales to float32 and decompress in float32,
     # which no runtime does with a bf16/fp16 checkpoint.
     model = load_hf_model(ctx.inputs["export"], dtype="auto")
-    conformance = weight_conformance(model, ctx.inputs["quantize"], scoring_device(ctx))
+    # Small models keep the decompressed weights for the runner (a 7B's would not fit beside the model).
+    kept = {} if fits_in_memory(ctx.plan.model_config, bytes_per_param=4, fraction=0.1) else None
+    conformance = weight_conformance(model, ctx.inputs["quantize"], scoring_device(ctx), kept)
     return finish_validation(ctx, "transformers", conformance, hf_logits(model),
-                             hf_model_weights(model, scoring_device(ctx)), stream_scoring=not _fp8_activations(ctx))
+                             hf_model_weights(model, scoring_device(ctx), kept),
+                             stream_scoring=not _fp8_activations(ctx))
 
 
 def _fp8_activations(ctx: StageContext) -> bool:
@@ -286,13 +292,15 @@ def _fp8_activations(ctx: StageContext) -> bool:
     return IRReader(ctx.inputs["quantize"]).scheme.get("method") == "fp8"
 
 
-def hf_model_weights(model, device: str | None = None) -> Any:
+def hf_model_weights(model, device: str | None = None, kept: dict[str, torch.Tensor] | None = None) -> Any:
     """A loaded transformers model as a weight source for the streamed runner: its parameters, quantized linears
-    decompressed as the loader does (loader_dense_weight, on `device`)."""
+    decompressed as the loader does (loader_dense_weight, on `device`; taken from `kept` when already done)."""
     modules = dict(model.named_modules())
     params = dict(model.named_parameters(remove_duplicate=False))
 
     def get(name: str) -> torch.Tensor:
+        if kept and name in kept:
+            return kept[name]
         mod = modules.get(name.rpartition(".")[0])
         if name.endswith(".weight") and mod is not None and (name not in params or hasattr(mod, "weight_scale")):
             return loader_dense_weight(mod, device)  # packed INT, or FP8 weight + scale

@@ -10,10 +10,10 @@
    (it says which: float32 for a bf16 checkpoint loaded in float32, float16 for an fp16 one), see ARITHMETIC.
    GPTQModel.load itself refuses sym=False v1 checkpoints not written by GPTQModel >= 0.9 (its guard against
    AutoGPTQ's zero-point overflow), so transformers' path is the one used; tests load symmetric ones with both.
-3. `finish_validation` scores the loader's logits against the fp32 reference. On CPU GPTQModel picks
-   TorchAtenLinear for 4 bits, which repacks the weight at its first forward and multiplies in bfloat16
-   (aten._weight_int4pack_mm_for_cpu): weights are compared before any forward, and the logits carry that
-   kernel's arithmetic (named in the result).
+3. `finish_validation` measures export fidelity and scores against the reference with the block-streamed runner
+   over the weights the loader dequantized (asked for layer by layer from its process; the rest from the files),
+   on the profile's scoring device and dtype. No GPTQModel forward runs (on CPU its TorchAtenLinear would repack
+   the weights at the first forward and multiply in bfloat16).
 """
 
 from __future__ import annotations

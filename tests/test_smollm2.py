@@ -29,7 +29,7 @@ def test_int4_build_reports_protocol_and_metrics(tmp_path, smol_store):
     v = target["validation"]
     assert v["dataset"] == str(WIKITEXT) and v["seq_len"] == 256 and v["stride"] == 256
     assert v["tokens"] == 4 * 255  # 4 windows of 256 tokens, each scoring 255
-    assert "TokenizersBackend" in v["tokenizer"] and v["runtime"] == "transformers"
+    assert "TokenizersBackend" in v["tokenizer"] and v["runtime"].startswith("transformers")
     # The GGUF's own weights are 4-bit g32, so g64 RTN on top costs something but not everything.
     assert 10 < v["reference_ppl"] < 60
     assert 0 < v["ppl_increase_pct"] < 100

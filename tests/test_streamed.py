@@ -87,7 +87,8 @@ def test_bf16_build_reports_fidelity_and_scoring_device(tmp_path):
     profile = tiny_profile()
     profile["source"]["synthetic"]["dtype"] = "bfloat16"
     profile["validate"] = {"accuracy": {"dataset": str(Path(__file__).resolve().parent.parent / "data" /
-                                                        "wikitext-2-raw" / "wiki.test.raw"), "device": "cpu"}}
+                                                        "wikitext-2-raw" / "wiki.test.raw"), "device": "cpu",
+                                        "gates": {"max_ppl_increase_pct": 10}}}
     r = run_cli("build", str(write_profile(tmp_path, profile)), "--store", str(tmp_path / "s"), "--json")
     assert r.returncode == 0, r.stderr[-2000:]
     doc = json.loads(r.stdout)

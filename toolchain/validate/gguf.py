@@ -171,7 +171,11 @@ def validate_gguf(ctx: StageContext, export_dir: Path, export_info: dict[str, An
                     "reason": f"GGUF tokenizer differs from the source's (first mismatching token "
                               f"{tok['first_mismatch']}, chat template equal: {tok['chat_template_equal']})"}
     loader = f"transformers {transformers.__version__} GGUF loader (gguf-py dequantize, float32)"
-    return finish_validation(ctx, loader, conformance, hf_logits(model), hf_model_weights(model))
+    requantized = export_info.get("requantized_layers") or []
+    ungated = (f"{len(requantized)} layers re-quantized by the exporter into the GGUF type (declared in the "
+               "export; compared above with that re-quantization)") if requantized else None
+    return finish_validation(ctx, loader, conformance, hf_logits(model), hf_model_weights(model),
+                             fidelity_ungated=ungated)
 
 
 def run_validate(ctx: StageContext) -> dict[str, Any]:

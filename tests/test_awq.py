@@ -313,7 +313,7 @@ def test_smollm2_awq_perplexity_increase_below_rtn(tmp_path, smol_store, smol_so
                                                        quantize={"method": method, **base, **extra},
                                                        validate={"accuracy": acc}), name=f"{method}.yaml")
         doc = build_json(str(profile), "--store", str(smol_store))
-        assert doc["targets"][0]["status"] == "built", doc
+        assert doc["targets"][0]["status"] in ("built", "cached"), doc  # RTN may be in the shared store
         assert doc["targets"][0]["conformance"]["max_abs_err"] == 0, doc["targets"][0]["conformance"]
         results[method] = doc["targets"][0]["validation"]
     assert results["awq"]["tokens"] == windows * (seq_len - 1)

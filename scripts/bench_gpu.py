@@ -303,19 +303,22 @@ def print_table(doc: dict) -> None:
     log("")
     log(f"{doc['card']['name']}, copy bandwidth {doc['copy_bandwidth_gbs']:.0f} GB/s, input "
         f"{doc['settings']['input_len']}, output {doc['settings']['output_len']}")
-    log("| mode | batch | decode tok/s | x bf16 | x eager | ITL p50 / p99 ms | TTFT ms | GB/s | % copy | logits err |")
-    log("|---|---|---|---|---|---|---|---|---|---|")
+    log("| mode | batch | decode tok/s | x bf16 | x eager | ITL p50 / p99 ms | TTFT ms | GB/s | % copy | worst block "
+        "(gated) | logits err |")
+    log("|---|---|---|---|---|---|---|---|---|---|---|")
     for mode, m in modes.items():
         err = max(m["logits_check"]["prefill_rel_err"], m["logits_check"]["decode_rel_err"])
+        blocks = m["logits_check"]["blocks"]
+        block = f"{max(blocks['prefill_max_rel_err'], blocks['decode_max_rel_err']):.1e} / {blocks['tolerance']:.2g}"
         for r in m["per_batch"]:
             b = r["batch_size"]
             log(f"| {mode} | {b} | {r['decode_tok_s']:.1f} | {r['decode_tok_s'] / bf16.get(b, float('nan')):.2f} | "
                 f"{r['decode_tok_s'] / eager:.1f} | {r['itl_ms_p50']:.3f} / {r['itl_ms_p99']:.3f} | "
                 f"{r['ttft_ms']:.1f} | {r['effective_bandwidth_gbs']:.0f} | {100 * r['bandwidth_ratio']:.1f} | "
-                f"{err:.1e} |")
+                f"{block} | {err:.1e} |")
     te = doc["transformers_eager"]
     if "itl_ms" in te:
-        log(f"| transformers eager | 1 | {eager:.1f} | | 1.0 | {te['itl_ms']:.2f} | {te['ttft_ms']:.1f} | | | |")
+        log(f"| transformers eager | 1 | {eager:.1f} | | 1.0 | {te['itl_ms']:.2f} | {te['ttft_ms']:.1f} | | | | |")
 
 
 if __name__ == "__main__":

@@ -135,6 +135,13 @@ def smol(args) -> dict:
 
     with torch.inference_mode():
         out["ppl_whole_cuda_bf16"] = _ppl_fn(whole_logits, ids, args.seq_len, args.seq_len)
+    # float32 on CUDA, both runners: where they compute the head alike, streamed must equal whole to 1e-4
+    out["ppl_stream_cuda_fp32"] = _ppl(StreamedModel(cfg, TensorReader(src).get, "cuda", "float32"), ids,
+                                       args.seq_len, args.seq_len)
+    whole = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).to("cuda").eval()
+    with torch.inference_mode():
+        out["ppl_whole_cuda_fp32"] = _ppl_fn(whole_logits, ids, args.seq_len, args.seq_len)
+    out["stream_vs_whole_cuda_fp32_rel"] = abs(out["ppl_stream_cuda_fp32"] / out["ppl_whole_cuda_fp32"] - 1)
     whole = None
     torch.set_num_threads(os.cpu_count() or 1)
     t = time.perf_counter()

@@ -193,7 +193,7 @@ def test_an_export_with_a_nan_scale_fails_and_says_so(tmp_path, poisoned_ir, fmt
 
 def test_conformance_records_non_finite_and_fails_validation():
     """The shared comparison: NaN or inf on either side is its own failure, never a max error of 0."""
-    from toolchain.validate.compare import WeightComparison
+    from toolchain.validate.compare import WeightComparison, all_finite
 
     c = WeightComparison("float32")
     c.add("a", torch.zeros(2, 2), torch.zeros(2, 2))
@@ -209,6 +209,16 @@ def test_conformance_records_non_finite_and_fails_validation():
     ok = WeightComparison("float32")
     ok.add("a", torch.ones(3), torch.ones(3))
     assert ok.failure() is None and ok.result()["max_abs_err"] == 0
+    # the fast paths: equal tensors holding the same inf are still non-finite; a sum that overflows is not
+    both = WeightComparison("float32")
+    both.add("d", inf.clone(), inf.clone())
+    assert both.result()["non_finite"] == [{"layer": "d", "side": "both"}]
+    big = torch.full((4,), 3e38)
+    assert torch.isinf(big.sum()) and all_finite(big) and not all_finite(inf) and not all_finite(nan)
+    assert all_finite(torch.tensor([65504.0, 65504.0], dtype=torch.float16))
+    near = WeightComparison("float32")
+    near.add("e", torch.ones(3), torch.tensor([1.0, 1.0, 1.0 + 2**-20]))
+    assert near.result()["max_abs_err"] == 2**-20
 
 
 # -- the headline profile, 2 layers of Llama-2-7B's shape in bf16 ---------------------------------------------

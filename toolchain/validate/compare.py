@@ -26,10 +26,20 @@ def dtype_name(dtype: torch.dtype) -> str:
     return DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
 
 
+def all_finite(t: torch.Tensor) -> bool:
+    """No NaN and no inf in `t`. A sum is NaN or inf when any element is (or when it overflows, which the exact
+    test then settles): one reduction, where `isfinite(t).all()` writes a boolean tensor first (13x slower on
+    SmolLM2's embedding, CPU)."""
+    if not t.is_floating_point() or t.numel() == 0:
+        return True
+    if bool(torch.isfinite(t.sum())):
+        return True
+    return bool(torch.isfinite(t).all())
+
+
 def non_finite_side(theirs: torch.Tensor, ours: torch.Tensor) -> str | None:
     """Which side holds a NaN or an inf: "loaded", "ours", "both", or None."""
-    bad_theirs = theirs.is_floating_point() and not bool(torch.isfinite(theirs).all())
-    bad_ours = ours.is_floating_point() and not bool(torch.isfinite(ours).all())
+    bad_theirs, bad_ours = not all_finite(theirs), not all_finite(ours)
     if bad_theirs and bad_ours:
         return "both"
     return "loaded" if bad_theirs else "ours" if bad_ours else None
@@ -42,7 +52,13 @@ def max_abs_diff(theirs: torch.Tensor, ours: torch.Tensor) -> float:
         return float("inf")
     if non_finite_side(theirs, ours):
         return float("inf")
+    return _finite_max_abs_diff(theirs, ours)
+
+
+def _finite_max_abs_diff(theirs: torch.Tensor, ours: torch.Tensor) -> float:
     if theirs.numel() == 0:
+        return 0.0
+    if theirs.dtype == ours.dtype and torch.equal(theirs, ours):  # the usual case: no float64 copies (20x faster)
         return 0.0
     return (theirs.double() - ours.double()).abs().max().item()
 
@@ -52,7 +68,7 @@ def check_finite(name: str, what: str, **tensors: torch.Tensor) -> None:
     from ..errors import BuildError
 
     for label, t in tensors.items():
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        if not all_finite(t):
             n = int((~torch.isfinite(t)).sum())
             raise BuildError(f"{name}: non-finite values (NaN or inf) in {label} ({n} of {t.numel()}) {what}; "
                              "the IR or the export is corrupt")
@@ -74,7 +90,10 @@ class WeightComparison:
         side = non_finite_side(theirs, ours)
         if side:
             self.non_finite.append({"layer": name, "side": side})
-        err = max_abs_diff(theirs, ours)
+        if theirs.shape != ours.shape or side:
+            err = float("inf")
+        else:
+            err = _finite_max_abs_diff(theirs, ours)
         if self.worst_layer is None or err > self.max_abs_err:
             self.max_abs_err, self.worst_layer = err, name
         return err

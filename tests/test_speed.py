@@ -222,18 +222,29 @@ def _triton_importable() -> bool:
     return have("triton")
 
 
-@pytest.mark.skipif(not _triton_importable(), reason="triton not installed (pip install triton): the interpreter "
-                                                      "runs the kernels on CPU")
-def test_kernels_match_float64_in_the_interpreter():
-    """TRITON_INTERPRET must be set before triton is imported: a fresh process."""
-    code = ("import json; from test_speed import _kernel_errors; import torch; "
-            "print(json.dumps(_kernel_errors('cpu', torch.float32)))")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=600,
+NEEDS_TRITON = pytest.mark.skipif(not _triton_importable(), reason="triton not installed (pip install triton): the "
+                                  "interpreter runs the kernels on CPU")
+
+
+def _in_the_interpreter(function: str) -> list[tuple[str, float]]:
+    """(name, relative error) pairs from `function` of this module, run in a fresh process with TRITON_INTERPRET=1
+    (it must be set before triton is imported)."""
+    code = f"import json; from test_speed import {function}; print(json.dumps({function}()))"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=900,
                        env={**os.environ, "TRITON_INTERPRET": "1",
                             "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests"),
                                                            os.environ.get("PYTHONPATH", "")])})
     assert r.returncode == 0, r.stderr[-2000:]
-    errors = json.loads(r.stdout.strip().splitlines()[-1])
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def _cpu_kernel_errors() -> list[tuple[str, float]]:
+    return _kernel_errors("cpu", torch.float32)
+
+
+@NEEDS_TRITON
+def test_kernels_match_float64_in_the_interpreter():
+    errors = _in_the_interpreter("_cpu_kernel_errors")
     assert len(errors) == 2 * len(KERNEL_CASES)
     for name, err in errors:
         assert err < 1e-5, (name, err)  # float32 inputs and accumulation
@@ -262,17 +273,9 @@ def _autotune_choice_errors() -> list[tuple[str, float]]:
     return out
 
 
-@pytest.mark.skipif(not _triton_importable(), reason="triton not installed (pip install triton): the interpreter "
-                                                      "runs the kernels on CPU")
+@NEEDS_TRITON
 def test_every_autotune_choice_covers_all_of_k_in_the_interpreter():
-    code = ("import json; from test_speed import _autotune_choice_errors; "
-            "print(json.dumps(_autotune_choice_errors()))")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=900,
-                       env={**os.environ, "TRITON_INTERPRET": "1",
-                            "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests"),
-                                                           os.environ.get("PYTHONPATH", "")])})
-    assert r.returncode == 0, r.stderr[-2000:]
-    errors = json.loads(r.stdout.strip().splitlines()[-1])
+    errors = _in_the_interpreter("_autotune_choice_errors")
     assert len(errors) >= 8
     for name, err in errors:
         assert err < 1e-5, (name, err)

@@ -18,9 +18,9 @@ from typing import Any
 
 from ..errors import BuildError, MissingToolError
 from ..formats.modelopt import INSTALL_TRTLLM, EngineOptions
+from ..stage import Stage, StageCode
 
-VERSION = "1"  # bump when what this stage writes changes
-LIBS = ("tensorrt_llm", "tensorrt")
+CODE = StageCode("1", ("tensorrt_llm", "tensorrt"), "toolchain.engines.trtllm_build:run")  # bump on output change
 LAST_ENGINE_RELEASE = (1, 2)  # the TensorRT engine path was removed from TensorRT-LLM after 1.2
 
 
@@ -57,15 +57,12 @@ def _release(version: str) -> tuple[int, int]:
 
 def engine_stage(label: str, options: dict[str, Any], export_key: str) -> tuple[Any, list[str]]:
     """The engine stage of a trtllm-ckpt target (its `engine:` options) and the plan notes about it."""
-    from ..plan import Stage
-
     build = EngineOptions.model_validate(options.get("engine") or {}).model_dump(mode="json")
     caps = gpu_compute_capability()
     version = trtllm_version()
     config = {"build": build, "mapping": {"tp_size": options.get("tp_size", 1), "pp_size": options.get("pp_size", 1)},
               "gpu_compute_capability": caps, "tensorrt_llm": version}
-    stage = Stage(f"engine:{label}", config, {"export": export_key}, VERSION, LIBS,
-                  "toolchain.engines.trtllm_build:run").finalize()
+    stage = Stage("engine", config, {"export": export_key}, CODE, label)
     notes = []
     if shutil.which("trtllm-build") is None:
         notes.append(f"engine:{label} will not build: trtllm-build not installed ({INSTALL_TRTLLM}); the build "
@@ -87,7 +84,7 @@ def command(checkpoint_dir: Path, output_dir: Path, build: dict[str, Any]) -> li
 
 
 def run(ctx: Any) -> dict[str, Any]:
-    label = ctx.stage.name.partition(":")[2]
+    label = ctx.stage.target
     exe = shutil.which("trtllm-build")
     if exe is None:
         raise MissingToolError(f"engine:{label}: trtllm-build is not installed; {INSTALL_TRTLLM}")

@@ -12,6 +12,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
+from ..stage import StageCode
 from . import gguf as _gguf
 from . import modelopt as _modelopt
 from . import ollama as _ollama
@@ -24,9 +25,7 @@ class NoOptions(BaseModel):
 
 @dataclass(frozen=True)
 class Exporter:
-    version: str  # bump when the exporter's output changes
-    libs: tuple[str, ...]  # distributions whose versions shape the bytes
-    runner: str  # "module:function" writing the artifact
+    export: StageCode  # the export stage: its version (bump when the output changes), libraries, runner
     validator: str  # "module:function" reading it back with an independent loader
     options: type[BaseModel] = NoOptions
     # Quantization schemes the format can hold; checked at plan time. Keys: method names; "*" = any.
@@ -40,6 +39,10 @@ class Exporter:
     # "module:function(options) -> dict": which independent checker the validator will run (with its version),
     # put in the validate key so a weaker fallback check never shares a key with the real one.
     checker: str = ""
+
+    @property
+    def libs(self) -> tuple[str, ...]:
+        return self.export.libs
 
 
 def check_compressed_tensors(quantize_spec: Any, model_config: dict[str, Any], options: dict[str, Any]) -> None:
@@ -55,18 +58,17 @@ def check_compressed_tensors(quantize_spec: Any, model_config: dict[str, Any], o
 
 EXPORTERS: dict[str, Exporter] = {
     "compressed-tensors": Exporter(
-        version="2",  # 2: `ignore` written as resolved module names
-        libs=("torch", "safetensors", "compressed-tensors"),
-        runner="toolchain.formats.compressed_tensors:run",
+        # 2: `ignore` written as resolved module names
+        export=StageCode("2", ("torch", "safetensors", "compressed-tensors"),
+                         "toolchain.formats.compressed_tensors:run"),
         validator="toolchain.validate.accuracy:run_validate",
         methods=("rtn", "fp8", "gptq", "awq"),
         notes="vLLM, SGLang, TensorRT-LLM (PyTorch backend), transformers",
         plan_check="toolchain.formats:check_compressed_tensors",
     ),
     "trtllm": Exporter(
-        version="1",
-        libs=("torch", "safetensors"),
-        runner="toolchain.formats.trtllm:run_hf",
+        export=StageCode("1", ("torch", "safetensors"),
+                         "toolchain.formats.trtllm:run_hf"),
         validator="toolchain.validate.modelopt:run_validate_hf",
         options=_modelopt.HFOptions,
         methods=("rtn", "awq", "fp8"),
@@ -74,9 +76,8 @@ EXPORTERS: dict[str, Exporter] = {
         plan_check="toolchain.formats.modelopt:check_hf",
     ),
     "trtllm-ckpt": Exporter(
-        version="1",
-        libs=("torch", "safetensors"),
-        runner="toolchain.formats.trtllm:run_ckpt",
+        export=StageCode("1", ("torch", "safetensors"),
+                         "toolchain.formats.trtllm:run_ckpt"),
         validator="toolchain.validate.modelopt:run_validate_ckpt",
         options=_modelopt.CkptOptions,
         methods=("rtn", "awq", "fp8"),
@@ -85,9 +86,9 @@ EXPORTERS: dict[str, Exporter] = {
         engine="toolchain.engines.trtllm_build:engine_stage",
     ),
     "gguf": Exporter(
-        version="2",  # 2: a bfloat16 source's embedding/lm_head kept in BF16 (was F16)
-        libs=("torch", "gguf", "transformers"),
-        runner="toolchain.formats.gguf:run",
+        # 2: a bfloat16 source's embedding/lm_head kept in BF16 (was F16)
+        export=StageCode("2", ("torch", "gguf", "transformers"),
+                         "toolchain.formats.gguf:run"),
         validator="toolchain.validate.gguf:run_validate",
         options=_gguf.GGUFOptions,
         # int codes map onto Q4_0/Q4_1/Q8_0 blocks; fp8 and nf4 are dequantized (F16) or re-quantized.
@@ -96,9 +97,9 @@ EXPORTERS: dict[str, Exporter] = {
         plan_check="toolchain.formats.gguf:plan_check",
     ),
     "ollama": Exporter(
-        version="2",  # 2: a bfloat16 source's embedding/lm_head kept in BF16 (was F16)
-        libs=("torch", "gguf", "transformers"),
-        runner="toolchain.formats.ollama:run",
+        # 2: a bfloat16 source's embedding/lm_head kept in BF16 (was F16)
+        export=StageCode("2", ("torch", "gguf", "transformers"),
+                         "toolchain.formats.ollama:run"),
         validator="toolchain.validate.gguf:run_validate_ollama",
         options=_ollama.OllamaOptions,
         methods=("none", "rtn", "fp8", "gptq", "awq", "nf4"),
@@ -106,10 +107,10 @@ EXPORTERS: dict[str, Exporter] = {
         plan_check="toolchain.formats.gguf:plan_check",
     ),
     "xinference": Exporter(
-        version="2",  # 2: a bfloat16 source's embedding/lm_head kept in BF16 (was F16)
-        libs=("torch", "gguf", "transformers", "safetensors", "compressed-tensors"),
-        runner="toolchain.formats.xinference:run",
-        validator="toolchain.formats.xinference:run_validate",
+        # 2: a bfloat16 source's embedding/lm_head kept in BF16 (was F16)
+        export=StageCode("2", ("torch", "gguf", "transformers", "safetensors", "compressed-tensors"),
+                         "toolchain.formats.xinference:run"),
+        validator="toolchain.validate.xinference:run_validate",
         options=_xinference.XinferenceOptions,
         methods=("*",),  # the wrapped format's own methods, checked by plan_check
         notes="Xinference custom model: model.json (v2) beside a gguf, gptq or compressed-tensors artifact",
@@ -117,18 +118,16 @@ EXPORTERS: dict[str, Exporter] = {
         checker="toolchain.formats.xinference:checker",
     ),
     "onnx": Exporter(
-        version="1",
-        libs=("torch", "transformers", "onnx", "onnxscript", "onnxruntime"),
-        runner="toolchain.formats.onnx:run",
+        export=StageCode("1", ("torch", "transformers", "onnx", "onnxscript", "onnxruntime"),
+                         "toolchain.formats.onnx:run"),
         validator="toolchain.validate.onnx:run_validate",
         methods=("rtn", "gptq", "awq"),  # 4-bit power-of-two groups, AWQ folded: plan_check
         notes="onnxruntime: model.onnx with com.microsoft MatMulNBits (INT4) built from our codes; no KV cache",
         plan_check="toolchain.formats.onnx:plan_check",
     ),
     "gptq": Exporter(
-        version="1",
-        libs=("torch", "safetensors"),
-        runner="toolchain.formats.gptq:run",
+        export=StageCode("1", ("torch", "safetensors"),
+                         "toolchain.formats.gptq:run"),
         validator="toolchain.validate.gptq:run_validate",
         # Integer codes only (not fp8/nf4); act-order g_idx included; AWQ only with folded scales (plan_check).
         methods=("rtn", "gptq", "gptq-g_idx", "awq"),
@@ -136,9 +135,8 @@ EXPORTERS: dict[str, Exporter] = {
         plan_check="toolchain.formats.gptq:plan_check",
     ),
     "bnb": Exporter(
-        version="1",
-        libs=("torch", "safetensors", "bitsandbytes", "transformers"),
-        runner="toolchain.formats.bnb:run",
+        export=StageCode("1", ("torch", "safetensors", "bitsandbytes", "transformers"),
+                         "toolchain.formats.bnb:run"),
         validator="toolchain.validate.bnb:run_validate",
         methods=("nf4",),
         notes="bitsandbytes NF4 (quant_method bitsandbytes, load_in_4bit): transformers, vLLM, Xinference `bnb`",

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 from ..errors import BuildError, InputError, MissingToolError
 
 if TYPE_CHECKING:
-    from ..run import StageContext
+    from ..stage import StageContext
 
 CPU_TILE_ROWS = 32  # bitsandbytes' _convert_weight_packed_for_cpu block_n
 INSTALL = "pip install bitsandbytes==0.50.2"

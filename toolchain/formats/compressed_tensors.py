@@ -16,7 +16,7 @@ import torch
 from ..arch import resolved_ignore
 from ..errors import BuildError, MissingToolError
 from ..ir import IRReader, QuantizedLinear, ShardWriter, copy_model_metadata
-from ..run import StageContext
+from ..stage import StageContext
 from ..validate.compare import WeightComparison
 
 

@@ -39,7 +39,7 @@ if TYPE_CHECKING:
     import numpy as np
 
     from ..ir import QuantizedLinear
-    from ..run import StageContext
+    from ..stage import StageContext
 
 BLOCK = 32  # every GGUF type used here stores rows in blocks of 32 values
 GGUF_ARCH = {"llama": "llama", "mistral": "llama"}  # HF model_type -> GGUF architecture
@@ -547,6 +547,5 @@ def write_gguf(ir_dir: Path, out_path: Path, options: dict[str, Any], source_ggu
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
-    src = ctx.plan.source
     return write_gguf(ctx.inputs["quantize"], ctx.out / FILE_NAME, ctx.config.get("options", {}),
-                      src.path if src.kind == "gguf" else None, ctx.reporter)
+                      ctx.data.get("source_gguf"), ctx.reporter)

@@ -42,7 +42,7 @@ if TYPE_CHECKING:
     import torch
 
     from ..ir import IRReader, QuantizedLinear
-    from ..run import StageContext
+    from ..stage import StageContext
 
 FORMAT_BITS = (4, 8)  # what our IR produces; the format also has 2 and 3
 # GPTQModel 7.6 pins numpy==2.2.6 (7.7 needs transformers >= 5.20), so it lives in its own venv that reuses our
@@ -210,11 +210,39 @@ def quantize_config(ir: IRReader, bits: int, group_size: int, sym: bool, desc_ac
     return cfg
 
 
+def unpack_layer(t: dict[str, torch.Tensor], bits: int) -> torch.Tensor:
+    """Dense float32 weight (out, in) of one v1 layer from qweight/qzeros/scales/g_idx."""
+    mask = (1 << bits) - 1
+    per_word = 32 // bits
+    qweight, qzeros = t["qweight"].to(torch.int64) & 0xFFFFFFFF, t["qzeros"].to(torch.int64) & 0xFFFFFFFF
+    rows = [(qweight >> (bits * j)) & mask for j in range(per_word)]  # row j of each word
+    q = torch.stack(rows, dim=1).reshape(qweight.shape[0] * per_word, qweight.shape[1])  # (in, out)
+    cols = [(qzeros >> (bits * j)) & mask for j in range(per_word)]
+    z = torch.stack(cols, dim=2).reshape(qzeros.shape[0], qzeros.shape[1] * per_word) + 1  # v1: stored + 1
+    g = t["g_idx"].long()
+    w = (q - z[g]).float() * t["scales"].float()[g]
+    return w.t().contiguous()
+
+
+ARITHMETIC = "{compute}: (q - z) * float16 scale, one rounding to {compute} (runtimes serve this model in {dtype})"
+
+
+def arithmetic(ir_dir: Path, compute: str = "float32") -> str:
+    from ..ir import IRReader
+
+    return ARITHMETIC.format(compute=compute, dtype=runtime_dtype(IRReader(ir_dir).config))
+
+
+def runtime_dtype(config: dict[str, Any]) -> str:
+    """The dtype GPTQ kernels serve this model in: its own when half precision, else float16."""
+    dtype = config.get("dtype") or config.get("torch_dtype")
+    return dtype if dtype in ("bfloat16", "float16") else "float16"
+
+
 def run(ctx: StageContext) -> dict[str, Any]:
     import torch
 
     from ..ir import IRReader, ShardWriter, copy_model_metadata
-    from ..validate.gptq import arithmetic, runtime_dtype, unpack_layer
 
     ir = IRReader(ctx.inputs["quantize"])
     if not ir.layers:

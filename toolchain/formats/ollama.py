@@ -28,7 +28,7 @@ from ..errors import BuildError
 from .gguf import FILE_NAME, GGUFOptions, chat_template_of, source_gguf_fields, write_gguf
 
 if TYPE_CHECKING:
-    from ..run import StageContext
+    from ..stage import StageContext
 
 MODELFILE = "Modelfile"
 
@@ -266,8 +266,7 @@ def gguf_vocab(path: Path) -> tuple[list[str], str | None]:
 
 def run(ctx: StageContext) -> dict[str, Any]:
     opts = OllamaOptions.model_validate(ctx.config.get("options", {}))
-    src = ctx.plan.source
-    source_gguf = src.path if src.kind == "gguf" else None
+    source_gguf = ctx.data.get("source_gguf")
     gguf_opts = opts.model_dump(include=set(GGUFOptions.model_fields))
     info = write_gguf(ctx.inputs["quantize"], ctx.out / FILE_NAME, gguf_opts, source_gguf, ctx.reporter)
     commands, mf_info = modelfile_commands(ctx.inputs["quantize"], opts, *gguf_vocab(ctx.out / FILE_NAME),

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     import numpy as np
 
     from ..ir import QuantizedLinear
-    from ..run import StageContext
+    from ..stage import StageContext
 
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"

@@ -26,7 +26,7 @@ import torch
 from .. import __version__
 from ..errors import BuildError
 from ..ir import IRReader, QuantizedLinear, ShardWriter, copy_model_metadata
-from ..run import StageContext
+from ..stage import StageContext
 from .modelopt import (
     FP8_MAX,
     FUSED_GROUPS,

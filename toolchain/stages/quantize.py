@@ -7,6 +7,7 @@ toolchain.quant.layerwise, fed with calibration samples from toolchain.quant.cal
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -14,7 +15,7 @@ import torch
 from ..arch import is_ignored, linear_shapes
 from ..errors import BuildError
 from ..ir import IRWriter, TensorReader
-from ..run import StageContext
+from ..stage import StageContext
 from .source import model_dir
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -48,7 +49,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     # RTN and FP8 are elementwise IEEE arithmetic (min/max, one division, round-half-even, casts): a GPU gives the
     # same bytes, many times faster on a 7B model.
     device = "cuda" if q["method"] in ("rtn", "fp8") and torch.cuda.is_available() else "cpu"
-    cfg = ctx.plan.model_config
+    cfg = ctx.model_config
     targets = {f"{n}.weight": n for n, _o, _i in linear_shapes(cfg) if not is_ignored(n, q["ignore"])}
     if q["method"] == "none":
         targets = {}
@@ -96,9 +97,9 @@ def run_calibrated(ctx: StageContext, src_dir) -> dict[str, Any]:
     from ..quant.layerwise import run_layerwise
 
     q = ctx.config
-    spec = ctx.plan.profile.profile.quantize.calibration
-    cal_src = calibration.parse(spec.dataset, ctx.plan.profile.resolve)
-    cfg = ctx.plan.model_config
+    spec = SimpleNamespace(**q["calibration"])  # the profile's calibration section (its data: ctx.data)
+    cal_src = ctx.data["calibration"]
+    cfg = ctx.model_config
     ids, cal_info = calibration.token_ids(cal_src, spec.text_field, spec.samples, spec.seq_len, spec.seed,
                                           calibration.load_tokenizer(src_dir), cfg["vocab_size"])
     if "dataset_sha256" in q["calibration"]:

@@ -22,12 +22,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from .. import gates
 from ..arch import fits_in_memory
 from ..errors import BuildError
-from ..run import StageContext
+from ..stage import StageContext
 from ..stages.source import model_dir
 from .compare import conformance_failure
 
@@ -90,7 +90,7 @@ def score(logits_fn: LogitsFn, ids: torch.Tensor, seq_len: int, stride: int, rep
             task.advance(end - first)
 
 
-def _protocol(cfg: dict[str, Any], dataset: Path, n_scored: int, tokenizer: str, stream: Any) -> dict[str, Any]:
+def protocol_record(cfg: dict[str, Any], dataset: Path, n_scored: int, tokenizer: str, stream: Any) -> dict[str, Any]:
     return {"dataset": str(dataset), "dataset_sha256": cfg["dataset_sha256"], "seq_len": cfg["seq_len"],
             "stride": cfg["stride"], "tokens": n_scored, "tokenizer": tokenizer, "protocol": cfg["protocol"],
             **stream.protocol(),
@@ -107,37 +107,20 @@ def streamed_model(ctx: StageContext, config: dict[str, Any], weights: Any):
     return StreamedModel(config, weights, scoring.get("device"), scoring.get("dtype"), checkpoint_dtype(config))
 
 
-def run_reference(ctx: StageContext) -> dict[str, Any]:
-    """The unquantized model's statistics, scored block by block from the source's safetensors."""
-    from ..ir import TensorReader
-    from .streamed import streamed_logits_fn
+def streamed_logits_fn(model: Any, ids: torch.Tensor, seq_len: int, stride: int, reporter: Any = None):
+    """A LogitsFn (accuracy.score's contract: a window's ids -> its logits) over one streamed pass: all windows
+    go through the blocks now (with progress), then their logits are handed out in order."""
+    spans = list(windows(len(ids), seq_len, stride))
+    model.run([ids[b:e] for b, e, _f in spans], reporter)
+    order = iter(enumerate(spans))
 
-    cfg = ctx.config
-    src = model_dir(ctx.input_manifests["source"], ctx.inputs["source"])
-    dataset = ctx.plan.profile.resolve(ctx.plan.profile.profile.validate_.accuracy.dataset)
-    ids, tokenizer = tokenize(src, dataset, cfg["max_tokens"])
-    torch.set_num_threads(os.cpu_count() or 1)
-    model = streamed_model(ctx, json.loads((src / "config.json").read_text()), TensorReader(src).get)
-    logits_fn = streamed_logits_fn(model, ids, cfg["seq_len"], cfg["stride"], ctx.reporter)
-    positions = [p for _b, e, f in windows(len(ids), cfg["seq_len"], cfg["stride"]) for p in range(f, e)]
-    targets = ids[positions]
-    nll, top_lp, top_idx = [], [], []
-    offset = 0
-    for lp in score(logits_fn, ids, cfg["seq_len"], cfg["stride"], ctx.reporter, "reference logits"):
-        t = targets[offset : offset + len(lp)].to(lp.device)  # the streamed runner's logits stay on its device
-        nll.append(-lp.gather(1, t[:, None])[:, 0].cpu())
-        v, i = lp.topk(TOPK, dim=-1)
-        top_lp.append(v.half().cpu())  # float16 moves the KL by ~1e-5 (measured), a quarter of the float32 size
-        top_idx.append(i.to(torch.int32).cpu())
-        offset += len(lp)
-    tensors = {"targets": targets.to(torch.int32), "nll": torch.cat(nll), "top_logp": torch.cat(top_lp),
-               "top_idx": torch.cat(top_idx)}
-    save_file(tensors, str(ctx.out / "reference.safetensors"))
-    stats = {**_protocol(cfg, dataset, len(targets), tokenizer, model.stats),
-             "ppl": math.exp(tensors["nll"].mean().item()), "total_tokens": len(ids)}
-    (ctx.out / "reference.json").write_text(json.dumps(stats, indent=2))
-    ctx.reporter.info(f"  reference perplexity {stats['ppl']:.3f} over {len(targets)} tokens")
-    return stats
+    def fn(window: torch.Tensor) -> torch.Tensor:
+        j, (b, e, _f) = next(order)
+        if not torch.equal(window, ids[b:e]):
+            raise RuntimeError("streamed scoring: windows asked for out of order")
+        return model.window_logits(j)
+
+    return fn
 
 
 def compare(logits_fn: LogitsFn, ids: torch.Tensor, ref: dict[str, torch.Tensor], seq_len: int, stride: int,
@@ -268,7 +251,7 @@ def run_validate(ctx: StageContext) -> dict[str, Any]:
     weights are compared with ours layer by layer, then scored by the block-streamed runner. A model too large to
     hold (packed) in memory is decompressed layer by layer from the files by the compressed-tensors library
     instead, for the comparison and for the runner alike."""
-    if not fits_in_memory(ctx.plan.model_config, bytes_per_param=1):
+    if not fits_in_memory(ctx.model_config, bytes_per_param=1):
         conformance = file_conformance(ctx.inputs["export"], ctx.inputs["quantize"], ctx.reporter)
         weights = file_weights(ctx.inputs["export"], ctx.inputs["quantize"], scoring_device(ctx))
         return finish_validation(ctx, "compressed-tensors (per layer, from the files)", conformance, None, weights,
@@ -277,7 +260,7 @@ def run_validate(ctx: StageContext) -> dict[str, Any]:
     # which no runtime does with a bf16/fp16 checkpoint.
     model = load_hf_model(ctx.inputs["export"], dtype="auto")
     # Small models keep the decompressed weights for the runner (a 7B's would not fit beside the model).
-    kept = {} if fits_in_memory(ctx.plan.model_config, bytes_per_param=4, fraction=0.1) else None
+    kept = {} if fits_in_memory(ctx.model_config, bytes_per_param=4, fraction=0.1) else None
     conformance = weight_conformance(model, ctx.inputs["quantize"], scoring_device(ctx), kept)
     return finish_validation(ctx, "transformers", conformance, hf_logits(model),
                              hf_model_weights(model, scoring_device(ctx), kept),
@@ -360,7 +343,7 @@ def finish_validation(ctx: StageContext, loader: str, conformance: dict[str, Any
     ids = None
     if "reference" in ctx.inputs:
         src = model_dir(ctx.input_manifests["source"], ctx.inputs["source"])
-        dataset = ctx.plan.profile.resolve(ctx.plan.profile.profile.validate_.accuracy.dataset)
+        dataset = ctx.data["dataset"]
         ids, _tok = tokenize(src, dataset, cfg["protocol"]["max_tokens"])
     if loaded_weights is not None:
         fidelity = run_fidelity(ctx, loaded_weights, ids)
@@ -383,8 +366,6 @@ def finish_validation(ctx: StageContext, loader: str, conformance: dict[str, Any
     protocol = cfg["protocol"]
     stream = None
     if loaded_weights is not None and stream_scoring:  # the loader is proven layer by layer; we score its weights
-        from .streamed import streamed_logits_fn
-
         stream = streamed_model(ctx, _ir_config(ctx), loaded_weights)
         logits_fn = streamed_logits_fn(stream, ids, protocol["seq_len"], protocol["stride"], ctx.reporter)
         loader = f"{loader} -> block-streamed runner ({stream.stats.device}, {stream.stats.dtype})"

@@ -18,7 +18,7 @@ import torch
 
 from ..errors import BuildError, MissingToolError
 from ..ir import IRReader
-from ..run import StageContext
+from ..stage import StageContext
 
 # bitsandbytes' dequantize_4bit: level * absmax in float32 (its absmax is float32), rounded once to the dtype the
 # weight had when quantized (QuantState.dtype); QuantizedLinear.dequantize does the same in plain torch.

@@ -21,7 +21,7 @@ import torch
 
 from ..formats.gguf import BLOCK, FILE_NAME
 from ..ir import IRReader, QuantizedLinear, default_g_idx
-from ..run import StageContext
+from ..stage import StageContext
 from .accuracy import finish_validation, hf_logits, hf_model_weights
 from .compare import WeightComparison, max_abs_diff
 
@@ -161,8 +161,7 @@ def validate_gguf(ctx: StageContext, export_dir: Path, export_info: dict[str, An
     ir_dir = ctx.inputs["quantize"]
     model = load_gguf_model(export_dir)
     conformance = gguf_conformance(model, ir_dir, export_dir / FILE_NAME, export_info)
-    acc = ctx.plan.profile.profile.validate_.accuracy
-    dataset = ctx.plan.profile.resolve(acc.dataset) if acc is not None else None
+    dataset = ctx.data.get("dataset")
     tok = tokenizer_check(export_dir, ir_dir, dataset)
     if tok is not None:
         conformance["tokenizer"] = tok

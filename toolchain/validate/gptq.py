@@ -29,23 +29,9 @@ from typing import Any
 import torch
 
 from ..errors import BuildError
-from ..formats.gptq import loader_python
-from ..run import StageContext
+from ..formats.gptq import arithmetic, loader_python, unpack_layer
+from ..stage import StageContext
 from .compare import conformance_failure
-
-
-def unpack_layer(t: dict[str, torch.Tensor], bits: int) -> torch.Tensor:
-    """Dense float32 weight (out, in) of one v1 layer from qweight/qzeros/scales/g_idx."""
-    mask = (1 << bits) - 1
-    per_word = 32 // bits
-    qweight, qzeros = t["qweight"].to(torch.int64) & 0xFFFFFFFF, t["qzeros"].to(torch.int64) & 0xFFFFFFFF
-    rows = [(qweight >> (bits * j)) & mask for j in range(per_word)]  # row j of each word
-    q = torch.stack(rows, dim=1).reshape(qweight.shape[0] * per_word, qweight.shape[1])  # (in, out)
-    cols = [(qzeros >> (bits * j)) & mask for j in range(per_word)]
-    z = torch.stack(cols, dim=2).reshape(qzeros.shape[0], qzeros.shape[1] * per_word) + 1  # v1: stored + 1
-    g = t["g_idx"].long()
-    w = (q - z[g]).float() * t["scales"].float()[g]
-    return w.t().contiguous()
 
 
 def check_config(export_dir: Path) -> dict[str, Any]:
@@ -63,21 +49,6 @@ def check_config(export_dir: Path) -> dict[str, Any]:
 # and a loader computing in a half dtype rounds that exact product once. Our unpacking forms it in float32; the
 # loader (GPTQModel's dequantize_weight) computes in the dtype it holds the scales in, which it reports: ours is
 # rounded to the same. A runtime computing in the model's dtype (vLLM's Marlin in bf16/fp16) rounds it alike.
-ARITHMETIC = "{compute}: (q - z) * float16 scale, one rounding to {compute} (runtimes serve this model in {dtype})"
-
-
-def arithmetic(ir_dir: Path, compute: str = "float32") -> str:
-    from ..ir import IRReader
-
-    return ARITHMETIC.format(compute=compute, dtype=runtime_dtype(IRReader(ir_dir).config))
-
-
-def runtime_dtype(config: dict[str, Any]) -> str:
-    """The dtype GPTQ kernels serve this model in: its own when half precision, else float16."""
-    dtype = config.get("dtype") or config.get("torch_dtype")
-    return dtype if dtype in ("bfloat16", "float16") else "float16"
-
-
 def summarise(pairs: Iterator[tuple[str, torch.Tensor, torch.Tensor]], ir_dir: Path,
               compute: Callable[[], str] = lambda: "float32") -> dict[str, Any]:
     """One layer at a time (a 7B's dense weights would not fit twice in memory). `compute` names the dtype the

@@ -27,7 +27,7 @@ import torch
 
 from ..errors import BuildError
 from ..ir import IRReader, TensorReader
-from ..run import StageContext
+from ..stage import StageContext
 from .accuracy import LogitsFn, finish_validation
 
 FP8 = torch.float8_e4m3fn

@@ -17,7 +17,7 @@ import torch
 
 from ..formats.onnx import MODEL_FILE
 from ..ir import IRReader
-from ..run import StageContext
+from ..stage import StageContext
 from .accuracy import finish_validation
 from .compare import WeightComparison
 

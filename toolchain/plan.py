@@ -17,6 +17,7 @@ from .errors import InputError
 from .formats import EXPORTERS
 from .gates import NO_GATES, has_gate
 from .hashing import StatCache, key_of, tree_digest
+from .methods import METHODS
 from .profile import LoadedProfile
 from .progress import Reporter
 from .sources import ResolvedSource, resolve
@@ -114,29 +115,21 @@ def _dataset_digest(loaded: LoadedProfile, cache: StatCache) -> tuple[str, str] 
     return str(path), cache.hash(path)
 
 
-# Calibrated methods: their code version (bump when the method's output changes) and the fields that shape
-# their output beyond the common ones; other methods leave these out of the key.
-CALIBRATED_METHODS = {"gptq": "2", "awq": "1"}
-METHOD_FIELDS = {"gptq": ("damp", "act_order", "static_groups", "observer", "true_sequential"),
-                 "awq": ("awq_grid", "awq_clip", "awq_fold"),
-                 "nf4": ("blocksize", "double_quant")}
+# What only calibrated methods read; the others leave it out of the key.
 CALIBRATION_FIELDS = ("calibration", "device")
 
 
 def quantize_config(loaded: LoadedProfile, cache: StatCache, eval_sha256: str | None) -> dict[str, Any]:
-    """The quantize stage's config (and key material): the profile's quantize section with only the fields its
-    method reads; a calibration file is identified by its content hash, not its path."""
+    """The quantize stage's config (and key material): the profile's quantize section as its method's model holds
+    it (toolchain.methods); a calibration file is identified by its content hash, not its path."""
     from .quant.calibration import parse, refuse_eval_text
 
     q = loaded.profile.quantize
+    method = METHODS[q.method]
     qcfg = q.model_dump(mode="json")
-    for method, fields in METHOD_FIELDS.items():
-        if q.method != method:
-            for f in fields:
-                qcfg.pop(f, None)
-    if q.method == "nf4":  # bitsandbytes itself writes the NF4 bytes
-        qcfg["quantized_with"] = lib_versions(("bitsandbytes",))
-    if q.method not in CALIBRATED_METHODS:
+    if method.key_libs:  # the library itself writes the bytes
+        qcfg["quantized_with"] = lib_versions(method.key_libs)
+    if not method.calibrated:
         for f in CALIBRATION_FIELDS:
             qcfg.pop(f, None)
         return qcfg
@@ -150,7 +143,7 @@ def quantize_config(loaded: LoadedProfile, cache: StatCache, eval_sha256: str | 
 
     qcfg["device"] = device.resolve(q.device)  # the device that will run, not `auto`: CPU and CUDA bytes differ
     qcfg["kernels"] = device.kernel_identity(qcfg["device"], q.method)
-    qcfg["method_version"] = CALIBRATED_METHODS[q.method]
+    qcfg["method_version"] = method.version
     qcfg["calibrated_with"] = lib_versions(("transformers", "tokenizers"))
     return qcfg
 

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 from conftest import needs_smollm2, tiny_profile, write_profile
 
-import toolchain.formats.xinference as X
-import toolchain.validate.xinference as XV
+import toolchain.formats.xinference.check as XV
+import toolchain.formats.xinference.export as XE
+import toolchain.formats.xinference.spec as X
 from toolchain.oracles import venv_python
 
 needs_xinference = pytest.mark.skipif(
@@ -125,7 +126,7 @@ def test_smollm2_chat_template_and_stops(tmp_path_factory):
     from test_format_gguf import smol_tokenizer_files
 
     tok_dir, _ = smol_tokenizer_files(tmp_path_factory.getbasetemp())
-    stop, ids, template = X.stops(tok_dir)
+    stop, ids, template = XE.stops(tok_dir)
     assert stop == ["<|im_end|>", "<|im_start|>"] and ids == [2, 1]  # eos (config id 2), then ChatML's markers
     assert template.startswith("{% for message in messages %}")
 
@@ -133,9 +134,9 @@ def test_smollm2_chat_template_and_stops(tmp_path_factory):
 def test_size_in_billions_is_measured():
     from toolchain.arch import ARCHS
 
-    assert X.size_in_billions(ARCHS["smollm2-135m"]) == "0_135"
-    assert X.size_in_billions(ARCHS["llama-2-7b"]) == "6_7"
-    assert X.size_in_billions(ARCHS["llama-2-13b"]) == 13
+    assert XE.size_in_billions(ARCHS["smollm2-135m"]) == "0_135"
+    assert XE.size_in_billions(ARCHS["llama-2-7b"]) == "6_7"
+    assert XE.size_in_billions(ARCHS["llama-2-13b"]) == 13
 
 
 def test_missing_xinference_oracle_is_refused_unless_the_profile_allows_the_field_check(cli, tmp_path, monkeypatch):

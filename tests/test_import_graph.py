@@ -44,3 +44,20 @@ def test_the_graph_sees_imports():
     kinds = {e.kind for e in es}
     assert kinds == {"module", "local", "typing"}, kinds
     assert any(e.src == "toolchain.plan" and e.dst == "toolchain.store" and e.kind == "module" for e in es)
+
+
+def test_the_format_registry_imports_only_specs():
+    """Planning reads the registry: it imports each format's torch-free spec, never its exporter or checker."""
+    es = [e for e in edges(REPO) if e.src == "toolchain.formats" and e.kind == "module"
+          and e.dst.startswith("toolchain.formats.")]
+    assert es, "the registry imports no spec module"
+    bad = [e for e in es if not (e.dst.endswith(".spec") or e.dst == "toolchain.formats.base"
+                                 or e.dst.count(".") == 2)]  # a format's package itself (its empty __init__)
+    assert not bad, "\n".join(map(str, bad))
+
+
+def test_spec_modules_import_no_exporter_or_checker():
+    es = [e for e in edges(REPO) if e.src.endswith(".spec") and e.src.startswith("toolchain.formats.")
+          and e.kind == "module"]
+    bad = [e for e in es if e.dst.rsplit(".", 1)[-1] in ("export", "check", "engine", "worker")]
+    assert not bad, "\n".join(map(str, bad))

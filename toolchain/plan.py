@@ -228,7 +228,7 @@ def build_plan(loaded: LoadedProfile, store: Store, reporter: Reporter | None = 
                              "input column); set quantize.static_groups: true (act-order with groups in order, "
                              "what compressed-tensors calls actorder: weight) or act_order: false")
         if exporter.plan_check:
-            load_entry(exporter.plan_check)(p.quantize, cfg, target.options)
+            exporter.plan_check(p.quantize, cfg, target.options)
         verdicts = check_runtimes(i, target, p.quantize, cfg)
         runtimes[target.label] = verdicts
         export_cfg = target.model_dump(mode="json", exclude={"runtimes"})  # says who loads it, not its bytes
@@ -238,7 +238,7 @@ def build_plan(loaded: LoadedProfile, store: Store, reporter: Reporter | None = 
         stages.append(export)
         vconf: dict[str, Any] = {"format": target.format, "scoring": scoring}
         if exporter.checker:
-            vconf.update(load_entry(exporter.checker)(target.options))
+            vconf.update(exporter.checker(target.options))
         vinputs = {"export": export.key, "quantize": quant.key, "source": source.key}
         if reference is not None and reference.skip_reason is None:
             vconf["gates"] = acc.gates if acc.gates == NO_GATES else acc.gates.model_dump(mode="json")

@@ -217,7 +217,7 @@ def recipe_facts(q: Any, fmt: str, options: dict[str, Any], cfg: dict[str, Any])
         "ignore_not_exact": [e for e in written_ignore if not e.startswith("re:") and e not in names],
     }
     if fmt == "xinference":
-        from ..formats.xinference import format_and_quantization
+        from ..formats.xinference.spec import format_and_quantization
 
         of = options.get("of", "gguf")
         facts["of"] = of

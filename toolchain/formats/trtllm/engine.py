@@ -16,11 +16,11 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from ..errors import BuildError, MissingToolError
-from ..formats.modelopt import INSTALL_TRTLLM, EngineOptions
-from ..stage import Stage, StageCode
+from ...errors import BuildError, MissingToolError
+from ...stage import Stage, StageCode
+from .spec import INSTALL_TRTLLM, EngineOptions
 
-CODE = StageCode("1", ("tensorrt_llm", "tensorrt"), "toolchain.engines.trtllm_build:run")  # bump on output change
+CODE = StageCode("1", ("tensorrt_llm", "tensorrt"), "toolchain.formats.trtllm.engine:run")  # bump on output change
 LAST_ENGINE_RELEASE = (1, 2)  # the TensorRT engine path was removed from TensorRT-LLM after 1.2
 
 

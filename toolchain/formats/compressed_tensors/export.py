@@ -13,11 +13,11 @@ from typing import Any
 
 import torch
 
-from ..arch import resolved_ignore
-from ..errors import BuildError, MissingToolError
-from ..ir import IRReader, QuantizedLinear, ShardWriter, copy_model_metadata
-from ..stage import StageContext
-from ..validate.compare import WeightComparison
+from ...arch import resolved_ignore
+from ...errors import BuildError, MissingToolError
+from ...ir import IRReader, QuantizedLinear, ShardWriter, copy_model_metadata
+from ...stage import StageContext
+from ...validate.compare import WeightComparison
 
 
 def _ct():

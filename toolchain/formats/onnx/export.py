@@ -20,47 +20,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import BuildError, InputError, MissingToolError
+from ...errors import BuildError, MissingToolError
+from .spec import DATA_FILE, MODEL_FILE
 
 if TYPE_CHECKING:
     import numpy as np
 
-    from ..ir import QuantizedLinear
-    from ..stage import StageContext
+    from ...ir import QuantizedLinear
+    from ...stage import StageContext
 
-MODEL_FILE = "model.onnx"
-DATA_FILE = "model.onnx.data"
 OPSET = 18
-
-
-MODULES = ("onnx", "onnxscript", "onnxruntime")  # exporter (torch.onnx's dynamo path needs onnxscript), checker
-
-
-def _importable(module: str) -> bool:
-    import importlib.util
-
-    try:
-        return importlib.util.find_spec(module) is not None
-    except (ImportError, ValueError):  # a broken or blocked install
-        return False
-
-
-def plan_check(quantize_spec: Any, model_config: dict[str, Any], options: dict[str, Any]) -> None:
-    missing = [m for m in MODULES if not _importable(m)]
-    if missing:
-        raise MissingToolError(f"targets: the onnx target needs {', '.join(missing)} (missing here): "
-                               f"pip install {' '.join(MODULES)}")
-    q = quantize_spec
-    gs = q.group_size or 0
-    if q.bits != 4 or q.strategy != "group" or gs < 16 or gs & (gs - 1):
-        raise InputError("targets: onnx (MatMulNBits) needs 4-bit groups of a power-of-two size >= 16 "
-                         f"(got bits {q.bits}, strategy {q.strategy}, group_size {q.group_size})")
-    if getattr(q, "act_order", False) and not getattr(q, "static_groups", False):
-        raise InputError("targets: onnx cannot hold act-order groups (g_idx); set quantize.static_groups: true")
-    if q.method == "awq" and not getattr(q, "awq_fold", True):
-        raise InputError("targets: onnx has no place for AWQ's pre_quant_scale; set quantize.awq_fold: true")
-    if model_config.get("model_type") not in ("llama", "mistral", "qwen2", "qwen3"):
-        raise InputError(f"targets: onnx export supports Llama-style decoders, not {model_config.get('model_type')}")
 
 
 def _onnx():
@@ -83,7 +52,7 @@ def pack_nibbles(u: np.ndarray) -> np.ndarray:
 def matmulnbits_tensors(q: QuantizedLinear) -> dict[str, np.ndarray]:
     import numpy as np
 
-    from ..validate.compare import check_finite
+    from ...validate.compare import check_finite
 
     check_finite(f"MatMulNBits layer of shape {q.shape}", "of the IR", scale=q.scale)
     out_f, in_f = q.shape
@@ -109,7 +78,7 @@ def dense_model(ir_dir: Path):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from ..ir import IRReader
+    from ...ir import IRReader
 
     ir = IRReader(ir_dir)
     config = AutoConfig.from_pretrained(ir_dir)
@@ -202,7 +171,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     import tempfile
 
     onnx = _onnx()
-    from ..ir import copy_model_metadata
+    from ...ir import copy_model_metadata
 
     model, ir = dense_model(ctx.inputs["quantize"])
     if not ir.layers:

@@ -27,67 +27,19 @@ This module is imported at plan time (plan_check): heavy imports stay inside the
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import BuildError, InputError, MissingToolError
-from ..oracles import venv_python
+from ...errors import BuildError
+from .spec import FORMAT_BITS
 
 if TYPE_CHECKING:
     import torch
 
-    from ..ir import IRReader, QuantizedLinear
-    from ..stage import StageContext
-
-FORMAT_BITS = (4, 8)  # what our IR produces; the format also has 2 and 3
-# GPTQModel 7.6 pins numpy==2.2.6 (7.7 needs transformers >= 5.20), so it lives in its own venv that reuses our
-# torch and transformers (layered on this environment, toolchain.oracles): <venv root>/gptqmodel.
-INSTALL = ("run scripts/setup, which makes the oracle venv gptqmodel (gptqmodel==7.6.0 optimum==2.3.0, layered on "
-           "this environment), or set TOOLCHAIN_GPTQMODEL_PYTHON to an interpreter that has gptqmodel and optimum")
-
-
-def loader_python() -> str:
-    """The interpreter the validator loads the checkpoint in: ours if it has GPTQModel and optimum, else
-    TOOLCHAIN_GPTQMODEL_PYTHON, else the venv scripts/setup makes."""
-    if all(importlib.util.find_spec(m) is not None for m in ("gptqmodel", "optimum")):
-        return sys.executable
-    py = os.environ.get("TOOLCHAIN_GPTQMODEL_PYTHON") or str(venv_python("gptqmodel"))
-    if not Path(py).is_file():
-        raise MissingToolError(f"the gptq target is validated with transformers + optimum + GPTQModel: {INSTALL}")
-    return py
-
-
-def plan_check(quantize_spec: Any, model_config: dict[str, Any], options: dict[str, Any]) -> None:
-    """What the GPTQ loaders cannot take, refused before any quantization runs."""
-    from ..arch import is_ignored, linear_shapes
-
-    q = quantize_spec
-    if q.method == "awq" and not getattr(q, "awq_fold", True):
-        raise InputError("targets: format gptq has no place for AWQ's pre_quant_scale; set quantize.awq_fold: true "
-                         "(scales folded into the preceding norm/linear) or use format compressed-tensors")
-    if q.bits not in FORMAT_BITS:
-        raise InputError(f"targets: format gptq is written for bits {FORMAT_BITS}, not {q.bits}")
-    pf = 32 // q.bits
-    shapes = linear_shapes(model_config)
-    quantized = [(n, o, i) for n, o, i in shapes if not is_ignored(n, q.ignore)]
-    if any(n == "lm_head" for n, _o, _i in quantized):
-        raise InputError("targets: format gptq: transformers/optimum quantize only the decoder blocks' linears, so "
-                         "a quantized lm_head would not load; add lm_head to quantize.ignore")
-    skipped = [n for n, _o, _i in shapes if n != "lm_head" and is_ignored(n, q.ignore)]
-    if skipped:
-        more = f" (and {len(skipped) - 1} more)" if len(skipped) > 1 else ""
-        raise InputError(f"targets: format gptq needs every linear of the decoder blocks quantized; "
-                         f"quantize.ignore leaves {skipped[0]}{more} unquantized")
-    for n, o, i in quantized:
-        if i % pf or o % pf:
-            raise InputError(f"targets: format gptq packs {pf} values per int32 word; {n} is {o}x{i} "
-                             f"(out x in), not a multiple of {pf}")
-    loader_python()  # the validator's loader, checked before any quantization
+    from ...ir import IRReader, QuantizedLinear
+    from ...stage import StageContext
 
 
 # -- the numerics of one layer ---------------------------------------------------------------------------------
@@ -115,7 +67,7 @@ def to_gptq(q: QuantizedLinear, check: bool = True) -> GPTQLayer:
     float16 cannot hold (validators pass False: a corrupt IR must show up as their own non-finite failure)."""
     import torch
 
-    from ..ir import default_g_idx
+    from ...ir import default_g_idx
 
     if q.type != "int":
         raise BuildError(f"format gptq holds integer layers, not {q.type}")
@@ -139,7 +91,7 @@ def to_gptq(q: QuantizedLinear, check: bool = True) -> GPTQLayer:
         g_idx = default_g_idx(in_f, q.meta.get("group_size") if grouped else None).to(torch.int32)
     scales16 = scale.to(torch.float16)
     if check:
-        from ..validate.compare import check_finite
+        from ...validate.compare import check_finite
 
         check_finite("gptq export", "of the IR", scale=scale)
         if not torch.isfinite(scales16).all():
@@ -194,7 +146,7 @@ def pack_layer(layer: GPTQLayer, name: str) -> dict[str, torch.Tensor]:
 def quantize_config(ir: IRReader, bits: int, group_size: int, sym: bool, desc_act: bool) -> dict[str, Any]:
     """quantize_config.json, also embedded in config.json as quantization_config: the fields vLLM's GPTQConfig,
     transformers' GPTQConfig and GPTQModel's QuantizeConfig read."""
-    from .. import __version__
+    from ... import __version__
 
     s = ir.scheme
     cfg: dict[str, Any] = {
@@ -228,7 +180,7 @@ ARITHMETIC = "{compute}: (q - z) * float16 scale, one rounding to {compute} (run
 
 
 def arithmetic(ir_dir: Path, compute: str = "float32") -> str:
-    from ..ir import IRReader
+    from ...ir import IRReader
 
     return ARITHMETIC.format(compute=compute, dtype=runtime_dtype(IRReader(ir_dir).config))
 
@@ -242,7 +194,7 @@ def runtime_dtype(config: dict[str, Any]) -> str:
 def run(ctx: StageContext) -> dict[str, Any]:
     import torch
 
-    from ..ir import IRReader, ShardWriter, copy_model_metadata
+    from ...ir import IRReader, ShardWriter, copy_model_metadata
 
     ir = IRReader(ctx.inputs["quantize"])
     if not ir.layers:

@@ -23,59 +23,19 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
-
-from ..errors import BuildError, InputError, MissingToolError
-from ..stage import load_entry
+from ...errors import BuildError
+from ...stage import load_entry
+from .spec import MODEL_JSON, XinferenceOptions, format_and_quantization
 
 if TYPE_CHECKING:
-    from ..stage import StageContext
-
-MODEL_JSON = "model.json"
-WRAPS = ("gguf", "gptq", "compressed-tensors")
-
-
-class XinferenceOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    of: str = "gguf"  # the target format whose artifact Xinference serves
-    payload: dict[str, Any] = {}  # that format's own options
-    model_name: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-    model_family: str | None = None  # Xinference requires one; defaults to model_name
-    model_lang: tuple[str, ...] = ("en",)
-    context_length: int | None = None  # default: the model's max_position_embeddings
-    # Where Xinference is not installed, check model.json against its documented fields instead of Xinference's
-    # own model. Off by default: a missing oracle is an error, not a silent weaker pass.
-    fallback_check: bool = False
-
-    @model_validator(mode="after")
-    def _known_payload(self) -> XinferenceOptions:
-        if self.of not in WRAPS:
-            raise ValueError(f"of: {self.of!r} is not a format Xinference serves; use one of {', '.join(WRAPS)}")
-        from . import EXPORTERS
-
-        EXPORTERS[self.of].options.model_validate(self.payload)
-        return self
-
-
-def plan_check(quantize_spec: Any, model_config: dict[str, Any], options: dict[str, Any]) -> None:
-    """The wrapped format's own plan-time checks, so `of: gptq` with fp8 fails before quantizing."""
-    from . import EXPORTERS
-
-    of = options.get("of", "gguf")
-    wrapped = EXPORTERS[of]
-    method = quantize_spec.method
-    if "*" not in wrapped.methods and method not in wrapped.methods:
-        raise InputError(f"targets: xinference (of: {of}) cannot hold quantize.method {method} "
-                         f"({of} holds {', '.join(wrapped.methods)})")
-    if wrapped.plan_check:
-        load_entry(wrapped.plan_check)(quantize_spec, model_config, options.get("payload", {}))
+    from ...stage import StageContext
 
 
 # -- model.json --------------------------------------------------------------------------------------------
 
 def size_in_billions(cfg: dict[str, Any]) -> int | str:
     """Parameters in billions as Xinference spells them: an int, or "0_135" for 0.135."""
-    from ..arch import linear_shapes
+    from ...arch import linear_shapes
 
     h = cfg["hidden_size"]
     n = sum(o * i for _n, o, i in linear_shapes(cfg))
@@ -87,22 +47,12 @@ def size_in_billions(cfg: dict[str, Any]) -> int | str:
     return int(b) if b == int(b) and b >= 1 else str(b).replace(".", "_")
 
 
-def format_and_quantization(of: str, payload_info: dict[str, Any], scheme: dict[str, Any]) -> tuple[str, str]:
-    if of == "gguf":
-        return "ggufv2", payload_info["type"]
-    if of == "gptq":
-        return "gptq", f"Int{scheme['bits']}"
-    # compressed-tensors, FP8 included, is `pytorch`: Xinference's vLLM engine turns model_format fp8 into
-    # quantization=fp8, which vLLM refuses for a compressed-tensors checkpoint (rule xinference-ct-fp8-format).
-    return "pytorch", "none"
-
-
 def stops(ir_dir: Path) -> tuple[list[str], list[int], str | None]:
     """Stop strings and ids: the chat family's end-of-turn markers and the model's eos ids; and the template."""
     from transformers import AutoTokenizer
 
-    from .gguf import chat_template_of
-    from .ollama import match_family
+    from ..gguf.export import chat_template_of
+    from ..ollama.export import match_family
 
     template = chat_template_of(ir_dir)
     if not (ir_dir / "tokenizer.json").is_file() and not (ir_dir / "tokenizer.model").is_file():
@@ -123,7 +73,7 @@ def stops(ir_dir: Path) -> tuple[list[str], list[int], str | None]:
 
 def model_json(opts: XinferenceOptions, ir_dir: Path, uri_dir: Path, payload_info: dict[str, Any],
                label: str) -> dict[str, Any]:
-    from ..ir import IRReader
+    from ...ir import IRReader
 
     ir = IRReader(ir_dir)
     cfg = ir.config
@@ -152,7 +102,7 @@ def model_json(opts: XinferenceOptions, ir_dir: Path, uri_dir: Path, payload_inf
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
-    from . import EXPORTERS
+    from .. import EXPORTERS
 
     opts = XinferenceOptions.model_validate(ctx.config.get("options", {}))
     wrapped_cfg = {"format": opts.of, "name": ctx.config.get("name"), "options": opts.payload}
@@ -171,44 +121,4 @@ def run(ctx: StageContext) -> dict[str, Any]:
 
 # -- validation ---------------------------------------------------------------------------------------------
 
-def xinference_python() -> str | None:
-    """An interpreter where `xinference` imports: this one, $TOOLCHAIN_XINFERENCE_PYTHON, or the venv scripts/setup
-    makes (toolchain.oracles: <venv root>/xinference): Xinference pins a torch of its own."""
-    import importlib.util
-    import os
-    import sys
 
-    if importlib.util.find_spec("xinference") is not None:
-        return sys.executable
-    if os.environ.get("TOOLCHAIN_XINFERENCE_PYTHON"):
-        return os.environ["TOOLCHAIN_XINFERENCE_PYTHON"]
-    from ..oracles import venv_python
-
-    python = venv_python("xinference")
-    return str(python) if python.is_file() else None
-
-
-FIELD_CHECK = "the documented custom-model fields (fallback_check: true; Xinference's own model did not run)"
-
-
-def xinference_version(python: str) -> str:
-    import subprocess
-
-    r = subprocess.run([python, "-c", "import importlib.metadata as m; print(m.version('xinference'))"],
-                       capture_output=True, text=True, timeout=120)
-    return r.stdout.strip() if r.returncode == 0 else "unknown version"
-
-
-def checker(options: dict[str, Any]) -> dict[str, Any]:
-    """The checker the validate stage will run, part of its key: Xinference's own model (with its version), or,
-    only where the profile allows it, the documented-field check. A missing oracle is refused before any work."""
-    python = xinference_python()
-    if python:
-        return {"checker": f"xinference {xinference_version(python)} CustomLLMFamilyV2"}
-    if options.get("fallback_check"):
-        return {"checker": FIELD_CHECK}
-    raise MissingToolError(
-        "targets: xinference: model.json is checked by Xinference's own model, and xinference is importable "
-        "neither here nor in $TOOLCHAIN_XINFERENCE_PYTHON / ~/.cache/toolchain-venvs/xinference. Run scripts/setup "
-        "(it makes that venv: Xinference pins its own torch), or set `fallback_check: true` on the target to "
-        "accept the documented-field check instead (the report then says so)")

@@ -1,4 +1,4 @@
-"""IR -> TensorRT-LLM checkpoints in ModelOpt's two layouts (described in toolchain.formats.modelopt):
+"""IR -> TensorRT-LLM checkpoints in ModelOpt's two layouts (described in toolchain.formats.trtllm.spec):
 `trtllm` (HF names + hf_quant_config.json, the PyTorch backend) and `trtllm-ckpt` (the legacy rank{N}.safetensors
 checkpoint that trtllm-build compiles).
 
@@ -11,7 +11,7 @@ in the artifact's info:
 - AWQ scales the IR keeps as pre_quant_scale s (input x / s) are written as ModelOpt's multiplier 1 / s, and on
   the HF path those of the fused q/k/v and gate/up are folded into the norm before them (TensorRT-LLM's fused
   W4A16 layers read no pre_quant_scale), which needs one s per fused group.
-toolchain.validate.modelopt reads both layouts back with its own code and checks them against the IR.
+toolchain.formats.trtllm.check reads both layouts back with its own code and checks them against the IR.
 """
 
 from __future__ import annotations
@@ -23,11 +23,11 @@ from typing import Any
 
 import torch
 
-from .. import __version__
-from ..errors import BuildError
-from ..ir import IRReader, QuantizedLinear, ShardWriter, copy_model_metadata
-from ..stage import StageContext
-from .modelopt import (
+from ... import __version__
+from ...errors import BuildError
+from ...ir import IRReader, QuantizedLinear, ShardWriter, copy_model_metadata
+from ...stage import StageContext
+from .spec import (
     FP8_MAX,
     FUSED_GROUPS,
     GROUP_SIZES,
@@ -56,7 +56,7 @@ def pack_int4(codes: torch.Tensor) -> torch.Tensor:
 
 def check_layer(name: str, q: QuantizedLinear) -> None:
     """What the format cannot hold, caught again at export time (the plan checks the recipe)."""
-    from ..validate.compare import check_finite
+    from ...validate.compare import check_finite
 
     check_finite(name, "of the IR", scale=q.scale, **q.extras)
     if q.type == "float8":
@@ -195,7 +195,7 @@ def hf_layer(name: str, q: QuantizedLinear, dtype: torch.dtype) -> tuple[dict[st
 
 def excluded_modules(ir: IRReader) -> list[str]:
     """HF names of the linears left unquantized, plus the embedding (as ModelOpt lists it)."""
-    from ..arch import linear_shapes
+    from ...arch import linear_shapes
 
     names = {n for n, _o, _i in linear_shapes(ir.config)} - set(ir.layers)
     return sorted(names | {"model.embed_tokens"})
@@ -369,7 +369,7 @@ def legacy_config(ir: IRReader, algo: str, dtype_name: str, tp: int, pp: int, pq
                              "kv_cache_quant_algo": "FP8" if ir.scheme.get("kv_cache") == "fp8" else None}
     if algo == "W4A16_AWQ":
         quant.update(group_size=ir.scheme["group_size"], has_zero_point=False, pre_quant_scale=pqs_mode)
-    from ..arch import linear_shapes
+    from ...arch import linear_shapes
 
     skipped = sorted({n for n, _o, _i in linear_shapes(c)} - set(ir.layers) - {"lm_head"})
     quant["exclude_modules"] = ["lm_head"] + [legacy_name(n) for n in skipped]

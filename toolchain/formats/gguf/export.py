@@ -29,81 +29,19 @@ from __future__ import annotations
 import json
 from contextlib import nullcontext
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ConfigDict
-
-from ..errors import BuildError, InputError, MissingToolError
+from ...errors import BuildError, MissingToolError
+from .spec import BLOCK, FILE_NAME, GGUF_ARCH, QUANT_TYPES, GGUFOptions, exact_types, resolve_type
 
 if TYPE_CHECKING:
     import numpy as np
 
-    from ..ir import QuantizedLinear
-    from ..stage import StageContext
-
-BLOCK = 32  # every GGUF type used here stores rows in blocks of 32 values
-GGUF_ARCH = {"llama": "llama", "mistral": "llama"}  # HF model_type -> GGUF architecture
-TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")
-QUANT_TYPES = ("Q8_0", "Q4_0", "Q4_1")
-FILE_NAME = "model.gguf"
-
-
-class GGUFOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    type: Literal["auto", "F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1"] = "auto"
-    # Refuse anything that is not bit-exact to the IR up to the stated fp16 rounding of d/m.
-    exact: bool = False
-    # llama.cpp's pre-tokenizer name (tokenizer.ggml.pre); by default the source GGUF's, or detected.
-    tokenizer_pre: str | None = None
+    from ...ir import QuantizedLinear
+    from ...stage import StageContext
 
 
 # -- which GGUF types hold which IR scheme (plan time: no torch) --------------------------------------------
-
-def exact_types(scheme: dict[str, Any]) -> tuple[str, ...]:
-    """GGUF block types that hold every quantized layer of this scheme without re-quantizing, best first.
-    act-order (g_idx) can still break the 32-column block alignment; that is checked per layer at export."""
-    if scheme.get("method") not in ("rtn", "gptq", "awq"):  # integer codes; fp8 and nf4 are dequantized
-        return ()
-    strategy, gs = scheme.get("strategy"), scheme.get("group_size")
-    if strategy == "group" and (not gs or gs % BLOCK):
-        return ()
-    bits, symmetric = scheme.get("bits"), scheme.get("symmetric")
-    if bits == 4:
-        return ("Q4_0", "Q4_1", "Q8_0") if symmetric else ("Q4_1", "Q8_0")
-    if bits == 8 and symmetric:
-        return ("Q8_0",)
-    return ()
-
-
-def resolve_type(requested: str, scheme: dict[str, Any]) -> str:
-    if requested != "auto":
-        return requested
-    exact = exact_types(scheme)
-    return exact[0] if exact else "F16"
-
-
-def plan_check(quantize_spec: Any, model_config: dict[str, Any], options: dict[str, Any]) -> None:
-    """Fail at plan time for what the GGUF writer would refuse after the quantize stage."""
-    quantize = quantize_spec.model_dump(mode="json") if hasattr(quantize_spec, "model_dump") else dict(quantize_spec)
-    mt = model_config.get("model_type")
-    if mt not in GGUF_ARCH:
-        raise InputError(f"targets: format gguf supports model_type {', '.join(GGUF_ARCH)} (got {mt!r})")
-    from ..arch import linear_shapes
-
-    if quantize.get("method") == "awq" and not quantize.get("awq_fold", True):
-        raise InputError("targets: GGUF has no place for AWQ's pre_quant_scale; set quantize.awq_fold: true")
-    gtype = resolve_type(options.get("type", "auto"), quantize)
-    if gtype in QUANT_TYPES:
-        bad = [(n, i) for n, _o, i in linear_shapes(model_config) if i % BLOCK]
-        if bad:
-            raise InputError(f"targets: GGUF {gtype} stores rows in blocks of {BLOCK}; in_features {bad[0][1]} of "
-                             f"{bad[0][0]} is not a multiple (use type: F16)")
-    if options.get("exact") and quantize.get("method") not in (None, "none") and gtype != "F32" \
-            and gtype not in exact_types(quantize):
-        held = ", ".join(exact_types(quantize)) or "none of Q8_0/Q4_0/Q4_1 (use F32, or drop exact)"
-        raise InputError(f"targets: gguf type {gtype} cannot hold quantize {quantize.get('method')} "
-                         f"bits {quantize.get('bits')} symmetric {quantize.get('symmetric')} group_size "
-                         f"{quantize.get('group_size')} exactly (exact: true); types that can: {held}")
 
 
 # -- the numerics of one tensor -----------------------------------------------------------------------------
@@ -133,7 +71,7 @@ def block_params(q: QuantizedLinear) -> tuple[np.ndarray, np.ndarray | None] | N
     """Scale (and zero) of every 32-column block, (out, in/32), or None when a block straddles two groups."""
     import torch
 
-    from ..ir import default_g_idx
+    from ...ir import default_g_idx
 
     out_f, in_f = q.shape
     if in_f % BLOCK:
@@ -217,7 +155,7 @@ def encode_layer(q: QuantizedLinear, gtype: str, n_head: int | None, exact: bool
     gguf-py's own dequantizer before it is written: a packing mismatch fails the export, not the user."""
     import numpy as np
 
-    from ..validate.compare import check_finite
+    from ...validate.compare import check_finite
 
     gguf = _gguf()
     qtype = gguf.GGMLQuantizationType[gtype]
@@ -275,7 +213,7 @@ def _rope_theta(cfg: dict[str, Any]) -> float:
 def write_hparams(w, cfg: dict[str, Any], gtype: str, name: str) -> None:
     import gguf
 
-    from ..arch import head_dim
+    from ...arch import head_dim
 
     heads = cfg["num_attention_heads"]
     hd = head_dim(cfg)
@@ -458,8 +396,8 @@ def write_gguf(ir_dir: Path, out_path: Path, options: dict[str, Any], source_ggu
     and xinference exporters."""
     import numpy as np
 
-    from ..ir import IRReader
-    from ..validate.compare import check_finite
+    from ...ir import IRReader
+    from ...validate.compare import check_finite
 
     gguf = _gguf()
     opts = GGUFOptions.model_validate(options)

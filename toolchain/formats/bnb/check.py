@@ -16,9 +16,9 @@ from typing import Any
 
 import torch
 
-from ..errors import BuildError, MissingToolError
-from ..ir import IRReader
-from ..stage import StageContext
+from ...errors import BuildError, MissingToolError
+from ...ir import IRReader
+from ...stage import StageContext
 
 # bitsandbytes' dequantize_4bit: level * absmax in float32 (its absmax is float32), rounded once to the dtype the
 # weight had when quantized (QuantState.dtype); QuantizedLinear.dequantize does the same in plain torch.
@@ -26,7 +26,7 @@ ARITHMETIC = "float32: NF4 level * float32 absmax, rounded once to the checkpoin
 
 
 def weight_conformance(model, ir: IRReader) -> dict[str, Any]:
-    from .compare import WeightComparison
+    from ...validate.compare import WeightComparison
 
     check = WeightComparison(ARITHMETIC)
     for name, theirs, ours in layer_pairs(model, ir):
@@ -37,7 +37,7 @@ def weight_conformance(model, ir: IRReader) -> dict[str, Any]:
 def layer_errors(model, ir: IRReader) -> dict[str, float]:
     """Per quantized layer: max |bitsandbytes' dequantization of the loaded weight - ours| (inf: wrong shape or a
     non-finite value)."""
-    from .compare import max_abs_diff
+    from ...validate.compare import max_abs_diff
 
     return {name: max_abs_diff(a.float(), b.float()) for name, a, b in layer_pairs(model, ir)}
 
@@ -61,7 +61,7 @@ def layer_pairs(model, ir: IRReader):
 
 
 def run_validate(ctx: StageContext) -> dict[str, Any]:
-    from .accuracy import finish_validation, hf_logits, load_hf_model
+    from ...validate.accuracy import finish_validation, hf_logits, load_hf_model
 
     try:
         import bitsandbytes.functional  # noqa: F401  (the loader needs it)
@@ -81,7 +81,7 @@ def bnb_weights(model):
     import bitsandbytes as bnb
     import bitsandbytes.functional as F
 
-    from .accuracy import hf_model_weights
+    from ...validate.accuracy import hf_model_weights
 
     modules = dict(model.named_modules())
     plain = hf_model_weights(model)

@@ -1,4 +1,4 @@
-"""Reads the TensorRT-LLM checkpoints (toolchain.formats.modelopt) back with code of its own, checks them against
+"""Reads the TensorRT-LLM checkpoints (toolchain.formats.trtllm.spec) back with code of its own, checks them against
 the IR, and scores them with a torch forward.
 
 transformers cannot be the reader: it loads ModelOpt FP8 checkpoints with their scales silently ignored, and knows
@@ -25,10 +25,10 @@ from typing import Any
 
 import torch
 
-from ..errors import BuildError
-from ..ir import IRReader, TensorReader
-from ..stage import StageContext
-from .accuracy import LogitsFn, finish_validation
+from ...errors import BuildError
+from ...ir import IRReader, TensorReader
+from ...stage import StageContext
+from ...validate.accuracy import LogitsFn, finish_validation
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
@@ -361,7 +361,7 @@ ARITHMETIC = ("float32: code * scale exactly as stored (INT4 codes, FP8 weights;
 
 
 def _diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    from .compare import max_abs_diff
+    from ...validate.compare import max_abs_diff
 
     if a.shape != b.shape:
         raise BuildError(f"shape {tuple(a.shape)} where {tuple(b.shape)} was expected")

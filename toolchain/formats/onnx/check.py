@@ -15,11 +15,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..formats.onnx import MODEL_FILE
-from ..ir import IRReader
-from ..stage import StageContext
-from .accuracy import finish_validation
-from .compare import WeightComparison
+from ...ir import IRReader
+from ...stage import StageContext
+from ...validate.accuracy import finish_validation
+from ...validate.compare import WeightComparison
+from .spec import MODEL_FILE
 
 # The model is float32 with float32 scales (ours widened exactly): MatMulNBits computes (q - zp) * scale in float32,
 # as our dequantization does, so the weights it uses must equal ours bit for bit.
@@ -75,7 +75,7 @@ def ort_logits(sess):
 
 
 def wiring_check(sess, ir_dir: Path) -> dict[str, Any]:
-    from ..formats.onnx import dense_model
+    from .export import dense_model
 
     model, ir = dense_model(ir_dir)
     g = torch.Generator().manual_seed(0)

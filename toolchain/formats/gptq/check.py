@@ -5,7 +5,7 @@
 2. A loader: transformers with optimum + GPTQModel (the kernels are GPTQModel's). GPTQModel cannot be installed
    into our interpreter here (it pins numpy==2.2.6), so the loader runs in the Python named by
    TOOLCHAIN_GPTQMODEL_PYTHON (default: the venv scripts/setup makes, toolchain.formats.gptq.loader_python), as a worker
-   process speaking a small pipe protocol (toolchain.validate.gptq_worker). The loader's dequantized weights
+   process speaking a small pipe protocol (toolchain.formats.gptq.worker). The loader's dequantized weights
    must equal ours in the loader's arithmetic, bit for bit: (q - z) * scale in the dtype it holds the scales in
    (it says which: float32 for a bf16 checkpoint loaded in float32, float16 for an fp16 one), see ARITHMETIC.
    GPTQModel.load itself refuses sym=False v1 checkpoints not written by GPTQModel >= 0.9 (its guard against
@@ -28,10 +28,11 @@ from typing import Any
 
 import torch
 
-from ..errors import BuildError
-from ..formats.gptq import arithmetic, loader_python, unpack_layer
-from ..stage import StageContext
-from .compare import conformance_failure
+from ...errors import BuildError
+from ...stage import StageContext
+from ...validate.compare import conformance_failure
+from .export import arithmetic, unpack_layer
+from .spec import loader_python
 
 
 def check_config(export_dir: Path) -> dict[str, Any]:
@@ -53,7 +54,7 @@ def summarise(pairs: Iterator[tuple[str, torch.Tensor, torch.Tensor]], ir_dir: P
               compute: Callable[[], str] = lambda: "float32") -> dict[str, Any]:
     """One layer at a time (a 7B's dense weights would not fit twice in memory). `compute` names the dtype the
     comparison was made in, once the pairs are consumed."""
-    from .compare import WeightComparison
+    from ...validate.compare import WeightComparison
 
     check = WeightComparison("")
     for name, theirs, ours in pairs:
@@ -64,15 +65,15 @@ def summarise(pairs: Iterator[tuple[str, torch.Tensor, torch.Tensor]], ir_dir: P
 
 def unpacked_errors(export_dir: Path, ir_dir: Path) -> dict[str, float]:
     """Per layer: max |our unpacking - ours| (inf for a non-finite value)."""
-    from .compare import max_abs_diff
+    from ...validate.compare import max_abs_diff
 
     return {n: max_abs_diff(a, b) for n, a, b in unpacked_pairs(export_dir, ir_dir)}
 
 
 def unpacked_pairs(export_dir: Path, ir_dir: Path) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
     """Per layer: (our unpacking of the checkpoint, the IR dequantized with float16 scales)."""
-    from ..formats.gptq import to_gptq
-    from ..ir import IRReader, TensorReader
+    from ...ir import IRReader, TensorReader
+    from .export import to_gptq
 
     qc = check_config(export_dir)
     ir, ckpt = IRReader(ir_dir), TensorReader(export_dir)
@@ -91,7 +92,7 @@ class LoaderProcess:
         env = {**os.environ, "GPTQMODEL_CPU_WORKERS": os.environ.get("GPTQMODEL_CPU_WORKERS", "2"),
                "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
         self.dtypes: set[str] = set()  # the dtypes the loader dequantized weights in
-        self.proc = subprocess.Popen([loader_python(), "-m", "toolchain.validate.gptq_worker", str(export_dir),
+        self.proc = subprocess.Popen([loader_python(), "-m", "toolchain.formats.gptq.worker", str(export_dir),
                                       loader], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
         try:
             self.info = self._read_header()
@@ -139,7 +140,7 @@ class LoaderProcess:
 
 def loader_errors(proc: LoaderProcess, ir_dir: Path) -> dict[str, float]:
     """Per layer: max |the loader's weight - ours| (inf for a non-finite value)."""
-    from .compare import max_abs_diff
+    from ...validate.compare import max_abs_diff
 
     return {n: max_abs_diff(a, b) for n, a, b in loader_pairs(proc, ir_dir)}
 
@@ -148,8 +149,8 @@ def loader_pairs(proc: LoaderProcess, ir_dir: Path) -> Iterator[tuple[str, torch
     """Per layer: (the loader's dequantized weight, ours in the loader's arithmetic): (q - z) * scale in the dtype
     the loader holds the scales in (float32 for a bf16 checkpoint loaded in float32: exact; float16 for an fp16 one:
     the exact product rounded once)."""
-    from ..formats.gptq import to_gptq
-    from ..ir import IRReader
+    from ...ir import IRReader
+    from .export import to_gptq
 
     ir = IRReader(ir_dir)
     for name in ir.layers:
@@ -161,7 +162,7 @@ def loader_pairs(proc: LoaderProcess, ir_dir: Path) -> Iterator[tuple[str, torch
 def loader_weights(proc: LoaderProcess, export_dir: Path, ir_dir: Path):
     """The checkpoint as the loader holds it, as a weight source: quantized linears dequantized by the loader's
     kernels (in its process), the rest read from the files."""
-    from ..ir import IRReader, TensorReader
+    from ...ir import IRReader, TensorReader
 
     layers, files = set(IRReader(ir_dir).layers), TensorReader(export_dir)
 
@@ -173,7 +174,7 @@ def loader_weights(proc: LoaderProcess, export_dir: Path, ir_dir: Path):
 
 
 def run_validate(ctx: StageContext) -> dict[str, Any]:
-    from .accuracy import finish_validation
+    from ...validate.accuracy import finish_validation
 
     export_dir, ir_dir = ctx.inputs["export"], ctx.inputs["quantize"]
     unpacked = summarise(unpacked_pairs(export_dir, ir_dir), ir_dir)

@@ -1,5 +1,5 @@
 """Worker process for validating a GPTQ checkpoint with a real loader, run in an interpreter that has GPTQModel
-(see toolchain.validate.gptq): `python -m toolchain.validate.gptq_worker EXPORT_DIR transformers|gptqmodel`.
+(see toolchain.formats.gptq.check): `python -m toolchain.formats.gptq.worker EXPORT_DIR transformers|gptqmodel`.
 
 Protocol on stdin/stdout (stderr is the loader's own logging):
   -> first a JSON line {"gptqmodel", "transformers", "kernel", "device", "layers"} once the model is loaded

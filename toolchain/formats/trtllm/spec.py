@@ -1,7 +1,7 @@
 """NVIDIA ModelOpt's checkpoint layouts, the ones TensorRT-LLM loads: which of our recipes they hold, under which
 quant_algo, and the plan-time checks. Light (no torch): the registry and the planner import it.
 
-Two layouts (toolchain.formats.trtllm writes both, toolchain.validate.modelopt reads them back):
+Two layouts (export.py writes both, check.py reads them back; engine.py compiles the legacy one):
   trtllm       Hugging Face names + hf_quant_config.json + config.json `quantization_config` (quant_method
                "modelopt"): what ModelOpt's `export_hf_checkpoint` writes and TensorRT-LLM's PyTorch backend
                (`LLM(model=dir)`, `trtllm-serve dir`) loads.
@@ -27,8 +27,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .. import arch
-from ..errors import InputError
+from ... import arch
+from ...errors import InputError
+from ...stage import StageCode
+from ..base import FormatSpec
 
 FP8_MAX = 448.0
 # TensorRT-LLM's groupwise INT4 kernels (CUTLASS fpA_intB, FINEGRAINED_SCALE_ONLY) take these group sizes only.
@@ -179,3 +181,26 @@ def rope_scaling(cfg: dict[str, Any]) -> dict[str, Any] | None:
     params.pop("rope_theta", None)
     kind = params.get("rope_type", params.get("type", "default"))
     return None if kind == "default" or not params else params
+
+
+FORMATS = (
+    FormatSpec(
+        "trtllm",
+        export=StageCode("1", ("torch", "safetensors"), "toolchain.formats.trtllm.export:run_hf"),
+        validator="toolchain.formats.trtllm.check:run_validate_hf",
+        options=HFOptions,
+        methods=("rtn", "awq", "fp8"),
+        notes="TensorRT-LLM >= 1.0 PyTorch backend (LLM(model=dir), trtllm-serve): ModelOpt's HF checkpoint",
+        plan_check=check_hf,
+    ),
+    FormatSpec(
+        "trtllm-ckpt",
+        export=StageCode("1", ("torch", "safetensors"), "toolchain.formats.trtllm.export:run_ckpt"),
+        validator="toolchain.formats.trtllm.check:run_validate_ckpt",
+        options=CkptOptions,
+        methods=("rtn", "awq", "fp8"),
+        notes="trtllm-build (TensorRT-LLM <= 1.2): the legacy checkpoint, rank{N}.safetensors",
+        plan_check=check_ckpt,
+        engine="toolchain.formats.trtllm.engine:engine_stage",
+    ),
+)

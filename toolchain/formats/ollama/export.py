@@ -1,4 +1,4 @@
-"""IR -> an ollama import directory: the GGUF (toolchain.formats.gguf) plus a Modelfile that `ollama create NAME
+"""IR -> an ollama import directory: the GGUF (toolchain.formats.gguf.export) plus a Modelfile that `ollama create NAME
 -f Modelfile` reads:
   FROM ./model.gguf
   TEMPLATE  the HF chat template rewritten in ollama's Go-template syntax, for the families we can prove:
@@ -22,22 +22,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pydantic import ConfigDict
-
-from ..errors import BuildError
-from .gguf import FILE_NAME, GGUFOptions, chat_template_of, source_gguf_fields, write_gguf
+from ...errors import BuildError
+from ..gguf.export import chat_template_of, source_gguf_fields, write_gguf
+from ..gguf.spec import FILE_NAME, GGUFOptions
+from .spec import MODELFILE, OllamaOptions
 
 if TYPE_CHECKING:
-    from ..stage import StageContext
-
-MODELFILE = "Modelfile"
-
-
-class OllamaOptions(GGUFOptions):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    system: str | None = None  # overrides the template's default system prompt ("" = none)
-    license: str | None = None  # license text or SPDX id for the LICENSE layer
-    parameters: dict[str, str | int | float] = {}  # extra PARAMETER lines (temperature, num_ctx, ...)
+    from ...stage import StageContext
 
 
 Message = dict[str, str]

@@ -8,8 +8,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..formats.xinference import FIELD_CHECK, MODEL_JSON, format_and_quantization, xinference_python
-from ..stage import StageContext, load_entry
+from ...stage import StageContext, load_entry
+from . import spec
+from .spec import FIELD_CHECK, MODEL_JSON, format_and_quantization
 
 ABILITIES = {"embed", "generate", "chat", "tools", "vision", "audio", "omni", "reasoning", "hybrid"}
 FORMATS = {"pytorch", "gptq", "awq", "fp4", "fp8", "bnb", "ggufv2", "mlx"}
@@ -29,7 +30,7 @@ def schema_check(doc: dict[str, Any], expected_checker: str | None = None) -> di
     register` runs); against the documented fields only when the plan chose that fallback."""
     import subprocess
 
-    python = xinference_python()
+    python = spec.xinference_python()  # through the module: tests stand in for it there
     if expected_checker is not None and expected_checker != FIELD_CHECK and not python:
         return {"checked_by": None, "parsed": None,
                 "problems": [f"the plan chose {expected_checker}, but xinference is no longer importable"]}
@@ -70,13 +71,13 @@ def model_json_check(export_dir: Path, ir_dir: Path, info: dict[str, Any], expec
     """Schema, then what it must say about this artifact: its URI, file, format/quantization and stops."""
     from transformers import AutoTokenizer
 
-    from ..formats.gguf import chat_template_of
+    from ..gguf.export import chat_template_of
 
     doc = json.loads((export_dir / MODEL_JSON).read_text())
     result = schema_check(doc, expected_checker)
     problems = result["problems"]
     spec = doc["model_specs"][0]
-    from ..runtimes.rules import RULES
+    from ...runtimes.rules import RULES
 
     facts = {"of": info.get("payload_format"), "xinference_model_format": spec.get("model_format")}
     problems += [f"{r.says} [rule {r.id}]" for r in RULES
@@ -90,7 +91,7 @@ def model_json_check(export_dir: Path, ir_dir: Path, info: dict[str, Any], expec
             problems.append(f"model_file_name_template {spec.get('model_file_name_template')} is not a file")
     elif not (export_dir / "config.json").is_file():
         problems.append("no config.json beside model.json for a pytorch-style format")
-    from ..ir import IRReader
+    from ...ir import IRReader
 
     want = format_and_quantization(info["payload_format"], info, IRReader(ir_dir).scheme)
     if (spec["model_format"], spec["quantization"]) != want:
@@ -108,7 +109,7 @@ def model_json_check(export_dir: Path, ir_dir: Path, info: dict[str, Any], expec
 
 def run_validate(ctx: StageContext) -> dict[str, Any]:
     """model.json checked (by Xinference's own model where installed), then the payload by its own validator."""
-    from ..formats import EXPORTERS
+    from .. import EXPORTERS
 
     info = ctx.input_manifests["export"].get("info", {})
     check = model_json_check(ctx.inputs["export"], ctx.inputs["quantize"], info, ctx.config.get("checker"))

@@ -9,17 +9,20 @@ spec on the import line and in the tuple below.
 from __future__ import annotations
 
 from .base import FormatSpec, NoOptions
-from .bnb import spec as bnb
-from .compressed_tensors import spec as compressed_tensors
-from .gguf import spec as gguf
-from .gptq import spec as gptq
-from .ollama import spec as ollama
-from .onnx import spec as onnx
-from .trtllm import spec as trtllm
-from .xinference import spec as xinference
+
+# Bound under *_spec names: `gguf` etc. stay the packages (import toolchain.formats.gguf.export works).
+from .bnb import spec as bnb_spec
+from .compressed_tensors import spec as compressed_tensors_spec
+from .gguf import spec as gguf_spec
+from .gptq import spec as gptq_spec
+from .ollama import spec as ollama_spec
+from .onnx import spec as onnx_spec
+from .trtllm import spec as trtllm_spec
+from .xinference import spec as xinference_spec
 
 EXPORTERS: dict[str, FormatSpec] = {
-    f.name: f for spec in (compressed_tensors, trtllm, gguf, ollama, xinference, onnx, gptq, bnb)
+    f.name: f for spec in (compressed_tensors_spec, trtllm_spec, gptq_spec, gguf_spec, ollama_spec, xinference_spec,
+                           onnx_spec, bnb_spec)
     for f in spec.FORMATS
 }
 

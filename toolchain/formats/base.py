@@ -4,7 +4,7 @@ validate stages' code, the options a target may set, the methods it holds, and i
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict
@@ -25,6 +25,9 @@ class FormatSpec:
     # Quantization schemes the format can hold; checked at plan time. Keys: method names; "*" = any.
     methods: tuple[str, ...] = ("*",)
     notes: str = ""
+    # The serving runtimes it is for (the default of a target's `runtimes:`) and how each loads it; the rules of
+    # what each refuses live in toolchain.runtimes.rules.
+    runtimes: dict[str, str] = field(default_factory=dict)
     # (quantize_spec, model_config, options) raising InputError when the format cannot hold the recipe on this
     # model (plan time: no torch).
     plan_check: Callable[[Any, dict[str, Any], dict[str, Any]], None] | None = None

@@ -70,5 +70,7 @@ FORMATS = (FormatSpec(
     validator="toolchain.formats.bnb.check:run_validate",
     methods=("nf4",),
     notes="bitsandbytes NF4 (quant_method bitsandbytes, load_in_4bit): transformers, vLLM, Xinference `bnb`",
+    runtimes={"transformers": "from_pretrained(dir) with bitsandbytes",
+              "vllm": "LLM(model=dir) with a bitsandbytes plugin"},
     plan_check=plan_check,
 ),)

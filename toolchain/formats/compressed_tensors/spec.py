@@ -27,5 +27,7 @@ FORMATS = (FormatSpec(
     validator="toolchain.formats.compressed_tensors.check:run_validate",
     methods=("rtn", "fp8", "gptq", "awq"),
     notes="vLLM, SGLang, TensorRT-LLM (PyTorch backend), transformers",
+    runtimes={"vllm": "LLM(model=dir)", "sglang": "--model-path dir",
+              "trtllm": "LLM(model=dir) / trtllm-serve", "transformers": "from_pretrained(dir)"},
     plan_check=plan_check,
 ),)

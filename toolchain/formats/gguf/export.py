@@ -405,7 +405,7 @@ def write_gguf(ir_dir: Path, out_path: Path, options: dict[str, Any], source_ggu
     cfg = ir.config
     if cfg.get("model_type") not in GGUF_ARCH:
         raise BuildError(f"GGUF export supports model_type {', '.join(GGUF_ARCH)}, not {cfg.get('model_type')!r}")
-    gtype = resolve_type(opts.type, ir.scheme)
+    gtype = resolve_type(opts.type, ir.layers_scheme())
     if any(n.endswith(".pre_quant_scale") for n in ir.tensors.keys()):
         raise BuildError("GGUF has no place for AWQ's pre_quant_scale; fold it into the weights first")
     src = source_gguf_fields(source_gguf)

@@ -87,5 +87,7 @@ FORMATS = (FormatSpec(
     # int codes map onto Q4_0/Q4_1/Q8_0 blocks; fp8 and nf4 are dequantized (F16) or re-quantized.
     methods=("none", "rtn", "fp8", "gptq", "awq", "nf4"),
     notes="llama.cpp, ollama, LM Studio: one .gguf (F16/BF16/Q8_0/Q4_0/Q4_1, our codes when they map)",
+    runtimes={"llama.cpp": "llama-cli -m model.gguf", "ollama": "FROM ./model.gguf",
+              "transformers": "from_pretrained(dir, gguf_file=...) (dequantized on load)"},
     plan_check=plan_check,
 ),)

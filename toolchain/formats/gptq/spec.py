@@ -71,5 +71,7 @@ FORMATS = (FormatSpec(
     # Integer codes only (not fp8/nf4); act-order g_idx included; AWQ only with folded scales (plan_check).
     methods=("rtn", "gptq", "gptq-g_idx", "awq"),
     notes="GPTQ v1 (quant_method gptq): vLLM, SGLang, transformers (optimum + GPTQModel), Xinference `gptq`",
+    runtimes={"vllm": "LLM(model=dir)", "sglang": "--model-path dir",
+              "transformers": "from_pretrained(dir) with optimum + GPTQModel"},
     plan_check=plan_check,
 ),)

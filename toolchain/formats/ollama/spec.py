@@ -33,5 +33,6 @@ FORMATS = (FormatSpec(
     options=OllamaOptions,
     methods=("none", "rtn", "fp8", "gptq", "awq", "nf4"),
     notes="ollama: model.gguf + Modelfile (TEMPLATE in Go syntax, SYSTEM, PARAMETER stop, LICENSE)",
+    runtimes={"ollama": "ollama create NAME -f Modelfile"},
     plan_check=gguf_plan_check,
 ),)

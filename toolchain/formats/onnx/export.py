@@ -189,6 +189,6 @@ def run(ctx: StageContext) -> dict[str, Any]:
     onnx.checker.check_model(str(ctx.out / MODEL_FILE))
     copy_model_metadata(ir.directory, ctx.out)
     return {"format": "onnx", "file": MODEL_FILE, "opset": OPSET, **counts,
-            "block_size": ir.scheme.get("group_size"), "inputs": ["input_ids (1, seq) int64"],
+            "block_size": ir.layer_field("group_size"), "inputs": ["input_ids (1, seq) int64"],
             "outputs": ["logits (1, seq, vocab) float32"], "kv_cache": False,
             "note": "MatMulNBits from our codes and scales: bit-exact with the IR in onnxruntime"}

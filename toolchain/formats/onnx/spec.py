@@ -54,5 +54,6 @@ FORMATS = (FormatSpec(
     validator="toolchain.formats.onnx.check:run_validate",
     methods=("rtn", "gptq", "awq"),  # 4-bit power-of-two groups, AWQ folded: plan_check
     notes="onnxruntime: model.onnx with com.microsoft MatMulNBits (INT4) built from our codes; no KV cache",
+    runtimes={"onnxruntime": "InferenceSession(model.onnx)"},
     plan_check=plan_check,
 ),)

@@ -115,7 +115,7 @@ def export_hf(ir_dir: Path, out: Path, options: dict[str, Any], reporter: Any) -
     ir = IRReader(ir_dir)
     if not ir.layers:
         raise BuildError("the trtllm target needs a quantized model (quantize.method is 'none')")
-    method, strategy = ir.scheme["method"], ir.scheme.get("strategy")
+    method, strategy = ir.scheme["method"], ir.layer_field("strategy")
     algo = quant_algo(method, strategy)
     dtype_name = resolve_dtype(options.get("dtype", "auto"), ir.scheme["source_dtype"])
     dtype = DTYPES[dtype_name]
@@ -205,7 +205,7 @@ def quantization_section(ir: IRReader, algo: str, exclude: list[str]) -> dict[st
     out: dict[str, Any] = {"quant_algo": algo,
                            "kv_cache_quant_algo": "FP8" if ir.scheme.get("kv_cache") == "fp8" else None}
     if algo == "W4A16_AWQ":
-        out.update(group_size=ir.scheme["group_size"], has_zero_point=False, pre_quant_scale=True)
+        out.update(group_size=ir.layer_field("group_size"), has_zero_point=False, pre_quant_scale=True)
     out["exclude_modules"] = exclude
     return out
 
@@ -368,7 +368,7 @@ def legacy_config(ir: IRReader, algo: str, dtype_name: str, tp: int, pp: int, pq
     quant: dict[str, Any] = {"quant_algo": algo,
                              "kv_cache_quant_algo": "FP8" if ir.scheme.get("kv_cache") == "fp8" else None}
     if algo == "W4A16_AWQ":
-        quant.update(group_size=ir.scheme["group_size"], has_zero_point=False, pre_quant_scale=pqs_mode)
+        quant.update(group_size=ir.layer_field("group_size"), has_zero_point=False, pre_quant_scale=pqs_mode)
     from ...arch import linear_shapes
 
     skipped = sorted({n for n, _o, _i in linear_shapes(c)} - set(ir.layers) - {"lm_head"})
@@ -409,7 +409,7 @@ def export_ckpt(ir_dir: Path, out: Path, options: dict[str, Any], reporter: Any)
     ir = IRReader(ir_dir)
     if not ir.layers:
         raise BuildError("the trtllm-ckpt target needs a quantized model (quantize.method is 'none')")
-    method, strategy = ir.scheme["method"], ir.scheme.get("strategy")
+    method, strategy = ir.scheme["method"], ir.layer_field("strategy")
     algo = quant_algo(method, strategy)
     tp, pp = options.get("tp_size", 1), options.get("pp_size", 1)
     dtype_name = resolve_dtype(options.get("dtype", "auto"), ir.scheme["source_dtype"])

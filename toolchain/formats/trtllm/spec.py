@@ -191,6 +191,7 @@ FORMATS = (
         options=HFOptions,
         methods=("rtn", "awq", "fp8"),
         notes="TensorRT-LLM >= 1.0 PyTorch backend (LLM(model=dir), trtllm-serve): ModelOpt's HF checkpoint",
+        runtimes={"trtllm": "LLM(model=dir) / trtllm-serve (hf_quant_config.json)"},
         plan_check=check_hf,
     ),
     FormatSpec(
@@ -200,6 +201,7 @@ FORMATS = (
         options=CkptOptions,
         methods=("rtn", "awq", "fp8"),
         notes="trtllm-build (TensorRT-LLM <= 1.2): the legacy checkpoint, rank{N}.safetensors",
+        runtimes={"trtllm-build": "trtllm-build --checkpoint_dir dir"},
         plan_check=check_ckpt,
         engine="toolchain.formats.trtllm.engine:engine_stage",
     ),

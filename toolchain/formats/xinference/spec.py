@@ -116,6 +116,7 @@ FORMATS = (FormatSpec(
     options=XinferenceOptions,
     methods=("*",),  # the wrapped format's own methods, checked by plan_check
     notes="Xinference custom model: model.json (v2) beside a gguf, gptq or compressed-tensors artifact",
+    runtimes={"xinference": "xinference register --model-type LLM --file model.json"},
     plan_check=plan_check,
     checker=checker,
 ),)

@@ -1,4 +1,5 @@
-"""Accuracy of a built checkpoint against its unquantized reference, through an independent loader.
+"""Scoring shared by every format's check (toolchain/formats/<format>/check.py): accuracy of a built checkpoint
+against its unquantized reference (toolchain/stages/reference.py), through the format's independent loader.
 
 Protocol (named in every result): the dataset file is tokenized whole with the model's own tokenizer, cut to
 `max_tokens`, and scored in windows of `seq_len` tokens advancing by `stride` (HF's sliding-window perplexity;
@@ -10,6 +11,7 @@ stride == seq_len gives non-overlapping windows). Each token is scored once, fro
   top1_agreement fraction of positions whose argmax token is the same as the reference's
 The reference statistics (per-token NLL and top-1024 log-probabilities, stored as float16) are cached as their
 own artifact, keyed by (source, dataset hash, protocol), so sweeping recipes does not re-run the reference model.
+A check ends with finish_validation: the reload check's verdict, export fidelity, then these statistics and gates.
 """
 
 from __future__ import annotations

@@ -129,7 +129,7 @@ def test_compressed_tensors_decompression_is_the_scale_dtype_product(tmp_path):
     name = "model.layers.0.mlp.down_proj"
     q = ir.layer(name)
     assert q.scale.dtype == torch.bfloat16
-    scheme = scheme_for(q.meta, q.type, ir.scheme)
+    scheme = scheme_for(q.meta, q.type)
     theirs = decompress_layer(compress_layer(q, scheme), scheme, q.shape)
     assert theirs.dtype == torch.bfloat16
     assert torch.equal(theirs, q.dequantize(torch.bfloat16))

@@ -78,7 +78,7 @@ def test_ir_round_trip(tmp_path):
 def test_straddle_probe_is_what_the_installed_kernel_does():
     """The plan's probe of bitsandbytes' CPU dequantize says what a direct measurement says, on a real layer shape
     (576 = 4.5 x 128: blocks straddle rows). Which way it goes depends on the CPU (AVX512F: wrong, by ~2; else
-    exact: see toolchain/formats/bnb.py); our dequantization is the truth either way."""
+    exact: see toolchain/formats/bnb/spec.py); our dequantization is the truth either way."""
     import bitsandbytes.functional as F
 
     from toolchain.formats.bnb.spec import straddle_misread

@@ -104,6 +104,8 @@ class Method:
     key_libs: tuple[str, ...] = ()
     # Elementwise IEEE arithmetic: a GPU gives the same bytes, so the quantize stage uses one when present.
     same_bytes_on_gpu: bool = False
+    # ModelPack's `precision` of the weights; empty: int<bits>.
+    precision: str = ""
 
     @property
     def calibrated(self) -> bool:

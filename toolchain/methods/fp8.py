@@ -32,4 +32,4 @@ def quantize(w: Any, q: dict[str, Any], scale_dtype: Any) -> Any:
     return quantize_fp8(w, q["strategy"], scale_dtype)
 
 
-METHOD = Method("fp8", FP8Spec, "FP8", tensor=quantize, same_bytes_on_gpu=True)
+METHOD = Method("fp8", FP8Spec, "FP8", tensor=quantize, same_bytes_on_gpu=True, precision="fp8")

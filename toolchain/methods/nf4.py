@@ -34,4 +34,4 @@ def quantize(w: Any, q: dict[str, Any], scale_dtype: Any) -> Any:
     return quantize_nf4(w, q["blocksize"], q["double_quant"])
 
 
-METHOD = Method("nf4", NF4Spec, "NF4", tensor=quantize, key_libs=("bitsandbytes",))
+METHOD = Method("nf4", NF4Spec, "NF4", tensor=quantize, key_libs=("bitsandbytes",), precision="nf4")

@@ -46,9 +46,10 @@ def _precision(q: dict[str, Any], model_config: dict[str, Any]) -> str | None:
     if method in (None, "none"):
         dtype = str(model_config.get("dtype") or model_config.get("torch_dtype") or "")
         return {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}.get(dtype)
-    if method in ("fp8", "nf4"):
-        return method
-    return f"int{q.get('bits', 4)}"
+    from ..methods import METHODS
+
+    entry = METHODS.get(method)
+    return entry.precision if entry is not None and entry.precision else f"int{q.get('bits', 4)}"
 
 
 def describe(name: str, files: list[dict[str, Any]], model_config: dict[str, Any] | None,

@@ -6,12 +6,9 @@ from __future__ import annotations
 import functools
 import importlib.metadata
 import importlib.util
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ...errors import InputError, MissingToolError
-
-if TYPE_CHECKING:
-    pass
 from ...stage import StageCode
 from ..base import FormatSpec
 

@@ -49,8 +49,8 @@ def consumer_dtype(q: QuantizedLinear) -> torch.dtype:
     return q.scale.dtype if q.scale.is_floating_point() else torch.float32
 
 
-def scheme_for(meta: dict[str, Any], layer_type: str, scheme: dict[str, Any]):
-    """The compressed-tensors QuantizationScheme that expresses one IR layer."""
+def scheme_for(meta: dict[str, Any], layer_type: str):
+    """The compressed-tensors QuantizationScheme that expresses one IR layer, from the layer's own meta."""
     _c, _d, QuantizationArgs, _qc, QuantizationScheme, _s = _ct()
     if layer_type == "float8":
         weights = QuantizationArgs(num_bits=8, type="float", symmetric=True, strategy=meta["strategy"],
@@ -140,7 +140,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
         task.advance()
         for name in ir.layers:
             q = ir.layer(name)
-            schemes[name] = scheme_for(q.meta, q.type, ir.scheme)
+            schemes[name] = scheme_for(q.meta, q.type)
             packed = compress_layer(q, schemes[name], device)
             # Read back through the library: what a loader will see must equal what we quantized, computed as
             # the library computes it (in the scale's dtype), bit for bit.

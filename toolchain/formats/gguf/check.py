@@ -181,8 +181,3 @@ def run_validate(ctx: StageContext) -> dict[str, Any]:
     result = validate_gguf(ctx, ctx.inputs["export"], info)
     (ctx.out / "gguf_conformance.json").write_text(json.dumps(result.get("conformance"), indent=2))
     return result
-
-
-# -- ollama: the Modelfile and its Go template -------------------------------------------------------------
-
-

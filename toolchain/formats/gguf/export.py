@@ -41,9 +41,6 @@ if TYPE_CHECKING:
     from ...stage import StageContext
 
 
-# -- which GGUF types hold which IR scheme (plan time: no torch) --------------------------------------------
-
-
 # -- the numerics of one tensor -----------------------------------------------------------------------------
 
 def _gguf():

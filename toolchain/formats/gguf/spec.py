@@ -3,15 +3,11 @@ entry in the format registry (toolchain.formats)."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
 from ...errors import InputError
-
-if TYPE_CHECKING:
-
-    pass
 from ...stage import StageCode
 from ..base import FormatSpec
 

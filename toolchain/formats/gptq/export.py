@@ -216,7 +216,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
             # Read back with the validator's unpacker (written apart from the packer above).
             expect = layer.dequantize()
             back = unpack_layer(packed, layer.bits)
-            # Exact float32 products on both sides (validate.gptq.ARITHMETIC); any difference is a packing bug.
+            # Exact float32 products on both sides (ARITHMETIC above); any difference is a packing bug.
             if not torch.equal(back, expect):
                 raise BuildError(f"{name}: gptq read-back differs from our weights by "
                                  f"{(back - expect).abs().max().item():.3g}")

@@ -7,14 +7,10 @@ import importlib.util
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ...errors import InputError, MissingToolError
 from ...oracles import venv_python
-
-if TYPE_CHECKING:
-
-    pass
 from ...stage import StageCode
 from ..base import FormatSpec
 

@@ -3,16 +3,11 @@ its entry in the format registry (toolchain.formats)."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from pydantic import ConfigDict
 
-from ..gguf.spec import GGUFOptions
-
-if TYPE_CHECKING:
-    pass
 from ...stage import StageCode
 from ..base import FormatSpec
+from ..gguf.spec import GGUFOptions
 from ..gguf.spec import plan_check as gguf_plan_check
 
 MODELFILE = "Modelfile"

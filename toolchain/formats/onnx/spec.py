@@ -3,13 +3,9 @@ entry in the format registry (toolchain.formats)."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ...errors import InputError, MissingToolError
-
-if TYPE_CHECKING:
-
-    pass
 from ...stage import StageCode
 from ..base import FormatSpec
 

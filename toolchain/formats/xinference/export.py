@@ -117,8 +117,3 @@ def run(ctx: StageContext) -> dict[str, Any]:
             {"model_format": doc["model_specs"][0]["model_format"],
              "quantization": doc["model_specs"][0]["quantization"], "model_uri": doc["model_specs"][0]["model_uri"],
              "register": f"xinference register --model-type LLM --file {MODEL_JSON} --persist"}}
-
-
-# -- validation ---------------------------------------------------------------------------------------------
-
-

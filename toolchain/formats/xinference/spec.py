@@ -3,14 +3,11 @@ and its entry in the format registry (toolchain.formats)."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ...errors import InputError, MissingToolError
-
-if TYPE_CHECKING:
-    pass
 from ...stage import StageCode
 from ..base import FormatSpec
 

@@ -86,11 +86,11 @@ def unpacked_pairs(export_dir: Path, ir_dir: Path) -> Iterator[tuple[str, torch.
 
 class LoaderProcess:
     """A worker process holding the model as a GPTQ loader built it. Requests go over its stdin as one JSON
-    line, tensors come back as raw little-endian bytes behind a JSON header (see gptq_worker)."""
+    line, tensors come back as raw little-endian bytes behind a JSON header (see worker.py)."""
 
     def __init__(self, export_dir: Path, loader: str):
         env = {**os.environ, "GPTQMODEL_CPU_WORKERS": os.environ.get("GPTQMODEL_CPU_WORKERS", "2"),
-               "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+               "PYTHONPATH": str(Path(__file__).resolve().parents[3])}  # the directory holding toolchain/
         self.dtypes: set[str] = set()  # the dtypes the loader dequantized weights in
         self.proc = subprocess.Popen([loader_python(), "-m", "toolchain.formats.gptq.worker", str(export_dir),
                                       loader], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)

@@ -164,6 +164,8 @@ def quantize_config(ir: IRReader, bits: int, group_size: int, sym: bool, desc_ac
 
 def unpack_layer(t: dict[str, torch.Tensor], bits: int) -> torch.Tensor:
     """Dense float32 weight (out, in) of one v1 layer from qweight/qzeros/scales/g_idx."""
+    import torch
+
     mask = (1 << bits) - 1
     per_word = 32 // bits
     qweight, qzeros = t["qweight"].to(torch.int64) & 0xFFFFFFFF, t["qzeros"].to(torch.int64) & 0xFFFFFFFF

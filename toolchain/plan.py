@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from . import arch
@@ -101,7 +102,7 @@ def check_gates(gates: Any) -> None:
                          "or write `gates: none` to measure without gating")
 
 
-def _dataset_digest(loaded: LoadedProfile, cache: StatCache) -> tuple[str, str] | None:
+def _dataset_digest(loaded: LoadedProfile, cache: StatCache) -> tuple[Path, str] | None:
     acc = loaded.profile.validate_.accuracy
     if acc is None:
         return None
@@ -112,7 +113,7 @@ def _dataset_digest(loaded: LoadedProfile, cache: StatCache) -> tuple[str, str] 
     from .quant.calibration import check_utf8
 
     check_utf8(path, "validate.accuracy.dataset")
-    return str(path), cache.hash(path)
+    return path, cache.hash(path)
 
 
 # What only calibrated methods read; the others leave it out of the key.

@@ -83,7 +83,7 @@ def bound(args) -> dict:
 
 
 def _ppl(model, ids, seq_len: int, stride: int) -> float:
-    from toolchain.validate.streamed import streamed_logits_fn
+    from toolchain.validate.accuracy import streamed_logits_fn
 
     fn = streamed_logits_fn(model, ids, seq_len, stride)
     return _ppl_fn(fn, ids, seq_len, stride)

@@ -21,7 +21,7 @@ from conftest import (
     write_profile,
 )
 
-import toolchain.formats.gguf as G
+import toolchain.formats.gguf.export as G
 from toolchain.ir import QuantizedLinear
 from toolchain.quant.rtn import quantize_rtn
 
@@ -291,7 +291,7 @@ def test_smollm2_tokenizer_and_chat_template_round_trip(smol_tok):
     import gguf
     from transformers import AutoTokenizer
 
-    from toolchain.validate.gguf import PROBE_TEXT
+    from toolchain.formats.gguf.check import PROBE_TEXT
 
     src, out = smol_tok
     info = json.loads((out / "tokenizer_info.json").read_text())
@@ -339,7 +339,7 @@ def test_llama_cpp_loads_and_generates(smol_store, tmp_path):
     from llama_cpp import Llama
     from transformers import AutoTokenizer
 
-    from toolchain.validate.gguf import load_gguf_model
+    from toolchain.formats.gguf.check import load_gguf_model
 
     profile = write_profile(tmp_path, smol_profile(targets=[{"format": "gguf"}]))
     doc = build_json(str(profile), "--store", str(smol_store))
@@ -369,7 +369,7 @@ def test_sentencepiece_vocabulary_round_trip(tmp_path):
     import sentencepiece as spm
 
     from toolchain.arch import ARCHS
-    from toolchain.validate.gguf import spm_check
+    from toolchain.formats.gguf.check import spm_check
 
     text = shipped(SHAKESPEARE)
     (tmp_path / "train.txt").write_text(text.read_text()[:100_000])

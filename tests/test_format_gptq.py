@@ -15,10 +15,10 @@ import torch
 from conftest import build_json, needs_smollm2, needs_wikitext, smol_profile, tiny_profile, write_profile
 
 from toolchain.errors import BuildError, MissingToolError
-from toolchain.formats.gptq import GPTQLayer, loader_python, pack_layer, pack_rows, to_gptq
+from toolchain.formats.gptq.export import GPTQLayer, pack_layer, pack_rows, to_gptq, unpack_layer
+from toolchain.formats.gptq.spec import loader_python
 from toolchain.oracles import venv_python
 from toolchain.quant.rtn import quantize_rtn, quantize_with
-from toolchain.validate.gptq import unpack_layer
 
 
 def _have_loader() -> bool:
@@ -131,7 +131,7 @@ def test_missing_loader_fails_at_plan_time(cli, tmp_path, monkeypatch):
 # -- checkpoints on disk ------------------------------------------------------------------------------------------
 
 def _export(ir_dir: Path, out: Path) -> dict:
-    from toolchain.formats.gptq import run
+    from toolchain.formats.gptq.export import run
     from toolchain.progress import Reporter
 
     out.mkdir(parents=True)
@@ -191,7 +191,7 @@ def _corrupt(export: Path, ir_dir: Path, dst: Path) -> None:
     """A copy of a gptq export with one fault per layer in FAULTS, each written with the real packers."""
     from safetensors.torch import load_file, save_file
 
-    from toolchain.formats.gptq import pack_cols
+    from toolchain.formats.gptq.export import pack_cols
     from toolchain.ir import IRReader
 
     shutil.copytree(export, dst)
@@ -229,7 +229,7 @@ def test_build_validates_with_a_real_loader(built):
 
 @needs_loader  # the build's plan checks that the validator's loader is there
 def test_unpacking_catches_corrupted_checkpoints(built):
-    from toolchain.validate.gptq import unpacked_errors
+    from toolchain.formats.gptq.check import unpacked_errors
 
     _corrupt(built.export, built.ir, built.tmp / "bad-unpack")
     errors = unpacked_errors(built.tmp / "bad-unpack", built.ir)
@@ -252,8 +252,8 @@ def _dense_logits(src: Path, weights: dict[str, torch.Tensor], ids: torch.Tensor
 def test_loaders_read_act_order_checkpoint(built, loader):
     """transformers (optimum + GPTQModel) and GPTQModel.load: every layer bit-exact to ours (float16 rounding is
     the kernels'), and logits agree with a dense fp32 model holding our weights up to the kernel's bfloat16."""
+    from toolchain.formats.gptq.check import LoaderProcess, loader_errors
     from toolchain.ir import IRReader
-    from toolchain.validate.gptq import LoaderProcess, loader_errors
 
     proc = LoaderProcess(built.ao_export, loader)
     try:
@@ -274,7 +274,7 @@ def test_loaders_read_act_order_checkpoint(built, loader):
 
 @needs_loader
 def test_loader_catches_corrupted_checkpoints(built):
-    from toolchain.validate.gptq import LoaderProcess, loader_errors
+    from toolchain.formats.gptq.check import LoaderProcess, loader_errors
 
     _corrupt(built.export, built.ir, built.tmp / "bad-loader")
     proc = LoaderProcess(built.tmp / "bad-loader", "transformers")
@@ -291,7 +291,7 @@ def test_loader_catches_corrupted_checkpoints(built):
 def test_gptqmodel_load_refuses_asymmetric_v1_from_other_producers(built):
     """Why the validator loads through transformers: GPTQModel.load accepts sym=False v1 checkpoints only from
     GPTQModel >= 0.9 (a guard against AutoGPTQ's zero-point overflow); we do not claim to be GPTQModel."""
-    from toolchain.validate.gptq import LoaderProcess
+    from toolchain.formats.gptq.check import LoaderProcess
 
     with pytest.raises(BuildError, match="sym=False"):
         LoaderProcess(built.export, "gptqmodel")

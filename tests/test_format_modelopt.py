@@ -27,7 +27,7 @@ from trtllm_testlib import (
     run_oracle,
 )
 
-from toolchain.formats import trtllm
+from toolchain.formats.trtllm import export as trtllm
 
 pytestmark = pytest.mark.skipif(modelopt_python() is None, reason=MODELOPT_SKIP)
 

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 from conftest import needs_smollm2, smol_profile, tiny_profile, write_profile
 
-import toolchain.formats.gguf as G
-import toolchain.formats.ollama as O
+import toolchain.formats.gguf.spec as G
+import toolchain.formats.ollama.export as O
 from toolchain.errors import BuildError
-from toolchain.validate.gguf import modelfile_check, ollama_render, render_go_template
+from toolchain.formats.ollama.check import modelfile_check, ollama_render, render_go_template
 
 SMOL_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 

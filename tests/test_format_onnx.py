@@ -39,7 +39,7 @@ def ort_dequantize(tensors: dict, k: int, n: int, block: int) -> np.ndarray:
     (True, 32, 128, torch.float32), (False, 32, 96, torch.float32),  # 3 blocks: odd zero-point row
     (False, 64, 128, torch.bfloat16), (True, 16, 64, torch.float16)])
 def test_our_blocks_are_what_onnxruntime_dequantizes(symmetric, group, in_f, scale_dtype):
-    from toolchain.formats.onnx import matmulnbits_tensors
+    from toolchain.formats.onnx.export import matmulnbits_tensors
     from toolchain.quant.rtn import quantize_rtn
 
     w = torch.randn(48, in_f, generator=torch.Generator().manual_seed(0))
@@ -80,14 +80,14 @@ def _fails(doc: dict, what: str) -> str:
 
 
 def test_nibble_order_bug_caught(cli, tmp_path, monkeypatch):
-    import toolchain.formats.onnx as O
+    import toolchain.formats.onnx.export as O
 
     monkeypatch.setattr(O, "pack_nibbles", lambda u: (u[..., 1::2] | (u[..., 0::2] << 4)).astype("uint8"))
     _fails(build(cli, tmp_path), "reloaded weights differ")
 
 
 def test_wrong_scale_or_transpose_caught(cli, tmp_path, monkeypatch):
-    import toolchain.formats.onnx as O
+    import toolchain.formats.onnx.export as O
     from toolchain.ir import QuantizedLinear
 
     real = O.matmulnbits_tensors
@@ -106,7 +106,7 @@ def test_wrong_scale_or_transpose_caught(cli, tmp_path, monkeypatch):
 def test_miswired_layer_caught(cli, tmp_path, monkeypatch):
     """Layer 1's q_proj fed layer 0's normed input (a stale activation, still in topological order): every node
     holds the right weights, only the graph-level logits check can see it."""
-    import toolchain.formats.onnx as O
+    import toolchain.formats.onnx.export as O
 
     real = O.replace_matmuls
 

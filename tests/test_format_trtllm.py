@@ -16,9 +16,9 @@ from conftest import run_cli, tiny_profile, write_profile
 from trtllm_testlib import export, make_ir
 
 from toolchain.errors import BuildError
-from toolchain.formats import trtllm
+from toolchain.formats.trtllm import check as reader
+from toolchain.formats.trtllm import export as trtllm
 from toolchain.ir import IRReader
-from toolchain.validate import modelopt as reader
 
 IDS = torch.randint(0, 1024, (40,), generator=torch.Generator().manual_seed(1))
 

@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 from conftest import needs_smollm2, tiny_profile, write_profile
 
-import toolchain.formats.xinference as X
+import toolchain.formats.xinference.check as XV
+import toolchain.formats.xinference.export as XE
+import toolchain.formats.xinference.spec as X
 from toolchain.oracles import venv_python
 
 needs_xinference = pytest.mark.skipif(
@@ -81,11 +83,11 @@ def _copy(tiny_build, tmp_path, i: int) -> tuple[Path, Path, dict]:
 def test_corrupted_model_json_caught(tiny_build, tmp_path, monkeypatch, corrupt, expect):
     monkeypatch.setattr(X, "xinference_python", lambda: None)  # the documented fields: fast; Xinference's own below
     out, ir_dir, info = _copy(tiny_build, tmp_path, 0)
-    assert X.model_json_check(out, ir_dir, info)["problems"] == []
+    assert XV.model_json_check(out, ir_dir, info)["problems"] == []
     doc = json.loads((out / "model.json").read_text())
     corrupt(doc, out)
     (out / "model.json").write_text(json.dumps(doc))
-    problems = X.model_json_check(out, ir_dir, info)["problems"]
+    problems = XV.model_json_check(out, ir_dir, info)["problems"]
     assert any(expect in p for p in problems), problems
 
 
@@ -95,12 +97,12 @@ def test_xinference_own_model_rejects_what_it_cannot_register():
           "model_family": "m", "context_length": 2048, "model_specs": [
               {"model_format": "ggufv2", "model_size_in_billions": "0_1", "quantization": "Q4_0",
                "model_uri": "file:///tmp", "model_file_name_template": "model.gguf"}]}
-    assert X.schema_check(ok)["problems"] == []
+    assert XV.schema_check(ok)["problems"] == []
     bad_format = json.loads(json.dumps(ok))
     bad_format["model_specs"][0]["model_format"] = "compressed-tensors"
-    assert X.schema_check(bad_format)["problems"]
+    assert XV.schema_check(bad_format)["problems"]
     no_family = {k: v for k, v in ok.items() if k != "model_family"}
-    assert "model_family" in X.schema_check(no_family)["problems"][0]
+    assert "model_family" in XV.schema_check(no_family)["problems"][0]
 
 
 def test_plan_checks_the_wrapped_format(cli, tmp_path):
@@ -124,7 +126,7 @@ def test_smollm2_chat_template_and_stops(tmp_path_factory):
     from test_format_gguf import smol_tokenizer_files
 
     tok_dir, _ = smol_tokenizer_files(tmp_path_factory.getbasetemp())
-    stop, ids, template = X.stops(tok_dir)
+    stop, ids, template = XE.stops(tok_dir)
     assert stop == ["<|im_end|>", "<|im_start|>"] and ids == [2, 1]  # eos (config id 2), then ChatML's markers
     assert template.startswith("{% for message in messages %}")
 
@@ -132,9 +134,9 @@ def test_smollm2_chat_template_and_stops(tmp_path_factory):
 def test_size_in_billions_is_measured():
     from toolchain.arch import ARCHS
 
-    assert X.size_in_billions(ARCHS["smollm2-135m"]) == "0_135"
-    assert X.size_in_billions(ARCHS["llama-2-7b"]) == "6_7"
-    assert X.size_in_billions(ARCHS["llama-2-13b"]) == 13
+    assert XE.size_in_billions(ARCHS["smollm2-135m"]) == "0_135"
+    assert XE.size_in_billions(ARCHS["llama-2-7b"]) == "6_7"
+    assert XE.size_in_billions(ARCHS["llama-2-13b"]) == 13
 
 
 def test_missing_xinference_oracle_is_refused_unless_the_profile_allows_the_field_check(cli, tmp_path, monkeypatch):
@@ -157,7 +159,7 @@ def test_missing_xinference_oracle_is_refused_unless_the_profile_allows_the_fiel
     assert code == 0, out
     fallback = next(s["key"] for s in json.loads(out)["stages"] if s["name"] == "validate:xinference")
     assert fallback != real
-    checked = X.schema_check({"version": 2}, X.FIELD_CHECK)
+    checked = XV.schema_check({"version": 2}, X.FIELD_CHECK)
     assert checked["checked_by"] == X.FIELD_CHECK and checked["problems"]
-    gone = X.schema_check({"version": 2}, "xinference 4.1 CustomLLMFamilyV2")
+    gone = XV.schema_check({"version": 2}, "xinference 4.1 CustomLLMFamilyV2")
     assert gone["checked_by"] is None and "no longer importable" in gone["problems"][0]

@@ -229,12 +229,13 @@ class _Collect:
 
 
 def _fake_method(monkeypatch, fn) -> str:
-    from toolchain.quant import layerwise
+    from toolchain.methods import METHODS
+    from toolchain.methods.base import Method, QuantizeBase
 
     mod = types.ModuleType("fake_method")
     mod.quantize_block = fn
     monkeypatch.setitem(sys.modules, "fake_method", mod)
-    monkeypatch.setitem(layerwise.METHOD_MODULES, "fake", "fake_method")
+    monkeypatch.setitem(METHODS, "fake", Method("fake", QuantizeBase, "fake", layerwise="fake_method"))
     return "fake"
 
 

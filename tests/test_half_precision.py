@@ -51,14 +51,14 @@ def missing_oracle(label: str) -> str | None:
     from toolchain.errors import MissingToolError
 
     if label in ("gptq", "xinference"):
-        from toolchain.formats.gptq import loader_python
+        from toolchain.formats.gptq.spec import loader_python
 
         try:
             loader_python()
         except MissingToolError as e:
             return str(e)
     if label == "xinference":
-        from toolchain.formats.xinference import xinference_python
+        from toolchain.formats.xinference.spec import xinference_python
 
         if xinference_python() is None:
             return "xinference not importable here nor in ~/.cache/toolchain-venvs/xinference: run scripts/setup"
@@ -122,14 +122,14 @@ def _tiny_ir(tmp_path: Path, dtype: str, quantize: dict) -> Path:
 def test_compressed_tensors_decompression_is_the_scale_dtype_product(tmp_path):
     """What compressed-tensors (and vLLM's kernels) compute from a bf16 checkpoint is (codes - zero) * scale in
     bf16; our dequantization rounded once to bf16 is that, bit for bit, and differs from the float32 product."""
-    from toolchain.formats.compressed_tensors import compress_layer, decompress_layer, scheme_for
+    from toolchain.formats.compressed_tensors.export import compress_layer, decompress_layer, scheme_for
     from toolchain.ir import IRReader
 
     ir = IRReader(_tiny_ir(tmp_path, "bfloat16", RECIPES["int4-asym"]))
     name = "model.layers.0.mlp.down_proj"
     q = ir.layer(name)
     assert q.scale.dtype == torch.bfloat16
-    scheme = scheme_for(q.meta, q.type, ir.scheme)
+    scheme = scheme_for(q.meta, q.type)
     theirs = decompress_layer(compress_layer(q, scheme), scheme, q.shape)
     assert theirs.dtype == torch.bfloat16
     assert torch.equal(theirs, q.dequantize(torch.bfloat16))
@@ -161,13 +161,13 @@ def _export(fmt: str, ir_dir: Path, out: Path):
     from types import SimpleNamespace
 
     from toolchain.formats import EXPORTERS
-    from toolchain.plan import _entry
     from toolchain.progress import Reporter
+    from toolchain.stage import load_entry
 
     out.mkdir(parents=True)
     ctx = SimpleNamespace(inputs={"quantize": ir_dir}, out=out, reporter=Reporter(quiet=True),
-                          config={"options": {}}, plan=SimpleNamespace(source=SimpleNamespace(kind="synthetic")))
-    return _entry(EXPORTERS[fmt].runner)(ctx)
+                          config={"options": {}}, data={"source_gguf": None})
+    return load_entry(EXPORTERS[fmt].export.runner)(ctx)
 
 
 NAN_FORMATS = ["compressed-tensors", "gptq", "gguf", "trtllm", "onnx"]

@@ -78,10 +78,10 @@ def test_ir_round_trip(tmp_path):
 def test_straddle_probe_is_what_the_installed_kernel_does():
     """The plan's probe of bitsandbytes' CPU dequantize says what a direct measurement says, on a real layer shape
     (576 = 4.5 x 128: blocks straddle rows). Which way it goes depends on the CPU (AVX512F: wrong, by ~2; else
-    exact: see toolchain/formats/bnb.py); our dequantization is the truth either way."""
+    exact: see toolchain/formats/bnb/spec.py); our dequantization is the truth either way."""
     import bitsandbytes.functional as F
 
-    from toolchain.formats.bnb import straddle_misread
+    from toolchain.formats.bnb.spec import straddle_misread
     from toolchain.quant.nf4 import quant_state
 
     w = torch.randn(192, 576, generator=torch.Generator().manual_seed(3))
@@ -98,7 +98,7 @@ def test_straddle_probe_is_what_the_installed_kernel_does():
 def test_straddling_blocks_are_refused_only_where_the_kernel_misreads_them(cli, tmp_path, monkeypatch, misread):
     """llama-tiny's in_features 128 with blocksize 256: refused (exit 2, naming the sizes that work) when the
     probe finds the kernel wrong, planned when it finds it right."""
-    import toolchain.formats.bnb as bnb
+    import toolchain.formats.bnb.spec as bnb
 
     monkeypatch.setattr(bnb, "straddle_misread", lambda i, b: misread)
     path = write_profile(tmp_path, tiny_profile(quantize={**NF4_PROFILE, "blocksize": 256}, targets=["bnb"]))
@@ -212,9 +212,9 @@ def _corrupt(src: Path, dst: Path) -> dict[str, str]:
 
 def test_validator_catches_corrupted_checkpoints(tmp_path, tiny_builds):
     """Each fault shows up in exactly its layer; untouched layers still match bit for bit."""
+    from toolchain.formats.bnb.check import layer_errors
     from toolchain.ir import IRReader
     from toolchain.validate.accuracy import load_hf_model
-    from toolchain.validate.bnb import layer_errors
 
     builds, store = tiny_builds
     stages = builds[True]

@@ -131,7 +131,7 @@ def test_bnb_serves_transformers_and_vllm_only_with_a_plugin():
 
 
 def test_xinference_spec_over_compressed_tensors_fp8_says_pytorch():
-    from toolchain.formats.xinference import format_and_quantization
+    from toolchain.formats.xinference.spec import format_and_quantization
 
     assert format_and_quantization("compressed-tensors", {}, {"method": "fp8"}) == ("pytorch", "none")
     q = from_dict(tiny_profile(quantize={"method": "fp8"})).profile.quantize

@@ -42,8 +42,8 @@ def test_streamed_equals_whole_model_on_smollm2(tmp_path):
     with overlapping windows, to 1e-4 relative."""
     from conftest import WIKITEXT
 
-    from toolchain.validate.accuracy import hf_logits, load_hf_model, tokenize
-    from toolchain.validate.streamed import StreamedModel, streamed_logits_fn
+    from toolchain.validate.accuracy import hf_logits, load_hf_model, streamed_logits_fn, tokenize
+    from toolchain.validate.streamed import StreamedModel
 
     src = _source(tmp_path, smol_profile(targets=[], validate={}))
     ids, _tok = tokenize(src, WIKITEXT, 768)

@@ -87,7 +87,7 @@ def make_ir(directory: Path, method: str = "rtn", strategy: str = "group", group
 
 
 def export(kind: str, ir: Path, out: Path, **options: Any) -> dict[str, Any]:
-    from toolchain.formats import trtllm
+    from toolchain.formats.trtllm import export as trtllm
 
     out.mkdir(parents=True, exist_ok=True)
     fn = trtllm.export_hf if kind == "hf" else trtllm.export_ckpt

@@ -314,8 +314,10 @@ def _resolve_push(target: str, store, to: str, label: str | None):
         chosen = [label] if label else labels
         out = []
         for lab in chosen:
-            key, files, descriptor, config, annotations = target_package(store, plan, lab)
-            failed = [s.name for s in plan.stages if s.name.partition(":")[2] == lab and store.has(s.key)
+            fmt = next(t.format for t in loaded.profile.targets if t.label == lab)
+            key, files, descriptor, config, annotations = target_package(
+                store, plan.stages, lab, fmt, plan.profile.profile.name, plan.profile_ref, plan.model_config)
+            failed = [s.name for s in plan.stages if s.target == lab and store.has(s.key)
                       and store.manifest(s.key).get("status") == "failed"]
             if failed:
                 raise BuildError(f"target {lab}: {', '.join(failed)} failed its gate; a failed artifact is not pushed")

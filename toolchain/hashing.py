@@ -70,7 +70,7 @@ class StatCache:
     def save(self) -> None:
         if not self._dirty:
             return
-        from .store import write_durably
+        from .durable import write_durably
 
         write_durably(self.path, json.dumps(self._entries, indent=0, sort_keys=True))
         self._dirty = False

@@ -27,6 +27,11 @@ Per quantized linear `<name>` (weights are (out, in), as in torch):
                           <name>.input_scale            static activation scale
 Every other tensor (embeddings, norms, unquantized layers) is kept under its own name. Signed codes with a
 signed zero point are compressed-tensors' convention; exporters to unsigned formats shift both by 2^(b-1).
+
+A quantized layer's scheme (bits, strategy, group_size, symmetric, actorder, blocksize, ...) has one source of
+truth: its entry in `layers`, read as QuantizedLinear.meta, or IRReader.layer_field for what a format holds once
+for the whole model. `scheme` is the recipe that produced the layers (the method and its options, the scale and
+source dtypes, the KV cache, `ignore`), never read for a layer's own fields.
 """
 
 from __future__ import annotations
@@ -237,6 +242,22 @@ class IRReader:
         self.layers: dict[str, dict[str, Any]] = doc["layers"]
         self.tensors = TensorReader(directory)
         self.config: dict[str, Any] = json.loads((directory / "config.json").read_text())
+
+    def layer_field(self, field: str) -> Any:
+        """The value of a layer field (group_size, bits, ...) shared by every quantized layer, from the layers
+        themselves (None without quantized layers); BuildError where layers differ, for formats that hold one."""
+        from .errors import BuildError
+
+        values = {json.dumps(meta.get(field)) for meta in self.layers.values()}
+        if len(values) > 1:
+            raise BuildError(f"the IR's layers differ in {field} ({', '.join(sorted(values))}); this format holds "
+                             "one for the whole model")
+        return json.loads(values.pop()) if values else None
+
+    def layers_scheme(self) -> dict[str, Any]:
+        """The recipe with the layers' own fields (bits, strategy, group_size, symmetric) taken from the layers."""
+        fields = ("bits", "strategy", "group_size", "symmetric")
+        return {**self.scheme, **{f: self.layer_field(f) for f in fields if self.layers}}
 
     def plain_names(self) -> list[str]:
         """Tensors that are not part of a quantized layer, in the source's naming."""

@@ -7,10 +7,10 @@ planning a fully cached build must take well under a second.
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from . import arch
@@ -18,18 +18,17 @@ from .errors import InputError
 from .formats import EXPORTERS
 from .gates import NO_GATES, has_gate
 from .hashing import StatCache, key_of, tree_digest
+from .methods import METHODS
 from .profile import LoadedProfile
 from .progress import Reporter
 from .sources import ResolvedSource, resolve
+from .stage import Stage, StageCode, lib_versions, load_entry
 from .store import Store
 
-# The fixed stages: (code version, libraries that shape their bytes, runner). Bump a version whenever that
-# stage's code changes what it writes. Exporters and their validators come from toolchain.formats.EXPORTERS.
-FIXED_STAGES = {
-    "source": ("2", ("torch", "transformers", "gguf", "safetensors"), "toolchain.stages.source:run"),
-    "quantize": ("1", ("torch", "safetensors"), "toolchain.stages.quantize:run"),
-    "reference": ("3", ("torch", "transformers"), "toolchain.validate.accuracy:run_reference"),  # 3: streamed
-}
+# The shared stages' code. Exporters and their validators are declared by their formats (toolchain.formats).
+SOURCE = StageCode("2", ("torch", "transformers", "gguf", "safetensors"), "toolchain.stages.source:run")
+QUANTIZE = StageCode("1", ("torch", "safetensors"), "toolchain.stages.quantize:run")
+REFERENCE = StageCode("3", ("torch", "transformers"), "toolchain.stages.reference:run")  # 3: streamed
 VALIDATE_VERSION = "3"  # 3: weights compared in the loader's arithmetic; NaN/inf fail
 VALIDATE_LIBS = ("torch", "transformers")
 # Version of the evaluation protocol (windowing, statistics kept); part of reference and validate keys.
@@ -55,46 +54,6 @@ def scoring_config(acc: Any, cfg: dict[str, Any]) -> dict[str, str]:
     return {"device": device, "dtype": dtype}
 
 
-def lib_versions(names: tuple[str, ...]) -> dict[str, str | None]:
-    out: dict[str, str | None] = {}
-    for n in names:
-        try:
-            out[n] = importlib.metadata.version(n)
-        except importlib.metadata.PackageNotFoundError:
-            out[n] = None
-    return out
-
-
-@dataclass
-class Stage:
-    name: str
-    config: dict[str, Any]
-    inputs: dict[str, str]  # role -> key of the input stage's artifact
-    version: str = ""
-    libs: tuple[str, ...] = ()
-    runner: str = ""  # "module:function"
-    skip_reason: str | None = None  # set when the stage is planned but cannot or need not run
-    key: str = ""
-    material: dict[str, Any] = field(default_factory=dict)
-    runtimes: list[dict[str, Any]] | None = None  # export stages: who loads the artifact (manifest, not key)
-
-    @classmethod
-    def fixed(cls, name: str, config: dict[str, Any], inputs: dict[str, str]) -> Stage:
-        version, libs, runner = FIXED_STAGES[name]
-        return cls(name, config, inputs, version, libs, runner).finalize()
-
-    def finalize(self) -> Stage:
-        self.material = {
-            "stage": self.name,
-            "version": self.version,
-            "config": self.config,
-            "inputs": self.inputs,
-            "libs": lib_versions(self.libs),
-        }
-        self.key = key_of(self.material)
-        return self
-
-
 @dataclass
 class Plan:
     profile: LoadedProfile
@@ -106,6 +65,11 @@ class Plan:
 
     def stage(self, name: str) -> Stage:
         return next(s for s in self.stages if s.name == name)
+
+    @property
+    def profile_ref(self) -> str:
+        """How the user names this profile on the command line (messages: `toolchain build <ref>`)."""
+        return str(self.profile.path or self.profile.profile.name)
 
 
 def check_group_size(cfg: dict[str, Any], q: Any) -> None:
@@ -138,7 +102,7 @@ def check_gates(gates: Any) -> None:
                          "or write `gates: none` to measure without gating")
 
 
-def _dataset_digest(loaded: LoadedProfile, cache: StatCache) -> tuple[str, str] | None:
+def _dataset_digest(loaded: LoadedProfile, cache: StatCache) -> tuple[Path, str] | None:
     acc = loaded.profile.validate_.accuracy
     if acc is None:
         return None
@@ -149,32 +113,24 @@ def _dataset_digest(loaded: LoadedProfile, cache: StatCache) -> tuple[str, str] 
     from .quant.calibration import check_utf8
 
     check_utf8(path, "validate.accuracy.dataset")
-    return str(path), cache.hash(path)
+    return path, cache.hash(path)
 
 
-# Calibrated methods: their code version (bump when the method's output changes) and the fields that shape
-# their output beyond the common ones; other methods leave these out of the key.
-CALIBRATED_METHODS = {"gptq": "2", "awq": "1"}
-METHOD_FIELDS = {"gptq": ("damp", "act_order", "static_groups", "observer", "true_sequential"),
-                 "awq": ("awq_grid", "awq_clip", "awq_fold"),
-                 "nf4": ("blocksize", "double_quant")}
+# What only calibrated methods read; the others leave it out of the key.
 CALIBRATION_FIELDS = ("calibration", "device")
 
 
 def quantize_config(loaded: LoadedProfile, cache: StatCache, eval_sha256: str | None) -> dict[str, Any]:
-    """The quantize stage's config (and key material): the profile's quantize section with only the fields its
-    method reads; a calibration file is identified by its content hash, not its path."""
+    """The quantize stage's config (and key material): the profile's quantize section as its method's model holds
+    it (toolchain.methods); a calibration file is identified by its content hash, not its path."""
     from .quant.calibration import parse, refuse_eval_text
 
     q = loaded.profile.quantize
+    method = METHODS[q.method]
     qcfg = q.model_dump(mode="json")
-    for method, fields in METHOD_FIELDS.items():
-        if q.method != method:
-            for f in fields:
-                qcfg.pop(f, None)
-    if q.method == "nf4":  # bitsandbytes itself writes the NF4 bytes
-        qcfg["quantized_with"] = lib_versions(("bitsandbytes",))
-    if q.method not in CALIBRATED_METHODS:
+    if method.key_libs:  # the library itself writes the bytes
+        qcfg["quantized_with"] = lib_versions(method.key_libs)
+    if not method.calibrated:
         for f in CALIBRATION_FIELDS:
             qcfg.pop(f, None)
         return qcfg
@@ -188,7 +144,7 @@ def quantize_config(loaded: LoadedProfile, cache: StatCache, eval_sha256: str | 
 
     qcfg["device"] = device.resolve(q.device)  # the device that will run, not `auto`: CPU and CUDA bytes differ
     qcfg["kernels"] = device.kernel_identity(qcfg["device"], q.method)
-    qcfg["method_version"] = CALIBRATED_METHODS[q.method]
+    qcfg["method_version"] = method.version
     qcfg["calibrated_with"] = lib_versions(("transformers", "tokenizers"))
     return qcfg
 
@@ -215,7 +171,7 @@ def build_plan(loaded: LoadedProfile, store: Store, reporter: Reporter | None = 
     dataset = _dataset_digest(loaded, cache)
     qcfg = quantize_config(loaded, cache, dataset[1] if dataset else None)
     cache.save()
-    source = Stage.fixed("source", {"kind": src.kind, "content": source_key}, {})
+    source = Stage("source", {"kind": src.kind, "content": source_key}, {}, SOURCE, data={"source": src})
 
     # The converted source's config.json, when built, spares re-parsing a GGUF's metadata on every plan.
     built_config = store.object_dir(source.key) / "config.json"
@@ -228,13 +184,15 @@ def build_plan(loaded: LoadedProfile, store: Store, reporter: Reporter | None = 
     notes: list[str] = []
 
     stages: list[Stage] = [source]
-    quant = Stage.fixed("quantize", qcfg, {"source": source.key})
+    quant = Stage("quantize", qcfg, {"source": source.key}, QUANTIZE)
     stages.append(quant)
-    if p.quantize.calibration is not None and not store.has(quant.key):  # it will read the text: check it now
+    if p.quantize.calibration is not None:
         from .quant import calibration
 
         cal = p.quantize.calibration
-        calibration.check_source(calibration.parse(cal.dataset, loaded.resolve), cal.text_field)
+        quant.data["calibration"] = calibration.parse(cal.dataset, loaded.resolve)
+        if not store.has(quant.key):  # it will read the text: check it now
+            calibration.check_source(quant.data["calibration"], cal.text_field)
 
     acc = p.validate_.accuracy
     reference = None
@@ -250,7 +208,7 @@ def build_plan(loaded: LoadedProfile, store: Store, reporter: Reporter | None = 
         check_gates(acc.gates)
         protocol = {"dataset_sha256": dataset[1], "seq_len": acc.seq_len, "stride": acc.stride or acc.seq_len,
                     "max_tokens": acc.max_tokens, "protocol": PROTOCOL, **scoring}
-        reference = Stage.fixed("reference", protocol, {"source": source.key})
+        reference = Stage("reference", protocol, {"source": source.key}, REFERENCE, data={"dataset": dataset[0]})
         if src.kind == "synthetic":
             reference.skip_reason = "synthetic weights: accuracy is meaningless, gates skipped"
             notes.append("ACCURACY GATES SKIPPED: the source is synthetic (random weights). Only the reload "
@@ -271,35 +229,44 @@ def build_plan(loaded: LoadedProfile, store: Store, reporter: Reporter | None = 
                              "input column); set quantize.static_groups: true (act-order with groups in order, "
                              "what compressed-tensors calls actorder: weight) or act_order: false")
         if exporter.plan_check:
-            _entry(exporter.plan_check)(p.quantize, cfg, target.options)
+            exporter.plan_check(p.quantize, cfg, target.options)
         verdicts = check_runtimes(i, target, p.quantize, cfg)
         runtimes[target.label] = verdicts
         export_cfg = target.model_dump(mode="json", exclude={"runtimes"})  # says who loads it, not its bytes
         engine_opts = export_cfg["options"].pop("engine", None)  # the engine stage's, not the export's
-        export = Stage(f"export:{target.label}", export_cfg, {"quantize": quant.key},
-                       exporter.version, exporter.libs, exporter.runner).finalize()
-        export.runtimes = verdicts
+        export = Stage("export", export_cfg, {"quantize": quant.key}, exporter.export, target.label,
+                       data={"source_gguf": src.path if src.kind == "gguf" else None}, runtimes=verdicts)
         stages.append(export)
         vconf: dict[str, Any] = {"format": target.format, "scoring": scoring}
         if exporter.checker:
-            vconf.update(_entry(exporter.checker)(target.options))
+            vconf.update(exporter.checker(target.options))
         vinputs = {"export": export.key, "quantize": quant.key, "source": source.key}
         if reference is not None and reference.skip_reason is None:
             vconf["gates"] = acc.gates if acc.gates == NO_GATES else acc.gates.model_dump(mode="json")
             vconf["protocol"] = reference.config
             vinputs["reference"] = reference.key
-        stages.append(Stage(f"validate:{target.label}", vconf, vinputs, VALIDATE_VERSION,
-                            tuple(dict.fromkeys(VALIDATE_LIBS + exporter.libs)), exporter.validator).finalize())
+        check = StageCode(VALIDATE_VERSION, tuple(dict.fromkeys(VALIDATE_LIBS + exporter.libs)), exporter.validator)
+        validate = Stage("validate", vconf, vinputs, check, target.label,
+                         data={"dataset": dataset[0] if dataset else None,
+                               "source_gguf": export.data["source_gguf"]})
+        stages.append(validate)
+        # A failed validation stops its target: the engine, speed and publish stages run after it passed.
+        passed = (validate.name,)
         if engine_opts is not None and exporter.engine:
-            engine, engine_notes = _entry(exporter.engine)(target.label, target.options, export.key)
+            engine, engine_notes = load_entry(exporter.engine)(target.label, target.options, export.key)
+            engine.after = passed
             stages.append(engine)
+            passed += (engine.name,)
             notes += engine_notes
         if p.validate_.speed is not None:
-            stages.append(speed_stage(target.label, target.format, p.validate_.speed, export.key))
+            speed = speed_stage(target.label, target.format, p.validate_.speed, export.key)
+            speed.after = passed
+            stages.append(speed)
     from .stages.publish import publish_stages
 
-    stages += publish_stages(p, stages)  # last: a target is pushed only after all its stages
-    return Plan(loaded, src, cfg, stages, notes, runtimes)
+    plan = Plan(loaded, src, cfg, stages, notes, runtimes)
+    plan.stages += publish_stages(plan)  # last: a target is pushed only after all its stages
+    return plan
 
 
 def check_runtimes(index: int, target: Any, q: Any, cfg: dict[str, Any]) -> list[dict[str, Any]]:
@@ -324,18 +291,8 @@ def speed_stage(label: str, fmt: str, spec: Any, export_key: str) -> Stage:
     from .runtimes.select import BUILTIN_VERSION, stage_config
 
     config, choice = stage_config(fmt, spec)
-    stage = Stage(f"speed:{label}", config, {"export": export_key}, BUILTIN_VERSION, choice.libs,
-                  "toolchain.runtimes.speed:run").finalize()
-    stage.skip_reason = choice.skip_reason
-    return stage
-
-
-def _entry(ref: str) -> Any:
-    """A "module:function" of the exporter registry (plan checks, engine stages: light modules, no torch)."""
-    import importlib
-
-    module, _, fn = ref.partition(":")
-    return getattr(importlib.import_module(module), fn)
+    code = StageCode(BUILTIN_VERSION, choice.libs, "toolchain.stages.speed:run")
+    return Stage("speed", config, {"export": export_key}, code, label, skip_reason=choice.skip_reason)
 
 
 # -- explaining rebuilds ---------------------------------------------------------------------------
@@ -359,7 +316,7 @@ def explain(stage: Stage, previous: dict[str, Any] | None, store: Store) -> str:
     reasons = []
     if old.get("version") != stage.material["version"]:
         reasons.append(f"stage code version {old.get('version')} -> {stage.material['version']}")
-    reasons += [f"{stage.name.split(':')[0]}: {d}" for d in _diff(old.get("config", {}), stage.config, "")]
+    reasons += [f"{stage.kind}: {d}" for d in _diff(old.get("config", {}), stage.config, "")]
     reasons += [f"library {d}" for d in _diff(old.get("libs", {}), stage.material["libs"], "")]
     changed_inputs = [r for r, k in stage.inputs.items() if old.get("inputs", {}).get(r) != k]
     if changed_inputs and not reasons:

@@ -15,9 +15,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import InputError
-
-QUANT_METHODS = ("none", "rtn", "fp8", "gptq", "awq", "nf4")
-IMPLEMENTED_METHODS = ("none", "rtn", "fp8", "gptq", "awq", "nf4")
+from .methods import DEFAULT, METHODS, QuantizeSpec
+from .methods.rtn import RTNSpec
 
 
 class Strict(BaseModel):
@@ -52,116 +51,6 @@ class SourceSpec(Strict):
                 "`path: ./my-model` or `hub: meta-llama/Llama-2-7b-chat-hf` or `synthetic: {arch: llama-2-7b}`"
             )
         return self
-
-
-class CalibrationSpec(Strict):
-    """Token samples that calibrated methods (GPTQ, AWQ) measure activations on (toolchain.quant.calibration)."""
-
-    # A .txt file, a .jsonl file (with `text_field`), `hf:<dataset>[:<config>]:<split>` from the local HF
-    # datasets cache, or `random` (uniform token ids: speed runs on synthetic models only).
-    dataset: str
-    text_field: str = "text"
-    samples: int = Field(default=128, ge=1)
-    seq_len: int = Field(default=512, ge=8)
-    seed: int = 0
-
-
-class QuantizeSpec(Strict):
-    method: Literal["none", "rtn", "fp8", "gptq", "awq", "nf4"] = "rtn"
-    bits: int = 4
-    group_size: int | None = Field(default=128, description="None with strategy channel/tensor")
-    symmetric: bool = True
-    strategy: Literal["group", "channel", "tensor"] = "group"
-    ignore: tuple[str, ...] = ("lm_head",)
-    kv_cache: Literal["fp8"] | None = None
-    # Data type the scales are stored in; `auto` follows the source checkpoint's dtype, so that every
-    # exporter writes exactly the values the quantizer chose.
-    scale_dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
-    calibration: CalibrationSpec | None = None
-    # GPTQ (toolchain.quant.gptq): dampening as a fraction of mean(diag(H)); act_order sweeps columns by
-    # decreasing diag(H); static_groups fixes every group's range from the original weights before the sweep
-    # (with act_order and without it, groups are formed in sweep order and g_idx is stored); observer picks a
-    # group's range: minmax (RTN's), mse, or hessian_mse (range shrink searched, error weighted by diag(H));
-    # true_sequential feeds each linear the outputs of the already-quantized ones before it in the block.
-    damp: float = Field(default=0.01, gt=0, le=1)
-    act_order: bool = True
-    static_groups: bool = True
-    observer: Literal["minmax", "mse", "hessian_mse"] = "hessian_mse"
-    true_sequential: bool = True
-    # AWQ (toolchain.quant.awq): points of the scale search's alpha grid in [0, 1]; clipping search of each
-    # group's range; fold the scales into the preceding norm/linear (false: keep them as pre_quant_scale).
-    awq_grid: int = Field(default=20, ge=2, le=200)
-    awq_clip: bool = True
-    awq_fold: bool = True
-    # Where calibrated methods compute: auto = CUDA when available.
-    device: str = "auto"
-    # NF4 (toolchain.quant.nf4, by bitsandbytes): one absmax per `blocksize` values of the flattened weight;
-    # double_quant stores those absmax values in 8 bits too (bitsandbytes' compress_statistics).
-    blocksize: Literal[32, 64, 128, 256, 512, 1024, 2048, 4096] = 64
-    double_quant: bool = False
-
-    @field_validator("ignore")
-    @classmethod
-    def _ignore_patterns_compile(cls, ignore: tuple[str, ...]) -> tuple[str, ...]:
-        for entry in ignore:
-            if entry.startswith("re:"):
-                try:
-                    re.compile(entry[3:])
-                except re.error as e:
-                    raise ValueError(f"{entry!r} is not a valid regular expression ({e}); fix the pattern, or give "
-                                     "an exact module name") from None
-        return ignore
-
-    @model_validator(mode="after")
-    def _coherent(self) -> QuantizeSpec:
-        if self.method in ("gptq", "awq"):
-            if self.calibration is None:
-                raise ValueError(f"method {self.method} needs a `calibration:` section, e.g. "
-                                 "calibration: {dataset: data/tinyshakespeare/input.txt, samples: 128, seq_len: 512}")
-            if self.bits not in (4, 8):
-                raise ValueError(f"{self.method} supports bits 4 or 8, not {self.bits}")
-            if self.strategy == "tensor":
-                raise ValueError(f"{self.method} quantizes per group or per channel, not per tensor")
-            if self.strategy == "group" and (self.group_size or 0) < 8:
-                raise ValueError(f"group_size {self.group_size} is too small; use 32, 64 or 128")
-        gptq_set = sorted({"damp", "act_order", "static_groups", "observer", "true_sequential"} & self.model_fields_set)
-        if self.method != "gptq" and gptq_set:
-            raise ValueError(f"{', '.join(gptq_set)}: GPTQ options (method: gptq)")
-        awq_set = sorted(f for f in self.model_fields_set if f.startswith("awq_"))
-        if self.method != "awq" and awq_set:
-            raise ValueError(f"{', '.join(awq_set)}: AWQ options (method: awq)")
-        if self.method == "nf4":
-            if self.bits != 4:
-                raise ValueError("nf4 is 4 bits: set bits: 4 (or leave it out)")
-            unused = sorted({"group_size", "symmetric", "strategy", "scale_dtype"} & self.model_fields_set)
-            if unused:
-                raise ValueError(f"{', '.join(unused)}: not used by nf4 (blocks of `blocksize` values, each with a "
-                                 "float32 absmax, as bitsandbytes stores them); remove them")
-        elif {"blocksize", "double_quant"} & self.model_fields_set:
-            raise ValueError("blocksize and double_quant are NF4 options (method: nf4)")
-        if self.method == "rtn":
-            if self.bits not in (4, 8):
-                raise ValueError(f"rtn supports bits 4 or 8, not {self.bits}")
-            if self.strategy == "group" and not self.group_size:
-                raise ValueError("strategy group needs group_size (e.g. 64), or use strategy: channel")
-            if self.strategy == "group" and (self.group_size or 0) < 8:
-                raise ValueError(f"group_size {self.group_size} is too small; use 32, 64 or 128")
-        if self.method == "fp8":
-            if self.bits != 8:
-                raise ValueError("fp8 is 8 bits: set bits: 8 (or leave it out)")
-            if self.strategy == "group":
-                raise ValueError("fp8 weights use strategy channel or tensor, not group")
-        return self
-
-    @model_validator(mode="before")
-    @classmethod
-    def _method_defaults(cls, data: Any) -> Any:
-        # fp8 defaults to per-channel weights; leaving bits/strategy out must not trip the int4 defaults.
-        if isinstance(data, dict) and data.get("method") == "fp8":
-            data = {"bits": 8, "strategy": "channel", "group_size": None, **data}
-        if isinstance(data, dict) and data.get("strategy") in ("channel", "tensor") and "group_size" not in data:
-            data = {**data, "group_size": None}
-        return data
 
 
 class TargetSpec(Strict):
@@ -240,11 +129,6 @@ class AccuracySpec(Strict):
     device: Literal["auto", "cuda", "cpu"] = "auto"
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
 
-    @field_validator("stride")
-    @classmethod
-    def _stride_positive(cls, v: int | None) -> int | None:
-        return v
-
     @model_validator(mode="after")
     def _stride_le_seq(self) -> AccuracySpec:
         if self.stride is not None and self.stride > self.seq_len:
@@ -306,7 +190,7 @@ class Profile(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     description: str | None = None
     source: SourceSpec
-    quantize: QuantizeSpec = QuantizeSpec()
+    quantize: QuantizeSpec = RTNSpec()
     targets: tuple[TargetSpec, ...] = (TargetSpec(format="compressed-tensors"),)
 
     @model_validator(mode="after")
@@ -398,8 +282,15 @@ def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict:
 def _format_errors(path: Path | str, err: ValidationError) -> str:
     lines = [f"{path}: the profile is not valid:"]
     for e in err.errors():
-        loc = ".".join("validate" if p == "validate_" else str(p) for p in e["loc"]) or "(top level)"
+        path = list(e["loc"])
+        if path[:1] == ["quantize"] and len(path) > 1 and path[1] in METHODS:  # the union's tag: not a YAML key
+            del path[1]
         msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "union_tag_invalid":  # an unknown `method:`
+            path.append("method")
+            msg = (f"unknown method {e['ctx']['tag']!r}; known: {', '.join(METHODS)} "
+                   f"(left out: {DEFAULT})")
+        loc = ".".join("validate" if p == "validate_" else str(p) for p in path) or "(top level)"
         if e["type"] == "extra_forbidden":
             msg = "unknown key; check its spelling against the profile reference in README.md"
         elif e["type"] == "missing":

@@ -1,39 +1,23 @@
 """Execute a plan locally: each stage runs under its key's lock, into a temp dir, and is committed atomically.
 
-A stage runner is `run(ctx) -> dict` (imported lazily, so a fully cached build never imports torch). What it
-returns lands in the manifest; `{"status": "failed", ...}` marks a finished artifact that failed its gate.
+A stage runner is `run(ctx) -> dict` (toolchain.stage: imported lazily, so a fully cached build never imports
+torch). What it returns lands in the manifest; `{"status": "failed", ...}` marks a finished artifact that failed its
+gate. A stage whose input or `after` stage failed or was skipped is skipped, with the reason: the graph decides.
 """
 
 from __future__ import annotations
 
-import importlib
 import os
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from .errors import BuildError, ToolchainError
-from .plan import Plan, Stage, explain, ref_name, ref_record
+from .plan import Plan, explain, ref_name, ref_record
 from .progress import Reporter
+from .stage import Stage, StageContext, lib_versions, load_entry
 from .store import Store
-
-
-@dataclass
-class StageContext:
-    """What a stage runner sees: its config, its inputs' directories, where to write, and how to report."""
-
-    stage: Stage
-    plan: Plan
-    out: Path
-    inputs: dict[str, Path]
-    input_manifests: dict[str, dict[str, Any]]
-    reporter: Reporter
-
-    @property
-    def config(self) -> dict[str, Any]:
-        return self.stage.config
 
 
 @dataclass
@@ -73,16 +57,10 @@ class PeakRSS:
         self.peak = max(self.peak, self._proc.memory_info().rss)
 
 
-def _load_runner(runner: str) -> Any:
-    module, _, fn = runner.partition(":")
-    return getattr(importlib.import_module(module), fn)
-
-
 def _tool_versions() -> dict[str, Any]:
     import platform
 
     from . import __version__
-    from .plan import lib_versions
 
     return {"toolchain": __version__, "python": platform.python_version(),
             **lib_versions(("torch", "transformers", "compressed-tensors", "safetensors", "gguf"))}
@@ -115,15 +93,15 @@ def _run_stage(stage: Stage, plan: Plan, store: Store, reporter: Reporter, previ
         if remote is not None and remote.fetch(stage.key, store, tmp):  # registry/cache.py: verified, committed
             return _stored_result(stage, store, t0, f"from remote cache {remote.ref}")
         ctx = StageContext(
-            stage=stage, plan=plan, out=tmp,
+            stage=stage, out=tmp, final=store.object_dir(stage.key),
             inputs={r: store.object_dir(k) for r, k in stage.inputs.items()},
             input_manifests={r: store.manifest(k) for r, k in stage.inputs.items() if store.has(k)},
-            reporter=reporter,
+            reporter=reporter, model_config=plan.model_config, profile_name=plan.profile.profile.name,
         )
         reporter.info(f"[bold]{stage.name}[/] ({reason})")
         try:
             with PeakRSS() as rss:
-                info = _load_runner(stage.runner)(ctx) or {}
+                info = load_entry(stage.code.runner)(ctx) or {}
         except BaseException:
             import shutil
 
@@ -144,16 +122,10 @@ def _run_stage(stage: Stage, plan: Plan, store: Store, reporter: Reporter, previ
                        manifest["reason"], manifest["size"], info)
 
 
-def _target_of(stage: Stage) -> str | None:
-    """export:<t>, validate:<t>, engine:<t> and speed:<t> belong to target t; a failure there must not stop the
-    other targets."""
-    kind, _, label = stage.name.partition(":")
-    return label if kind in ("export", "validate", "engine", "speed", "publish") else None
-
-
 def execute(plan: Plan, store: Store, reporter: Reporter, remote: Any = None) -> list[StageResult]:
     """Run every stage in order. A failing shared stage (source, quantize, reference) stops the build; a
-    failing target stage fails that target only (its later stages are skipped) and the others go on."""
+    failing target stage fails that target only (the stages that take it as input or run after it are skipped)
+    and the others go on."""
     def waiting() -> None:
         reporter.info("  `toolchain gc` is running on this store; waiting for it")
 
@@ -167,18 +139,22 @@ def _execute(plan: Plan, store: Store, reporter: Reporter, remote: Any) -> list[
     # The roots first: what this build commits is reachable from its first stage on, even if it is killed.
     store.write_ref(ref, ref_record(plan))
     results: list[StageResult] = []
-    failed_targets: dict[str, str] = {}
+    names = {s.key: s.name for s in plan.stages}
+    blocked: dict[str, str] = {}  # stage name -> why the stages after it do not run (it failed or was skipped)
     for stage in plan.stages:
-        target = _target_of(stage)
-        if target in failed_targets:
-            results.append(StageResult(stage.name, stage.key, "skipped", 0.0, failed_targets[target]))
+        upstream = [names[k] for k in stage.inputs.values() if k in names] + list(stage.after)
+        why = next((blocked[n] for n in upstream if n in blocked), None)
+        if why is not None:
+            results.append(StageResult(stage.name, stage.key, "skipped", 0.0, why))
+            blocked[stage.name] = why
             continue
+        target = stage.target
         try:
             results.append(_run_stage(stage, plan, store, reporter, previous.get(stage.name), remote))
             if remote is not None and store.has(stage.key):  # built now, or before the cache was configured:
                 remote.push(stage.key, store)  # shared unless the registry has it (one HEAD)
-            if target is not None and results[-1].status == "failed":  # a failed gate stops its target's publish
-                failed_targets[target] = f"{stage.name} failed"
+            if target is not None and results[-1].status == "failed":  # a failed gate stops what follows it
+                blocked[stage.name] = f"{stage.name} failed"
         except Exception as e:
             if os.environ.get("TOOLCHAIN_DEBUG"):
                 raise
@@ -189,5 +165,5 @@ def _execute(plan: Plan, store: Store, reporter: Reporter, remote: Any) -> list[
                 raise BuildError(f"stage {stage.name} failed: {message}") from e
             reporter.warn(f"{stage.name} failed: {message}")
             results.append(StageResult(stage.name, stage.key, "failed", 0.0, message))
-            failed_targets[target] = f"{stage.name} failed"
+            blocked[stage.name] = f"{stage.name} failed"
     return results

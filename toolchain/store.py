@@ -29,6 +29,7 @@ from typing import Any
 
 from filelock import FileLock, Timeout
 
+from .durable import fsync_dir, write_durably
 from .hashing import sha256_file
 
 MANIFEST = "manifest.json"
@@ -47,27 +48,6 @@ def _fsync_tree(root: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_durably(path: Path, text: str) -> None:
-    """Write via a temp file, fsync it, rename it over `path`, fsync the directory: a crash leaves the old
-    file or the new one, never an empty or partial one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 @contextmanager
@@ -167,7 +147,7 @@ class Store:
         final = self.object_dir(key)
         final.parent.mkdir(parents=True, exist_ok=True)
         os.rename(tmp, final)
-        _fsync_dir(final.parent)
+        fsync_dir(final.parent)
         return manifest
 
     # -- refs (gc roots and plan history) ---------------------------------------------------------

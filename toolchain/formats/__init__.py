@@ -1,147 +1,29 @@
-"""Exporters: canonical quantized form -> the files a serving stack loads, one module per format.
+"""The format registry: canonical quantized form -> the files a serving stack loads, one package per format.
 
-This registry is read at plan time, so it must stay light (no torch): each entry names its runner and its
-validator by import path, the libraries that shape its bytes (part of the cache key), and a pydantic model
-of the options a profile's target may set.
+toolchain/formats/<format>/ holds spec.py (torch-free: options, plan checks, methods; its FORMATS entries),
+export.py (the export stage), check.py (the validate stage: an independent loader) and what only it needs.
+This registry is read at plan time, so it imports the spec modules only. Adding a format: its folder, and its
+spec on the import line and in the tuple below.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from .base import FormatSpec, NoOptions
 
-from pydantic import BaseModel, ConfigDict
+# Bound under *_spec names: `gguf` etc. stay the packages (import toolchain.formats.gguf.export works).
+from .bnb import spec as bnb_spec
+from .compressed_tensors import spec as compressed_tensors_spec
+from .gguf import spec as gguf_spec
+from .gptq import spec as gptq_spec
+from .ollama import spec as ollama_spec
+from .onnx import spec as onnx_spec
+from .trtllm import spec as trtllm_spec
+from .xinference import spec as xinference_spec
 
-from . import gguf as _gguf
-from . import modelopt as _modelopt
-from . import ollama as _ollama
-from . import xinference as _xinference
-
-
-class NoOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-@dataclass(frozen=True)
-class Exporter:
-    version: str  # bump when the exporter's output changes
-    libs: tuple[str, ...]  # distributions whose versions shape the bytes
-    runner: str  # "module:function" writing the artifact
-    validator: str  # "module:function" reading it back with an independent loader
-    options: type[BaseModel] = NoOptions
-    # Quantization schemes the format can hold; checked at plan time. Keys: method names; "*" = any.
-    methods: tuple[str, ...] = ("*",)
-    notes: str = ""
-    # "module:function(quantize_spec, model_config, options)" raising InputError when the format cannot hold the
-    # recipe on this model (checked at plan time; must not import torch).
-    plan_check: str = ""
-    # "module:function(label, options, export_key) -> (Stage, notes)": a stage compiling the export (an engine).
-    engine: str = ""
-    # "module:function(options) -> dict": which independent checker the validator will run (with its version),
-    # put in the validate key so a weaker fallback check never shares a key with the real one.
-    checker: str = ""
-
-
-def check_compressed_tensors(quantize_spec: Any, model_config: dict[str, Any], options: dict[str, Any]) -> None:
-    """compressed-tensors has no tensor for AWQ's unfolded pre-quant scale: such a checkpoint would load and
-    silently compute a different model."""
-    from ..errors import InputError
-
-    if quantize_spec.method == "awq" and not getattr(quantize_spec, "awq_fold", True):
-        raise InputError("targets: format compressed-tensors has no place for AWQ's pre_quant_scale; set "
-                         "quantize.awq_fold: true (scales folded into the preceding norm/linear), or use format "
-                         "trtllm, which keeps it")
-
-
-EXPORTERS: dict[str, Exporter] = {
-    "compressed-tensors": Exporter(
-        version="2",  # 2: `ignore` written as resolved module names
-        libs=("torch", "safetensors", "compressed-tensors"),
-        runner="toolchain.formats.compressed_tensors:run",
-        validator="toolchain.validate.accuracy:run_validate",
-        methods=("rtn", "fp8", "gptq", "awq"),
-        notes="vLLM, SGLang, TensorRT-LLM (PyTorch backend), transformers",
-        plan_check="toolchain.formats:check_compressed_tensors",
-    ),
-    "trtllm": Exporter(
-        version="1",
-        libs=("torch", "safetensors"),
-        runner="toolchain.formats.trtllm:run_hf",
-        validator="toolchain.validate.modelopt:run_validate_hf",
-        options=_modelopt.HFOptions,
-        methods=("rtn", "awq", "fp8"),
-        notes="TensorRT-LLM >= 1.0 PyTorch backend (LLM(model=dir), trtllm-serve): ModelOpt's HF checkpoint",
-        plan_check="toolchain.formats.modelopt:check_hf",
-    ),
-    "trtllm-ckpt": Exporter(
-        version="1",
-        libs=("torch", "safetensors"),
-        runner="toolchain.formats.trtllm:run_ckpt",
-        validator="toolchain.validate.modelopt:run_validate_ckpt",
-        options=_modelopt.CkptOptions,
-        methods=("rtn", "awq", "fp8"),
-        notes="trtllm-build (TensorRT-LLM <= 1.2): the legacy checkpoint, rank{N}.safetensors",
-        plan_check="toolchain.formats.modelopt:check_ckpt",
-        engine="toolchain.engines.trtllm_build:engine_stage",
-    ),
-    "gguf": Exporter(
-        version="2",  # 2: a bfloat16 source's embedding/lm_head kept in BF16 (was F16)
-        libs=("torch", "gguf", "transformers"),
-        runner="toolchain.formats.gguf:run",
-        validator="toolchain.validate.gguf:run_validate",
-        options=_gguf.GGUFOptions,
-        # int codes map onto Q4_0/Q4_1/Q8_0 blocks; fp8 and nf4 are dequantized (F16) or re-quantized.
-        methods=("none", "rtn", "fp8", "gptq", "awq", "nf4"),
-        notes="llama.cpp, ollama, LM Studio: one .gguf (F16/BF16/Q8_0/Q4_0/Q4_1, our codes when they map)",
-        plan_check="toolchain.formats.gguf:plan_check",
-    ),
-    "ollama": Exporter(
-        version="2",  # 2: a bfloat16 source's embedding/lm_head kept in BF16 (was F16)
-        libs=("torch", "gguf", "transformers"),
-        runner="toolchain.formats.ollama:run",
-        validator="toolchain.validate.gguf:run_validate_ollama",
-        options=_ollama.OllamaOptions,
-        methods=("none", "rtn", "fp8", "gptq", "awq", "nf4"),
-        notes="ollama: model.gguf + Modelfile (TEMPLATE in Go syntax, SYSTEM, PARAMETER stop, LICENSE)",
-        plan_check="toolchain.formats.gguf:plan_check",
-    ),
-    "xinference": Exporter(
-        version="2",  # 2: a bfloat16 source's embedding/lm_head kept in BF16 (was F16)
-        libs=("torch", "gguf", "transformers", "safetensors", "compressed-tensors"),
-        runner="toolchain.formats.xinference:run",
-        validator="toolchain.formats.xinference:run_validate",
-        options=_xinference.XinferenceOptions,
-        methods=("*",),  # the wrapped format's own methods, checked by plan_check
-        notes="Xinference custom model: model.json (v2) beside a gguf, gptq or compressed-tensors artifact",
-        plan_check="toolchain.formats.xinference:plan_check",
-        checker="toolchain.formats.xinference:checker",
-    ),
-    "onnx": Exporter(
-        version="1",
-        libs=("torch", "transformers", "onnx", "onnxscript", "onnxruntime"),
-        runner="toolchain.formats.onnx:run",
-        validator="toolchain.validate.onnx:run_validate",
-        methods=("rtn", "gptq", "awq"),  # 4-bit power-of-two groups, AWQ folded: plan_check
-        notes="onnxruntime: model.onnx with com.microsoft MatMulNBits (INT4) built from our codes; no KV cache",
-        plan_check="toolchain.formats.onnx:plan_check",
-    ),
-    "gptq": Exporter(
-        version="1",
-        libs=("torch", "safetensors"),
-        runner="toolchain.formats.gptq:run",
-        validator="toolchain.validate.gptq:run_validate",
-        # Integer codes only (not fp8/nf4); act-order g_idx included; AWQ only with folded scales (plan_check).
-        methods=("rtn", "gptq", "gptq-g_idx", "awq"),
-        notes="GPTQ v1 (quant_method gptq): vLLM, SGLang, transformers (optimum + GPTQModel), Xinference `gptq`",
-        plan_check="toolchain.formats.gptq:plan_check",
-    ),
-    "bnb": Exporter(
-        version="1",
-        libs=("torch", "safetensors", "bitsandbytes", "transformers"),
-        runner="toolchain.formats.bnb:run",
-        validator="toolchain.validate.bnb:run_validate",
-        methods=("nf4",),
-        notes="bitsandbytes NF4 (quant_method bitsandbytes, load_in_4bit): transformers, vLLM, Xinference `bnb`",
-        plan_check="toolchain.formats.bnb:plan_check",
-    ),
+EXPORTERS: dict[str, FormatSpec] = {
+    f.name: f for spec in (compressed_tensors_spec, trtllm_spec, gptq_spec, gguf_spec, ollama_spec, xinference_spec,
+                           onnx_spec, bnb_spec)
+    for f in spec.FORMATS
 }
+
+__all__ = ["EXPORTERS", "FormatSpec", "NoOptions"]

@@ -62,8 +62,6 @@ from torch import nn
 from ..arch import is_ignored
 from ..ir import IRWriter, QuantizedLinear, TensorReader
 
-METHOD_MODULES = {"gptq": "toolchain.quant.gptq", "awq": "toolchain.quant.awq"}
-
 
 @dataclass
 class BlockResult:
@@ -202,9 +200,12 @@ def _block_tensor_names(reader: TensorReader, index: int) -> list[str]:
 # -- the runner ---------------------------------------------------------------------------------------------
 
 def load_method(name: str):
-    if name not in METHOD_MODULES:
-        raise ValueError(f"no layer-wise method {name!r} (known: {', '.join(METHOD_MODULES)})")
-    return importlib.import_module(METHOD_MODULES[name])
+    from ..methods import METHODS
+
+    layerwise = {n: m.layerwise for n, m in METHODS.items() if m.layerwise}
+    if name not in layerwise:
+        raise ValueError(f"no layer-wise method {name!r} (known: {', '.join(layerwise)})")
+    return importlib.import_module(layerwise[name])
 
 
 @torch.no_grad()

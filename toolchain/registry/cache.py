@@ -18,8 +18,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from ..durable import fsync_dir
 from ..progress import Reporter
-from ..store import MANIFEST, Store, _fsync_dir, _fsync_tree
+from ..store import MANIFEST, Store, _fsync_tree
 from . import auth, transfer
 from . import modelpack as mp
 from .client import RegistryClient
@@ -78,7 +79,7 @@ class RemoteCache:
         final = store.object_dir(key)
         final.parent.mkdir(parents=True, exist_ok=True)
         os.rename(tmp, final)
-        _fsync_dir(final.parent)
+        fsync_dir(final.parent)
         self.hits.append(key)
         return True
 

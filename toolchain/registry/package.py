@@ -46,9 +46,10 @@ def _precision(q: dict[str, Any], model_config: dict[str, Any]) -> str | None:
     if method in (None, "none"):
         dtype = str(model_config.get("dtype") or model_config.get("torch_dtype") or "")
         return {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}.get(dtype)
-    if method in ("fp8", "nf4"):
-        return method
-    return f"int{q.get('bits', 4)}"
+    from ..methods import METHODS
+
+    entry = METHODS.get(method)
+    return entry.precision if entry is not None and entry.precision else f"int{q.get('bits', 4)}"
 
 
 def describe(name: str, files: list[dict[str, Any]], model_config: dict[str, Any] | None,
@@ -75,36 +76,36 @@ def describe(name: str, files: list[dict[str, Any]], model_config: dict[str, Any
     return descriptor, config
 
 
-def target_package(store: Store, plan: Any, label: str) -> tuple[str, list[dict[str, Any]], dict, dict, dict]:
-    """(key, files, descriptor, config, annotations) of a built target: its engine when it has one, else its
-    export. InputError when it is not built; a failed validation is refused by the caller."""
+def target_package(store: Store, all_stages: list[Any], label: str, fmt: str, profile_name: str, profile_ref: str,
+                   model_config: dict[str, Any]) -> tuple[str, list[dict[str, Any]], dict, dict, dict]:
+    """(key, files, descriptor, config, annotations) of a built target (`all_stages`: the plan's, toolchain.stage),
+    its engine when it has one, else its export. InputError when it is not built; a failed validation is refused
+    by the caller."""
     from ..formats import EXPORTERS
 
-    stages = {s.name: s for s in plan.stages}
-    target = next(t for t in plan.profile.profile.targets if t.label == label)
-    mine = [s for s in plan.stages if s.name.partition(":")[2] == label and not s.name.startswith("publish:")]
+    stages = {s.name: s for s in all_stages}
+    mine = [s for s in all_stages if s.target == label and s.kind != "publish"]
     missing = [s.name for s in mine if not s.skip_reason and not store.has(s.key)]
     if missing:
         raise InputError(f"target {label} is not built ({', '.join(missing)} missing from {store.root}); run "
-                         f"`toolchain build {plan.profile.path or plan.profile.profile.name}` first")
+                         f"`toolchain build {profile_ref}` first")
     chosen = stages.get(f"engine:{label}") or stages[f"export:{label}"]
     manifest = store.manifest(chosen.key)
-    model_config = plan.model_config
     q = store.manifest(stages["quantize"].key).get("config", {}) if store.has(stages["quantize"].key) else {}
-    descriptor, config = describe(plan.profile.profile.name, manifest["files"], model_config, q)
+    descriptor, config = describe(profile_name, manifest["files"], model_config, q)
     results = {}
     for s in mine:
-        if s.name == chosen.name or s.skip_reason or s.name.startswith("export:"):
+        if s.name == chosen.name or s.skip_reason or s.kind == "export":
             continue
         info = store.manifest(s.key).get("info", {})
-        results[s.name.partition(":")[0]] = _scrub({k: v for k, v in info.items() if k != "status"})
-    keys = {s.name: s.key for s in plan.stages
-            if not s.name.startswith("publish:") and (s.name.partition(":")[2] in ("", label)) and not s.skip_reason}
+        results[s.kind] = _scrub({k: v for k, v in info.items() if k != "status"})
+    keys = {s.name: s.key for s in all_stages
+            if s.kind != "publish" and s.target in (None, label) and not s.skip_reason}
     engine = stages.get(f"engine:{label}")
     meta = {
-        "profile": plan.profile.profile.name,
+        "profile": profile_name,
         "target": label,
-        "format": target.format,
+        "format": fmt,
         "stage": chosen.name,
         "key": chosen.key,
         "stage-keys": keys,
@@ -112,10 +113,10 @@ def target_package(store: Store, plan: Any, label: str) -> tuple[str, list[dict[
         "version": manifest.get("tool_versions", {}).get("toolchain"),
         "validation": results.get("validate"),
         "speed": results.get("speed"),
-        "runtime": EXPORTERS[target.format].notes,
+        "runtime": EXPORTERS[fmt].notes,
         "gpu-arch": engine.config.get("gpu_compute_capability") if engine else None,
     }
-    annotations = {"org.opencontainers.image.title": f"{plan.profile.profile.name}:{label}", **mp.annotate(meta)}
+    annotations = {"org.opencontainers.image.title": f"{profile_name}:{label}", **mp.annotate(meta)}
     return chosen.key, manifest["files"], descriptor, config, annotations
 
 

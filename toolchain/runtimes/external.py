@@ -150,7 +150,7 @@ def _onnxruntime(export: Path, batch: int, s: dict[str, Any], reporter, work: Pa
     import numpy as np
     import onnxruntime as ort
 
-    from ..formats.onnx import MODEL_FILE
+    from ..formats.onnx.spec import MODEL_FILE
 
     opts = ort.SessionOptions()
     opts.enable_profiling = True

@@ -14,6 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from ..formats import EXPORTERS
+
 VLLM = "vllm-project/vllm"
 SGLANG = "sgl-project/sglang"
 TRTLLM = "NVIDIA/TensorRT-LLM"
@@ -41,22 +43,9 @@ RUNTIMES: dict[str, Runtime] = {r.name: r for r in (
     Runtime("onnxruntime", "1.2x CPU (runs here)", "https://github.com/microsoft/onnxruntime"),
 )}
 
-# Which runtimes each target format is for (the default of a target's `runtimes:`), and how each loads it.
-FORMAT_RUNTIMES: dict[str, dict[str, str]] = {
-    "compressed-tensors": {"vllm": "LLM(model=dir)", "sglang": "--model-path dir",
-                           "trtllm": "LLM(model=dir) / trtllm-serve", "transformers": "from_pretrained(dir)"},
-    "trtllm": {"trtllm": "LLM(model=dir) / trtllm-serve (hf_quant_config.json)"},
-    "trtllm-ckpt": {"trtllm-build": "trtllm-build --checkpoint_dir dir"},
-    "gptq": {"vllm": "LLM(model=dir)", "sglang": "--model-path dir",
-             "transformers": "from_pretrained(dir) with optimum + GPTQModel"},
-    "gguf": {"llama.cpp": "llama-cli -m model.gguf", "ollama": "FROM ./model.gguf",
-             "transformers": "from_pretrained(dir, gguf_file=...) (dequantized on load)"},
-    "ollama": {"ollama": "ollama create NAME -f Modelfile"},
-    "xinference": {"xinference": "xinference register --model-type LLM --file model.json"},
-    "onnx": {"onnxruntime": "InferenceSession(model.onnx)"},
-    "bnb": {"transformers": "from_pretrained(dir) with bitsandbytes",
-            "vllm": "LLM(model=dir) with a bitsandbytes plugin"},
-}
+# Which runtimes each target format is for (the default of a target's `runtimes:`), and how each loads it: declared
+# by each format's spec (toolchain.formats).
+FORMAT_RUNTIMES: dict[str, dict[str, str]] = {name: f.runtimes for name, f in EXPORTERS.items()}
 
 
 # -- conditions on facts: a plain value means equality, these mean what they say ---------------------------
@@ -217,7 +206,7 @@ def recipe_facts(q: Any, fmt: str, options: dict[str, Any], cfg: dict[str, Any])
         "ignore_not_exact": [e for e in written_ignore if not e.startswith("re:") and e not in names],
     }
     if fmt == "xinference":
-        from ..formats.xinference import format_and_quantization
+        from ..formats.xinference.spec import format_and_quantization
 
         of = options.get("of", "gguf")
         facts["of"] = of

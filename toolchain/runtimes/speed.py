@@ -1,5 +1,5 @@
-"""The speed stage: time one target on this machine with the runtime chosen at plan time
-(toolchain.runtimes.select), judge the profile's gates, and record what measured it.
+"""What the speed stage measures (toolchain.stages.speed runs it): the figures of one batch size from raw timings,
+the KV-cache and weight bytes a decode step reads, and the speed gates.
 
 Per batch size: time to first token (prefill of `input_len` tokens and the first token), prefill tok/s, decode
 tok/s over the batch, inter-token latency p50/p99, and the effective bandwidth of a decode step: the bytes a step
@@ -9,13 +9,9 @@ card's copy bandwidth measured in the same stage (bytes read plus bytes written 
 
 from __future__ import annotations
 
-import json
 import math
-import platform
 from pathlib import Path
 from typing import Any
-
-from ..run import StageContext
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -68,38 +64,6 @@ def evaluate_gates(result: dict[str, Any], gates: dict[str, Any]) -> list[str]:
         if gates.get("max_ttft_ms") is not None and b["ttft_ms"] > gates["max_ttft_ms"]:
             failures.append(f"batch {b['batch_size']}: TTFT {b['ttft_ms']:.1f} ms > max {gates['max_ttft_ms']}")
     return failures
-
-
-def run(ctx: StageContext) -> dict[str, Any]:
-    cfg = ctx.config
-    runtime, settings = cfg["runtime"], cfg["settings"]
-    export = ctx.inputs["export"]
-    model_cfg = ctx.plan.model_config
-    ctx.reporter.info(f"  timing {cfg['format']} with {runtime} {cfg['runtime_version']} on {cfg['card']['name']}")
-    if runtime == "builtin":
-        from .builtin import measure
-
-        result = measure(export, settings, ctx.reporter)
-    else:
-        from . import external
-
-        result = external.measure(runtime, cfg["format"], export, model_cfg, settings, ctx.reporter, ctx.out)
-    result = {"runtime": runtime, "runtime_version": cfg["runtime_version"], **result,
-              "host": {"python": platform.python_version(), "machine": platform.machine()}}
-    failures = evaluate_gates(result, cfg.get("gates", {}))
-    result["gates"] = cfg.get("gates", {})
-    result["passed"] = not failures
-    (ctx.out / "speed.json").write_text(json.dumps(result, indent=2))
-    for b in result["per_batch"]:
-        if not b.get("skipped"):
-            ctx.reporter.info(f"  batch {b['batch_size']}: TTFT {b['ttft_ms']:.1f} ms, decode {b['decode_tok_s']:.1f} "
-                              f"tok/s, ITL p50 {b['itl_ms_p50']:.2f} ms")
-    if result.get("failed"):
-        return {"speed": result, "status": "failed", "reason": result["failed"]}
-    if failures:
-        return {"speed": result, "status": "failed", "reason": "speed gate failed: " + "; ".join(failures)}
-    gated = any(v is not None for v in cfg.get("gates", {}).values())
-    return {"speed": result, "reason": "all speed gates passed" if gated else "measured (no speed gates)"}
 
 
 def artifact_weight_bytes(export: Path) -> int:

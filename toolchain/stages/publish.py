@@ -11,37 +11,41 @@ import json
 from typing import Any
 
 from ..errors import BuildError
+from ..stage import Stage, StageCode, StageContext
 
-VERSION = "1"
+CODE = StageCode("1", (), "toolchain.stages.publish:run")
 
 
-def publish_stages(profile: Any, stages: list[Any]) -> list[Any]:
+def publish_stages(plan: Any) -> list[Stage]:
     """One publish stage per target when the profile has `publish:` entries (plan time; no network)."""
-    from ..plan import Stage
-
+    profile = plan.profile.profile
     if not profile.publish:
         return []
     out = []
     for target in profile.targets:
         label = target.label
-        inputs = {s.name.partition(":")[0]: s.key for s in stages if s.name.partition(":")[2] == label}
+        inputs = {s.kind: s.key for s in plan.stages if s.target == label}
         config = {"to": [{"to": p.to, "insecure": p.insecure} for p in profile.publish],
                   "targets": len(profile.targets)}
-        out.append(Stage(f"publish:{label}", config, inputs, VERSION, (), "toolchain.stages.publish:run").finalize())
+        # What packaging the target reads: the plan's stages (their keys), the target's format, the profile's name.
+        data = {"stages": list(plan.stages), "format": target.format, "profile_ref": plan.profile_ref}
+        out.append(Stage("publish", config, inputs, CODE, label, data=data))
     return out
 
 
-def run(ctx: Any) -> dict[str, Any]:
+def run(ctx: StageContext) -> dict[str, Any]:
     from ..registry.package import destination, push_files, target_package
     from ..store import Store
 
-    label = ctx.stage.name.partition(":")[2]
+    label = ctx.stage.target
     failed = [role for role, m in ctx.input_manifests.items() if m.get("status") == "failed"]
     if failed:
         raise BuildError(f"publish:{label}: {', '.join(failed)} failed; a failed artifact is never published")
     store = Store(ctx.inputs["export"].parents[2])  # <store>/objects/<k[:2]>/<key> -> <store>
     assert store.object_dir(ctx.stage.inputs["export"]) == ctx.inputs["export"]
-    key, files, descriptor, config, annotations = target_package(store, ctx.plan, label)
+    key, files, descriptor, config, annotations = target_package(
+        store, ctx.data["stages"], label, ctx.data["format"], ctx.profile_name, ctx.data["profile_ref"],
+        ctx.model_config)
     published = []
     for dest in ctx.config["to"]:
         ref = destination(dest["to"], label, ctx.config["targets"])

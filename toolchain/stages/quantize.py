@@ -7,6 +7,7 @@ toolchain.quant.layerwise, fed with calibration samples from toolchain.quant.cal
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -14,7 +15,8 @@ import torch
 from ..arch import is_ignored, linear_shapes
 from ..errors import BuildError
 from ..ir import IRWriter, TensorReader
-from ..run import StageContext
+from ..methods import METHODS
+from ..stage import StageContext
 from .source import model_dir
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -24,33 +26,19 @@ def scale_dtype_for(q: dict[str, Any], source_dtype: torch.dtype) -> torch.dtype
     return source_dtype if q["scale_dtype"] == "auto" else DTYPES[q["scale_dtype"]]
 
 
-def quantize_tensor(w: torch.Tensor, q: dict[str, Any], scale_dtype: torch.dtype):
-    from ..quant.fp8 import quantize_fp8
-    from ..quant.rtn import quantize_rtn
-
-    if q["method"] == "rtn":
-        return quantize_rtn(w, q["bits"], q["group_size"], q["symmetric"], q["strategy"], scale_dtype)
-    if q["method"] == "fp8":
-        return quantize_fp8(w, q["strategy"], scale_dtype)
-    if q["method"] == "nf4":  # bitsandbytes' own bytes; its absmax is always float32 (scale_dtype unused)
-        from ..quant.nf4 import quantize_nf4
-
-        return quantize_nf4(w, q["blocksize"], q["double_quant"])
-    raise ValueError(f"unsupported method {q['method']}")
-
-
 def run(ctx: StageContext) -> dict[str, Any]:
     q = ctx.config
+    method = METHODS[q["method"]]
     src_dir = model_dir(ctx.input_manifests["source"], ctx.inputs["source"])
-    if q["method"] in ("gptq", "awq"):
+    if method.calibrated:
         return run_calibrated(ctx, src_dir)
     reader = TensorReader(src_dir)
-    # RTN and FP8 are elementwise IEEE arithmetic (min/max, one division, round-half-even, casts): a GPU gives the
-    # same bytes, many times faster on a 7B model.
-    device = "cuda" if q["method"] in ("rtn", "fp8") and torch.cuda.is_available() else "cpu"
-    cfg = ctx.plan.model_config
+    # Elementwise IEEE arithmetic (RTN, FP8: min/max, one division, round-half-even, casts): a GPU gives the same
+    # bytes, many times faster on a 7B model.
+    device = "cuda" if method.same_bytes_on_gpu and torch.cuda.is_available() else "cpu"
+    cfg = ctx.model_config
     targets = {f"{n}.weight": n for n, _o, _i in linear_shapes(cfg) if not is_ignored(n, q["ignore"])}
-    if q["method"] == "none":
+    if method.tensor is None:  # none: every tensor as it is
         targets = {}
     names = reader.keys()
     writer = None
@@ -65,7 +53,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
                 writer = IRWriter(ctx.out, scheme)
             if name in targets:
                 task.describe(f"quantize {q['method']} {targets[name]}")
-                writer.add_quantized(targets[name], _to_cpu(quantize_tensor(t.to(device), q, scale_dtype)))
+                writer.add_quantized(targets[name], _to_cpu(method.tensor(t.to(device), q, scale_dtype)))
                 n_quantized += 1
             else:
                 writer.add_plain(name, t)
@@ -96,9 +84,9 @@ def run_calibrated(ctx: StageContext, src_dir) -> dict[str, Any]:
     from ..quant.layerwise import run_layerwise
 
     q = ctx.config
-    spec = ctx.plan.profile.profile.quantize.calibration
-    cal_src = calibration.parse(spec.dataset, ctx.plan.profile.resolve)
-    cfg = ctx.plan.model_config
+    spec = SimpleNamespace(**q["calibration"])  # the profile's calibration section (its data: ctx.data)
+    cal_src = ctx.data["calibration"]
+    cfg = ctx.model_config
     ids, cal_info = calibration.token_ids(cal_src, spec.text_field, spec.samples, spec.seq_len, spec.seed,
                                           calibration.load_tokenizer(src_dir), cfg["vocab_size"])
     if "dataset_sha256" in q["calibration"]:

@@ -16,7 +16,7 @@ from ..errors import MissingToolError
 
 if TYPE_CHECKING:  # (the benchmarks synthesize models on a bare GPU box, without the pipeline's imports)
     from ..progress import Reporter
-    from ..run import StageContext
+    from ..stage import StageContext
 
 
 def model_dir(manifest: dict[str, Any], artifact_dir: Path) -> Path:
@@ -26,13 +26,13 @@ def model_dir(manifest: dict[str, Any], artifact_dir: Path) -> Path:
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
-    src = ctx.plan.source
+    src = ctx.data["source"]
     if src.kind == "hf":
         return {"external_path": str(src.path), "label": src.label}
     if src.kind == "gguf":
         convert_gguf(src.path, ctx.out, ctx)
         return {"label": src.label, "converted_from": "gguf"}
-    synthesize(ctx.plan.model_config, src.synthetic["seed"], ctx.out, ctx.reporter)
+    synthesize(ctx.model_config, src.synthetic["seed"], ctx.out, ctx.reporter)
     return {"label": src.label, "synthetic": src.synthetic}
 
 

@@ -1,4 +1,5 @@
-"""Accuracy of a built checkpoint against its unquantized reference, through an independent loader.
+"""Scoring shared by every format's check (toolchain/formats/<format>/check.py): accuracy of a built checkpoint
+against its unquantized reference (toolchain/stages/reference.py), through the format's independent loader.
 
 Protocol (named in every result): the dataset file is tokenized whole with the model's own tokenizer, cut to
 `max_tokens`, and scored in windows of `seq_len` tokens advancing by `stride` (HF's sliding-window perplexity;
@@ -10,6 +11,7 @@ stride == seq_len gives non-overlapping windows). Each token is scored once, fro
   top1_agreement fraction of positions whose argmax token is the same as the reference's
 The reference statistics (per-token NLL and top-1024 log-probabilities, stored as float16) are cached as their
 own artifact, keyed by (source, dataset hash, protocol), so sweeping recipes does not re-run the reference model.
+A check ends with finish_validation: the reload check's verdict, export fidelity, then these statistics and gates.
 """
 
 from __future__ import annotations
@@ -22,12 +24,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from .. import gates
-from ..arch import fits_in_memory
 from ..errors import BuildError
-from ..run import StageContext
+from ..stage import StageContext
 from ..stages.source import model_dir
 from .compare import conformance_failure
 
@@ -90,7 +91,7 @@ def score(logits_fn: LogitsFn, ids: torch.Tensor, seq_len: int, stride: int, rep
             task.advance(end - first)
 
 
-def _protocol(cfg: dict[str, Any], dataset: Path, n_scored: int, tokenizer: str, stream: Any) -> dict[str, Any]:
+def protocol_record(cfg: dict[str, Any], dataset: Path, n_scored: int, tokenizer: str, stream: Any) -> dict[str, Any]:
     return {"dataset": str(dataset), "dataset_sha256": cfg["dataset_sha256"], "seq_len": cfg["seq_len"],
             "stride": cfg["stride"], "tokens": n_scored, "tokenizer": tokenizer, "protocol": cfg["protocol"],
             **stream.protocol(),
@@ -107,37 +108,20 @@ def streamed_model(ctx: StageContext, config: dict[str, Any], weights: Any):
     return StreamedModel(config, weights, scoring.get("device"), scoring.get("dtype"), checkpoint_dtype(config))
 
 
-def run_reference(ctx: StageContext) -> dict[str, Any]:
-    """The unquantized model's statistics, scored block by block from the source's safetensors."""
-    from ..ir import TensorReader
-    from .streamed import streamed_logits_fn
+def streamed_logits_fn(model: Any, ids: torch.Tensor, seq_len: int, stride: int, reporter: Any = None):
+    """A LogitsFn (accuracy.score's contract: a window's ids -> its logits) over one streamed pass: all windows
+    go through the blocks now (with progress), then their logits are handed out in order."""
+    spans = list(windows(len(ids), seq_len, stride))
+    model.run([ids[b:e] for b, e, _f in spans], reporter)
+    order = iter(enumerate(spans))
 
-    cfg = ctx.config
-    src = model_dir(ctx.input_manifests["source"], ctx.inputs["source"])
-    dataset = ctx.plan.profile.resolve(ctx.plan.profile.profile.validate_.accuracy.dataset)
-    ids, tokenizer = tokenize(src, dataset, cfg["max_tokens"])
-    torch.set_num_threads(os.cpu_count() or 1)
-    model = streamed_model(ctx, json.loads((src / "config.json").read_text()), TensorReader(src).get)
-    logits_fn = streamed_logits_fn(model, ids, cfg["seq_len"], cfg["stride"], ctx.reporter)
-    positions = [p for _b, e, f in windows(len(ids), cfg["seq_len"], cfg["stride"]) for p in range(f, e)]
-    targets = ids[positions]
-    nll, top_lp, top_idx = [], [], []
-    offset = 0
-    for lp in score(logits_fn, ids, cfg["seq_len"], cfg["stride"], ctx.reporter, "reference logits"):
-        t = targets[offset : offset + len(lp)].to(lp.device)  # the streamed runner's logits stay on its device
-        nll.append(-lp.gather(1, t[:, None])[:, 0].cpu())
-        v, i = lp.topk(TOPK, dim=-1)
-        top_lp.append(v.half().cpu())  # float16 moves the KL by ~1e-5 (measured), a quarter of the float32 size
-        top_idx.append(i.to(torch.int32).cpu())
-        offset += len(lp)
-    tensors = {"targets": targets.to(torch.int32), "nll": torch.cat(nll), "top_logp": torch.cat(top_lp),
-               "top_idx": torch.cat(top_idx)}
-    save_file(tensors, str(ctx.out / "reference.safetensors"))
-    stats = {**_protocol(cfg, dataset, len(targets), tokenizer, model.stats),
-             "ppl": math.exp(tensors["nll"].mean().item()), "total_tokens": len(ids)}
-    (ctx.out / "reference.json").write_text(json.dumps(stats, indent=2))
-    ctx.reporter.info(f"  reference perplexity {stats['ppl']:.3f} over {len(targets)} tokens")
-    return stats
+    def fn(window: torch.Tensor) -> torch.Tensor:
+        j, (b, e, _f) = next(order)
+        if not torch.equal(window, ids[b:e]):
+            raise RuntimeError("streamed scoring: windows asked for out of order")
+        return model.window_logits(j)
+
+    return fn
 
 
 def compare(logits_fn: LogitsFn, ids: torch.Tensor, ref: dict[str, torch.Tensor], seq_len: int, stride: int,
@@ -180,26 +164,6 @@ def full_kl(ref_logp: torch.Tensor, q_logp: torch.Tensor) -> torch.Tensor:
     return (ref_logp.exp() * (ref_logp - q_logp)).sum(-1)
 
 
-def weight_conformance(model, ir_dir: Path, device: str | None = None,
-                       keep: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
-    """Every quantized layer's weight as the loader materialised it vs our own dequantization, both in the
-    arithmetic compressed-tensors uses (the scale's dtype; the model loaded in its checkpoint dtype), bit for bit."""
-    from ..formats.compressed_tensors import ARITHMETIC, consumer_dtype
-    from ..ir import IRReader
-    from .compare import WeightComparison
-
-    ir = IRReader(ir_dir)
-    modules = dict(model.named_modules())
-    check = WeightComparison(ARITHMETIC.format(dtype=ir.scheme.get("scale_dtype", "float32")))
-    for name in ir.layers:
-        q = ir.layer(name)
-        theirs = loader_dense_weight(modules[name], device)
-        check.add(name, theirs, q.dequantize(consumer_dtype(q)).to(theirs.device))
-        if keep is not None:  # the runner reuses them (fidelity, scoring) instead of decompressing again
-            keep[f"{name}.weight"] = theirs
-    return check.result()
-
-
 def loader_dense_weight(mod: torch.nn.Module, device: str | None = None) -> torch.Tensor:
     """The dense weight of a module loaded by transformers: plain, or still compressed (then decompressed by the
     compressed-tensors library, as the runtime would; on `device` when given: the same arithmetic, faster)."""
@@ -238,60 +202,6 @@ def run_fidelity(ctx: StageContext, loaded_weights: Any, text_ids: torch.Tensor 
     return fid
 
 
-def file_conformance(export_dir: Path, ir_dir: Path, reporter) -> dict[str, Any]:
-    """Layer by layer, memory bounded: compressed-tensors decompresses each layer from the files on disk."""
-    from compressed_tensors.quantization import QuantizationConfig
-
-    from ..formats.compressed_tensors import ARITHMETIC, consumer_dtype, decompress_layer
-    from ..ir import IRReader, TensorReader
-    from .compare import WeightComparison
-
-    ir = IRReader(ir_dir)
-    qc = QuantizationConfig.model_validate(json.loads((export_dir / "config.json").read_text())["quantization_config"])
-    if len(qc.config_groups) != 1:
-        raise ValueError("file-level check supports one config group")
-    scheme = next(iter(qc.config_groups.values()))
-    files = TensorReader(export_dir)
-    check = WeightComparison(ARITHMETIC.format(dtype=ir.scheme.get("scale_dtype", "float32")))
-    with reporter.task("checking layers from the files", total=len(ir.layers)) as task:
-        for name in ir.layers:
-            q = ir.layer(name)
-            stored = {k[len(name) + 1 :]: files.get(k) for k in files.keys() if k.startswith(name + ".")}
-            check.add(name, decompress_layer(stored, scheme.model_copy(deep=True), q.shape),
-                      q.dequantize(consumer_dtype(q)))
-            task.advance()
-    return check.result(method="compressed-tensors decompression of each layer read from the files")
-
-
-def run_validate(ctx: StageContext) -> dict[str, Any]:
-    """compressed-tensors: transformers (with its compressed-tensors integration) is the independent loader; its
-    weights are compared with ours layer by layer, then scored by the block-streamed runner. A model too large to
-    hold (packed) in memory is decompressed layer by layer from the files by the compressed-tensors library
-    instead, for the comparison and for the runner alike."""
-    if not fits_in_memory(ctx.plan.model_config, bytes_per_param=1):
-        conformance = file_conformance(ctx.inputs["export"], ctx.inputs["quantize"], ctx.reporter)
-        weights = file_weights(ctx.inputs["export"], ctx.inputs["quantize"], scoring_device(ctx))
-        return finish_validation(ctx, "compressed-tensors (per layer, from the files)", conformance, None, weights,
-                                 stream_scoring=not _fp8_activations(ctx))
-    # In the checkpoint's dtype: transformers would otherwise cast the scales to float32 and decompress in float32,
-    # which no runtime does with a bf16/fp16 checkpoint.
-    model = load_hf_model(ctx.inputs["export"], dtype="auto")
-    # Small models keep the decompressed weights for the runner (a 7B's would not fit beside the model).
-    kept = {} if fits_in_memory(ctx.plan.model_config, bytes_per_param=4, fraction=0.1) else None
-    conformance = weight_conformance(model, ctx.inputs["quantize"], scoring_device(ctx), kept)
-    return finish_validation(ctx, "transformers", conformance, hf_logits(model),
-                             hf_model_weights(model, scoring_device(ctx), kept),
-                             stream_scoring=not _fp8_activations(ctx))
-
-
-def _fp8_activations(ctx: StageContext) -> bool:
-    """FP8 checkpoints quantize activations per token at run time: the loader's own forward emulates that, the
-    streamed runner does not, so their accuracy is scored by the loader."""
-    from ..ir import IRReader
-
-    return IRReader(ctx.inputs["quantize"]).scheme.get("method") == "fp8"
-
-
 def hf_model_weights(model, device: str | None = None, kept: dict[str, torch.Tensor] | None = None) -> Any:
     """A loaded transformers model as a weight source for the streamed runner: its parameters, quantized linears
     decompressed as the loader does (loader_dense_weight, on `device`; taken from `kept` when already done)."""
@@ -312,30 +222,6 @@ def hf_model_weights(model, device: str | None = None, kept: dict[str, torch.Ten
 def scoring_device(ctx: StageContext) -> str | None:
     """The device the profile scores on (resolved at plan time), for work that can run there."""
     return (ctx.config.get("scoring") or {}).get("device")
-
-
-def file_weights(export_dir: Path, ir_dir: Path, device: str | None = None) -> Any:
-    """A compressed-tensors checkpoint on disk as a weight source: each quantized layer decompressed from its
-    stored tensors by the library, the rest read as stored (one tensor in memory at a time)."""
-    from compressed_tensors.quantization import QuantizationConfig
-
-    from ..formats.compressed_tensors import decompress_layer
-    from ..ir import IRReader, TensorReader
-
-    ir = IRReader(ir_dir)
-    qc = QuantizationConfig.model_validate(json.loads((export_dir / "config.json").read_text())["quantization_config"])
-    scheme = next(iter(qc.config_groups.values()))
-    files = TensorReader(export_dir)
-
-    def get(name: str) -> torch.Tensor:
-        layer = name.removesuffix(".weight")
-        if layer in ir.layers:
-            stored = {k[len(layer) + 1 :]: files.get(k).to(device or "cpu") for k in files.keys()
-                      if k.startswith(layer + ".")}
-            return decompress_layer(stored, scheme.model_copy(deep=True), tuple(ir.layers[layer]["shape"]))
-        return files.get(name)
-
-    return get
 
 
 def finish_validation(ctx: StageContext, loader: str, conformance: dict[str, Any] | None,
@@ -360,7 +246,7 @@ def finish_validation(ctx: StageContext, loader: str, conformance: dict[str, Any
     ids = None
     if "reference" in ctx.inputs:
         src = model_dir(ctx.input_manifests["source"], ctx.inputs["source"])
-        dataset = ctx.plan.profile.resolve(ctx.plan.profile.profile.validate_.accuracy.dataset)
+        dataset = ctx.data["dataset"]
         ids, _tok = tokenize(src, dataset, cfg["protocol"]["max_tokens"])
     if loaded_weights is not None:
         fidelity = run_fidelity(ctx, loaded_weights, ids)
@@ -383,8 +269,6 @@ def finish_validation(ctx: StageContext, loader: str, conformance: dict[str, Any
     protocol = cfg["protocol"]
     stream = None
     if loaded_weights is not None and stream_scoring:  # the loader is proven layer by layer; we score its weights
-        from .streamed import streamed_logits_fn
-
         stream = streamed_model(ctx, _ir_config(ctx), loaded_weights)
         logits_fn = streamed_logits_fn(stream, ids, protocol["seq_len"], protocol["stride"], ctx.reporter)
         loader = f"{loader} -> block-streamed runner ({stream.stats.device}, {stream.stats.dtype})"

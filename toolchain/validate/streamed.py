@@ -173,21 +173,3 @@ def _free(dev: torch.device) -> None:
 def checkpoint_dtype(config: dict[str, Any]) -> torch.dtype:
     name = config.get("dtype") or config.get("torch_dtype") or "float32"
     return DTYPES.get(name, torch.float32)
-
-
-def streamed_logits_fn(model: StreamedModel, ids: torch.Tensor, seq_len: int, stride: int, reporter: Any = None):
-    """A LogitsFn (accuracy.score's contract: a window's ids -> its logits) over one streamed pass: all windows
-    go through the blocks now (with progress), then their logits are handed out in order."""
-    from .accuracy import windows
-
-    spans = list(windows(len(ids), seq_len, stride))
-    model.run([ids[b:e] for b, e, _f in spans], reporter)
-    order = iter(enumerate(spans))
-
-    def fn(window: torch.Tensor) -> torch.Tensor:
-        j, (b, e, _f) = next(order)
-        if not torch.equal(window, ids[b:e]):
-            raise RuntimeError("streamed scoring: windows asked for out of order")
-        return model.window_logits(j)
-
-    return fn

@@ -1,1 +1,0 @@
-"""Stages that compile an exported checkpoint with an external runtime (trtllm-build)."""

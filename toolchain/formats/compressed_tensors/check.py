@@ -1,0 +1,120 @@
+"""validate:<compressed-tensors target>: the checkpoint reloaded by compressed-tensors (file by file, or through
+transformers), compared weight by weight with the IR, then scored against the reference
+(toolchain.validate.accuracy)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ...arch import fits_in_memory
+from ...stage import StageContext
+from ...validate.accuracy import (
+    finish_validation,
+    hf_logits,
+    hf_model_weights,
+    load_hf_model,
+    loader_dense_weight,
+    scoring_device,
+)
+
+
+def weight_conformance(model, ir_dir: Path, device: str | None = None,
+                       keep: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
+    """Every quantized layer's weight as the loader materialised it vs our own dequantization, both in the
+    arithmetic compressed-tensors uses (the scale's dtype; the model loaded in its checkpoint dtype), bit for bit."""
+    from ...ir import IRReader
+    from ...validate.compare import WeightComparison
+    from .export import ARITHMETIC, consumer_dtype
+
+    ir = IRReader(ir_dir)
+    modules = dict(model.named_modules())
+    check = WeightComparison(ARITHMETIC.format(dtype=ir.scheme.get("scale_dtype", "float32")))
+    for name in ir.layers:
+        q = ir.layer(name)
+        theirs = loader_dense_weight(modules[name], device)
+        check.add(name, theirs, q.dequantize(consumer_dtype(q)).to(theirs.device))
+        if keep is not None:  # the runner reuses them (fidelity, scoring) instead of decompressing again
+            keep[f"{name}.weight"] = theirs
+    return check.result()
+
+
+def file_conformance(export_dir: Path, ir_dir: Path, reporter) -> dict[str, Any]:
+    """Layer by layer, memory bounded: compressed-tensors decompresses each layer from the files on disk."""
+    from compressed_tensors.quantization import QuantizationConfig
+
+    from ...ir import IRReader, TensorReader
+    from ...validate.compare import WeightComparison
+    from .export import ARITHMETIC, consumer_dtype, decompress_layer
+
+    ir = IRReader(ir_dir)
+    qc = QuantizationConfig.model_validate(json.loads((export_dir / "config.json").read_text())["quantization_config"])
+    if len(qc.config_groups) != 1:
+        raise ValueError("file-level check supports one config group")
+    scheme = next(iter(qc.config_groups.values()))
+    files = TensorReader(export_dir)
+    check = WeightComparison(ARITHMETIC.format(dtype=ir.scheme.get("scale_dtype", "float32")))
+    with reporter.task("checking layers from the files", total=len(ir.layers)) as task:
+        for name in ir.layers:
+            q = ir.layer(name)
+            stored = {k[len(name) + 1 :]: files.get(k) for k in files.keys() if k.startswith(name + ".")}
+            check.add(name, decompress_layer(stored, scheme.model_copy(deep=True), q.shape),
+                      q.dequantize(consumer_dtype(q)))
+            task.advance()
+    return check.result(method="compressed-tensors decompression of each layer read from the files")
+
+
+def run_validate(ctx: StageContext) -> dict[str, Any]:
+    """compressed-tensors: transformers (with its compressed-tensors integration) is the independent loader; its
+    weights are compared with ours layer by layer, then scored by the block-streamed runner. A model too large to
+    hold (packed) in memory is decompressed layer by layer from the files by the compressed-tensors library
+    instead, for the comparison and for the runner alike."""
+    if not fits_in_memory(ctx.model_config, bytes_per_param=1):
+        conformance = file_conformance(ctx.inputs["export"], ctx.inputs["quantize"], ctx.reporter)
+        weights = file_weights(ctx.inputs["export"], ctx.inputs["quantize"], scoring_device(ctx))
+        return finish_validation(ctx, "compressed-tensors (per layer, from the files)", conformance, None, weights,
+                                 stream_scoring=not _fp8_activations(ctx))
+    # In the checkpoint's dtype: transformers would otherwise cast the scales to float32 and decompress in float32,
+    # which no runtime does with a bf16/fp16 checkpoint.
+    model = load_hf_model(ctx.inputs["export"], dtype="auto")
+    # Small models keep the decompressed weights for the runner (a 7B's would not fit beside the model).
+    kept = {} if fits_in_memory(ctx.model_config, bytes_per_param=4, fraction=0.1) else None
+    conformance = weight_conformance(model, ctx.inputs["quantize"], scoring_device(ctx), kept)
+    return finish_validation(ctx, "transformers", conformance, hf_logits(model),
+                             hf_model_weights(model, scoring_device(ctx), kept),
+                             stream_scoring=not _fp8_activations(ctx))
+
+
+def _fp8_activations(ctx: StageContext) -> bool:
+    """FP8 checkpoints quantize activations per token at run time: the loader's own forward emulates that, the
+    streamed runner does not, so their accuracy is scored by the loader."""
+    from ...ir import IRReader
+
+    return IRReader(ctx.inputs["quantize"]).scheme.get("method") == "fp8"
+
+
+def file_weights(export_dir: Path, ir_dir: Path, device: str | None = None) -> Any:
+    """A compressed-tensors checkpoint on disk as a weight source: each quantized layer decompressed from its
+    stored tensors by the library, the rest read as stored (one tensor in memory at a time)."""
+    from compressed_tensors.quantization import QuantizationConfig
+
+    from ...ir import IRReader, TensorReader
+    from .export import decompress_layer
+
+    ir = IRReader(ir_dir)
+    qc = QuantizationConfig.model_validate(json.loads((export_dir / "config.json").read_text())["quantization_config"])
+    scheme = next(iter(qc.config_groups.values()))
+    files = TensorReader(export_dir)
+
+    def get(name: str) -> torch.Tensor:
+        layer = name.removesuffix(".weight")
+        if layer in ir.layers:
+            stored = {k[len(layer) + 1 :]: files.get(k).to(device or "cpu") for k in files.keys()
+                      if k.startswith(layer + ".")}
+            return decompress_layer(stored, scheme.model_copy(deep=True), tuple(ir.layers[layer]["shape"]))
+        return files.get(name)
+
+    return get

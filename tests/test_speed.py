@@ -383,19 +383,25 @@ shutil.copy(src, args["--output-json"])
 """
 
 
-def test_vllm_stand_in_gives_ttft_and_decode_from_two_runs(tmp_path, monkeypatch):
-    from toolchain.progress import Reporter
-    from toolchain.runtimes import external as ext
+def _stand_in_without_gpu(tmp_path: Path, monkeypatch, name: str, script: str) -> Path:
+    """A stand-in `name` first on PATH, no CUDA card seen, and a dummy export directory (returned)."""
     from toolchain.runtimes import select
 
-    bin_dir = tmp_path / "bin"
-    _stand_in(bin_dir, "vllm", VLLM_STAND_IN.format(o1=str(RECORDED / "vllm-latency-o1.json"),
-                                                    o128=str(RECORDED / "vllm-latency-o128.json")))
-    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    _stand_in(tmp_path / "bin", name, script)
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{os.environ['PATH']}")
     monkeypatch.setattr(select, "cuda_card", lambda: None)
     export = tmp_path / "export"
     export.mkdir()
     (export / "model.safetensors").write_bytes(b"\0" * 1000)
+    return export
+
+
+def test_vllm_stand_in_gives_ttft_and_decode_from_two_runs(tmp_path, monkeypatch):
+    from toolchain.progress import Reporter
+    from toolchain.runtimes import external as ext
+
+    export = _stand_in_without_gpu(tmp_path, monkeypatch, "vllm", VLLM_STAND_IN.format(
+        o1=str(RECORDED / "vllm-latency-o1.json"), o128=str(RECORDED / "vllm-latency-o128.json")))
     from toolchain.arch import ARCHS
 
     res = ext.measure("vllm", "compressed-tensors", export, ARCHS["llama-tiny"],
@@ -425,15 +431,9 @@ def test_trtllm_bench_stand_in_reports_ttft_and_tpot(tmp_path, monkeypatch):
     from toolchain.arch import ARCHS
     from toolchain.progress import Reporter
     from toolchain.runtimes import external as ext
-    from toolchain.runtimes import select
 
-    bin_dir = tmp_path / "bin"
-    _stand_in(bin_dir, "trtllm-bench", TRTLLM_STAND_IN.format(report=str(RECORDED / "trtllm-bench-report.json")))
-    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
-    monkeypatch.setattr(select, "cuda_card", lambda: None)
-    export = tmp_path / "export"
-    export.mkdir()
-    (export / "model.safetensors").write_bytes(b"\0" * 1000)
+    export = _stand_in_without_gpu(tmp_path, monkeypatch, "trtllm-bench", TRTLLM_STAND_IN.format(
+        report=str(RECORDED / "trtllm-bench-report.json")))
     res = ext.measure("trtllm-bench", "trtllm", export, ARCHS["llama-tiny"],
                       {"batch_sizes": [1, 4], "input_len": 128, "output_len": 128, "iterations": 3},
                       Reporter(quiet=True), tmp_path)

@@ -143,7 +143,7 @@ def test_a_wrong_scaled_mm_is_caught_and_replaced_by_the_weight_only_path(export
 
     monkeypatch.setattr(kernels, "fp8_scaled_mm", lambda x, w, s: torch.zeros(x.shape[0], w.shape[0], dtype=x.dtype))
     # the weight-only product in plain torch (the Triton kernel itself is tested against float64 below)
-    monkeypatch.setattr(builtin, "fp8_mm", lambda x, w, s: (x.float() @ (w.float() * s).T).to(x.dtype))
+    monkeypatch.setattr(builtin, "fp8_mm", lambda x, w, s: (x.float() @ (w.float() * s).T)[None])  # partial sums
     model = builtin.Model(Checkpoint.open(exports["fp8"]), torch.device("cpu"), torch.float32, use_kernels=True)
     assert model.w8a8["used"] is False and "relative error 1" in model.w8a8["reason"]
     check = builtin.logits_check(model, tokens=70)
@@ -164,7 +164,7 @@ def test_block_check_catches_a_kernel_that_skips_the_end_of_k(exports, monkeypat
     def short_k(x, packed, scale, zero, group):
         w = builtin.kernels.dequantize_int4(packed, scale, zero, group)
         w[:, -32:] = 0
-        return (x.float() @ w.T).to(x.dtype)
+        return (x.float() @ w.T)[None]  # the custom op's partial sums: one slice
 
     monkeypatch.setattr(builtin, "int4_mm", short_k)
     model = builtin.Model(Checkpoint.open(exports["int4-sym"]), torch.device("cpu"), torch.float32,
@@ -192,7 +192,8 @@ def test_zero_point_unpacking_matches_compressed_tensors():
 # (M, N, K, group, asymmetric): K not a multiple of 256 (384, SmolLM2's 576) and K below one block (192) included:
 # the first GPU run's autotuned K block of 256 skipped the rest of such a K (0.52 relative error at K=384).
 KERNEL_CASES = [(1, 48, 256, 128, False), (3, 40, 512, 32, True), (1, 64, 384, 64, True), (17, 70, 256, 64, True),
-                (80, 33, 256, 128, False), (1, 24, 576, 64, True), (2, 20, 192, 64, False), (20, 24, 576, 32, True)]
+                (80, 33, 256, 128, False), (1, 24, 576, 64, True), (2, 20, 192, 64, False), (20, 24, 576, 32, True),
+                (16, 64, 512, 128, True)]  # the last: the tensor-core INT4 kernel at a decode batch
 
 
 def _kernel_errors(device: str, dtype: torch.dtype, cases=None, config: dict | None = None
@@ -259,7 +260,9 @@ def _autotune_choices() -> list[tuple[str, dict, list]]:
     for k, group in ((576, 64), (192, 32)):
         for name, configs in (("int4", K._gemv_configs()), ("fp8", K._fp8_gemv_configs())):
             kept = K._prune_gemv(configs, {"K": k}, GROUP=group if name == "int4" else 1)
-            out.append((f"{name} K={k} g{group}", [dict(c.kwargs) for c in kept], [(1, 16, k, group, True)]))
+            shapes = {(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]) for c in kept}  # pipelining: same arithmetic
+            out.append((f"{name} K={k} g{group}", [{"BLOCK_N": n, "BLOCK_K": b} for n, b in sorted(shapes)],
+                        [(1, 16, k, group, True)]))
     return out
 
 
@@ -279,6 +282,89 @@ def test_every_autotune_choice_covers_all_of_k_in_the_interpreter():
     assert len(errors) >= 8
     for name, err in errors:
         assert err < 1e-5, (name, err)
+
+
+# (batch, heads, KV heads, head size, cache length, position, partial slices): GQA groups of 1, 3 (SmolLM2) and 4,
+# position 0 (nothing cached yet), positions on and off the 64-position block boundary.
+ATTENTION_CASES = [(1, 4, 4, 64, 80, 70, 1), (2, 8, 2, 32, 40, 0, 2), (3, 9, 3, 64, 150, 128, 3),
+                   (2, 32, 32, 128, 192, 131, 4)]
+
+
+def _attention_errors(device: str = "cpu", dtype: torch.dtype = torch.float32) -> list[tuple[str, float]]:
+    """The decode-attention kernel (rotary, cache write, attention over the cache) against float64 torch: the
+    output, and every cache entry afterwards (the new position written, nothing else touched)."""
+    from toolchain.runtimes import kernels as K
+
+    out = []
+    g = torch.Generator().manual_seed(3)
+    for b, nh, nkv, hd, length, pos, slices in ATTENTION_CASES:
+        qkv = torch.randn(slices, b, (nh + 2 * nkv) * hd, generator=g).to(device)
+        kc = torch.randn(b, nkv, length, hd, generator=g).to(device, dtype)
+        vc = torch.randn(b, nkv, length, hd, generator=g).to(device, dtype)
+        inv = 1.0 / (10000 ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
+        emb = torch.outer(torch.arange(length, dtype=torch.float64), inv).repeat(1, 2)
+        cos, sin = emb.cos().to(device, dtype), emb.sin().to(device, dtype)
+        kr, vr = kc.clone(), vc.clone()
+        got = K.decode_attention(qkv, kc, vc, cos, sin, torch.tensor(pos, device=device), nh, nkv)
+        want = K.decode_attention_reference(qkv, kr, vr, cos, sin, pos, nh, nkv)
+        name = f"attention b{b} h{nh}/{nkv} d{hd} pos {pos}"
+        out.append((name, float((got.double() - want).norm() / want.norm())))
+        cache_err = max(float((c.double() - r.double()).abs().max() / r.double().abs().max())
+                        for c, r in ((kc, kr), (vc, vr)))
+        out.append((f"{name} cache", cache_err))  # largest difference over the largest entry
+    return out
+
+
+def _fast_path_checks() -> list[tuple[str, float, float]]:
+    """The runtime's fast path (Triton linears returning partial sums, the fused decode attention, the residual
+    add folded into the next block) on a two-block model with GQA, run by the interpreter on the CPU in float32,
+    against its plain-torch twin: (name, error, tolerance) per block check of `logits_check`."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    import bench_gpu
+
+    from toolchain import arch
+    from toolchain.runtimes import builtin
+    from toolchain.runtimes.weights import Checkpoint
+
+    bench_gpu.DEVICE = "cpu"
+    cfg = {**arch.ARCHS["llama-2-7b"], "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2,
+           "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 300, "max_position_embeddings": 64}
+    state = {k: v.float() for k, v in bench_gpu.synthetic_state(cfg).items()}
+    out = []
+    for mode in ("int4-g128", "fp8"):
+        tensors = bench_gpu.packed_checkpoint(state, cfg, mode)
+        ckpt = Checkpoint({**cfg, "quantization_config": bench_gpu.quantization_config(mode)}, tensors.__getitem__,
+                          tensors.__contains__)
+        model = builtin.Model(ckpt, torch.device("cpu"), torch.float32, use_kernels=True)
+        assert model.fused_attention
+        check = builtin.logits_check(model, tokens=20)  # prefill of 20 rows: the tensor-core INT4 kernel
+        out += [(f"{mode} {k}", v, 1e-5) for k, v in check["blocks"].items() if k != "tolerance"]
+        out.append((f"{mode} decode logits", check["same_dataflow"]["decode_rel_err"], 1e-5))
+    return out
+
+
+@NEEDS_TRITON
+def test_the_fast_path_matches_its_float32_twin_in_the_interpreter():
+    checks = _in_the_interpreter("_fast_path_checks")
+    assert len(checks) == 10
+    for name, err, tol in checks:
+        assert err < tol, (name, err)
+
+
+@NEEDS_TRITON
+def test_decode_attention_matches_float64_in_the_interpreter():
+    errors = _in_the_interpreter("_attention_errors")
+    assert len(errors) == 2 * len(ATTENTION_CASES)
+    for name, err in errors:
+        assert err < 1e-5, (name, err)
+
+
+@pytest.mark.gpu
+def test_decode_attention_matches_float64_on_the_gpu():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    for name, err in _attention_errors("cuda", torch.bfloat16):
+        assert err < 1e-2, (name, err)  # bf16 caches: one rounding of k and v (2^-8 relative)
 
 
 @pytest.mark.gpu

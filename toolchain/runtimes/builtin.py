@@ -41,26 +41,43 @@ LOGITS_TOLERANCE = {"dense": 1e-1, "int4": 1e-1, "fp8": 1.5e-1}  # reported: whe
 
 
 # -- linears as custom ops: torch.compile treats the Triton launches as opaque calls ---------------------------
+# They return the kernels' partial sums, (split, M, N) float32: in a compiled block their sum and the cast to the
+# activation dtype fuse into the elementwise kernel that reads the product (rotary, residual add, SiLU), so a
+# linear is one launch (no zero-fill, no atomics, no separate cast). The split depends on the shape only
+# (kernels.split_k), so the fake below knows it.
 
 @torch.library.custom_op("toolchain::int4_mm", mutates_args=())
 def int4_mm(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
             group: int) -> torch.Tensor:
-    return kernels.int4_matmul(x, packed, scale, zero, group)
+    return kernels.int4_partials(x, packed, scale, zero, group)
 
 
 @int4_mm.register_fake
 def _(x, packed, scale, zero, group):
-    return x.new_empty((x.shape[0], packed.shape[0]))
+    return x.new_empty((kernels.split_k(packed.shape[0], x.shape[1], x.shape[0]), x.shape[0], packed.shape[0]),
+                       dtype=torch.float32)
 
 
 @torch.library.custom_op("toolchain::fp8_mm", mutates_args=())
 def fp8_mm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return kernels.fp8_matmul(x, weight, scale)
+    return kernels.fp8_partials(x, weight, scale)
 
 
 @fp8_mm.register_fake
 def _(x, weight, scale):
-    return x.new_empty((x.shape[0], weight.shape[0]))
+    return x.new_empty((kernels.split_k(weight.shape[0], x.shape[1], x.shape[0]), x.shape[0], weight.shape[0]),
+                       dtype=torch.float32)
+
+
+@torch.library.custom_op("toolchain::decode_attention", mutates_args=("kc", "vc"))
+def decode_attention(qkv: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                     pos: torch.Tensor, n_heads: int, n_kv: int) -> torch.Tensor:
+    return kernels.decode_attention(qkv, kc, vc, cos, sin, pos, n_heads, n_kv)
+
+
+@decode_attention.register_fake
+def _(qkv, kc, vc, cos, sin, pos, n_heads, n_kv):
+    return kc.new_empty((qkv.shape[1], n_heads * kc.shape[-1]))
 
 
 def concat(parts: list[Linear]) -> Linear:
@@ -74,25 +91,42 @@ def concat(parts: list[Linear]) -> Linear:
                   cat([p.scale for p in parts]), cat([p.zero for p in parts]), parts[0].group)
 
 
-def apply_linear(x: torch.Tensor, lin: Linear, use_kernels: bool, wo_max_m: int | None = None,
-                 act_round: torch.dtype | None = None) -> torch.Tensor:
-    """x (M, K) -> (M, N). `act_round`: the reference rounds activations to this dtype before quantizing them to
-    FP8, as the fast model (whose activations are in that dtype) does; else both would round to other E4M3
-    values wherever bf16 and float32 straddle a boundary, and that differs by whole E4M3 steps."""
+def linear_partials(x: torch.Tensor, lin: Linear, use_kernels: bool, wo_max_m: int | None = None,
+                    act_round: torch.dtype | None = None) -> torch.Tensor:
+    """x (M, K) -> partial sums (S, M, N) of the product, S >= 1 (the kernels' split of K; one slice elsewhere).
+    `act_round`: the reference rounds activations to this dtype before quantizing them to FP8, as the fast model
+    (whose activations are in that dtype) does; else both would round to other E4M3 values wherever bf16 and
+    float32 straddle a boundary, and that differs by whole E4M3 steps."""
     m = x.shape[0]
     wo_max_m = FP8_WEIGHT_ONLY_MAX_M if wo_max_m is None else wo_max_m
     if lin.kind == "dense":
-        return F.linear(x, lin.weight.to(x.dtype))
+        return F.linear(x, lin.weight.to(x.dtype))[None]
     if lin.kind == "fp8" and m > wo_max_m:  # the checkpoint's own scheme: dynamic per-token FP8 activations
         if use_kernels:
-            return kernels.fp8_scaled_mm(x, lin.weight, lin.scale)
+            return kernels.fp8_scaled_mm(x, lin.weight, lin.scale)[None]
         xq, xs = kernels.quantize_fp8_per_token(x if act_round is None else x.to(act_round).to(x.dtype))
-        return ((xq.to(torch.float32) * xs) @ lin.dense(torch.float32).T).to(x.dtype)
+        return ((xq.to(torch.float32) * xs) @ lin.dense(torch.float32).T).to(x.dtype)[None]
     if not use_kernels:
-        return (x.to(torch.float32) @ lin.dense(torch.float32).T).to(x.dtype)
+        return (x.to(torch.float32) @ lin.dense(torch.float32).T).to(x.dtype)[None]
     if lin.kind == "int4":
         return int4_mm(x, lin.weight, lin.scale, lin.zero, lin.group)
     return fp8_mm(x, lin.weight, lin.scale)
+
+
+def summed(parts: torch.Tensor) -> torch.Tensor:
+    """The sum of partial sums (S, M, N) as S - 1 elementwise adds, not a reduction: torch.compile fuses
+    elementwise ops into the kernel that reads them (a norm, the SiLU product), where it keeps a reduction over
+    the first dimension as a kernel of its own (seen on the H200: 0.12 ms per decode step)."""
+    out = parts[0]
+    for i in range(1, parts.shape[0]):
+        out = out + parts[i]
+    return out
+
+
+def apply_linear(x: torch.Tensor, lin: Linear, use_kernels: bool, wo_max_m: int | None = None,
+                 act_round: torch.dtype | None = None) -> torch.Tensor:
+    """x (M, K) -> (M, N) in x's dtype (linear_partials, summed)."""
+    return summed(linear_partials(x, lin, use_kernels, wo_max_m, act_round)).to(x.dtype)
 
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
@@ -139,6 +173,11 @@ class Model:
         self.act_round: torch.dtype | None = None  # see apply_linear
         self.caches: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
         self.w8a8 = self._check_w8a8() if use_kernels and self.block_kinds[0][0] == "fp8" else None
+        # Decode attention by one Triton kernel (rotary, cache write, attention; it reads the q/k/v product's
+        # partial sums): where the kernels run and the head shape allows; the float32 twin keeps torch's SDPA.
+        hd = self.head_dim
+        self.fused_attention = use_kernels and kernels.available(device) and hd >= 32 and not hd & (hd - 1) \
+            and self.n_heads % self.n_kv == 0
 
     def _check_w8a8(self) -> dict[str, Any]:
         """torch._scaled_mm against the float32 product of the same FP8 operands, on this card, before trusting
@@ -213,26 +252,44 @@ class Model:
     def _lin(self, x: torch.Tensor, lin: Linear) -> torch.Tensor:
         return apply_linear(x, lin, self.use_kernels, self.wo_max_m, self.act_round)
 
-    def _block(self, h, kc, vc, pos, cos, sin, mask, ln1, ln2, *w):
-        """One decoder block for one new token per sequence: h (B, hidden). Tensors only (w: weight, scale, zero
-        of qkv, o, gate_up, down), so that one compiled graph serves every layer."""
+    def _partials(self, x: torch.Tensor, lin: Linear) -> torch.Tensor:
+        return linear_partials(x, lin, self.use_kernels, self.wo_max_m, self.act_round)
+
+    def _block(self, h, d, kc, vc, pos, cos, sin, mask, ln1, ln2, *w):
+        """One decoder block for one new token per sequence: the residual stream h (B, hidden) and the previous
+        block's MLP output d as partial sums (S, B, hidden), or None; cos/sin the whole rotary tables. Returns
+        (h, d) the same way: the next block adds d in the kernel of its first norm (one launch per block fewer
+        than adding it here). Tensors only (w: weight, scale, zero of qkv, o, gate_up, down), so that one
+        compiled graph serves every layer."""
         qkv_l, o_l, gu_l, down_l = (self._as_linear(i, *w[3 * i : 3 * i + 3]) for i in range(4))
         b = h.shape[0]
+        if d is not None:
+            h = h + summed(d).to(h.dtype)
         x = rms_norm(h, ln1, self.eps)
-        qkv = self._lin(x, qkv_l)
         hd, nh, nkv = self.head_dim, self.n_heads, self.n_kv
-        q = qkv[:, : nh * hd].view(b, nh, 1, hd)
-        k = qkv[:, nh * hd : (nh + nkv) * hd].view(b, nkv, 1, hd)
-        v = qkv[:, (nh + nkv) * hd :].view(b, nkv, 1, hd)
-        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
-        kc.index_copy_(2, pos.view(1), k)
-        vc.index_copy_(2, pos.view(1), v)
-        att = F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask.view(1, 1, 1, -1), enable_gqa=nkv != nh)
-        h = h + self._lin(att.reshape(b, nh * hd), o_l)
+        if self.fused_attention:
+            att = decode_attention(self._partials(x, qkv_l), kc, vc, cos, sin, pos, nh, nkv)
+        else:
+            qkv = self._lin(x, qkv_l)
+            q = qkv[:, : nh * hd].view(b, nh, 1, hd)
+            k = qkv[:, nh * hd : (nh + nkv) * hd].view(b, nkv, 1, hd)
+            v = qkv[:, (nh + nkv) * hd :].view(b, nkv, 1, hd)
+            c, s = cos.index_select(0, pos.view(1))[0], sin.index_select(0, pos.view(1))[0]
+            q, k = rotate(q, c, s), rotate(k, c, s)
+            kc.index_copy_(2, pos.view(1), k)
+            vc.index_copy_(2, pos.view(1), v)
+            att = F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask.view(1, 1, 1, -1), enable_gqa=nkv != nh)
+            att = att.reshape(b, nh * hd)
+        h = h + self._lin(att, o_l)
         x = rms_norm(h, ln2, self.eps)
-        gu = self._lin(x, gu_l)
+        gu = summed(self._partials(x, gu_l))  # float32 until the SiLU product (one fused kernel when compiled)
         inter = gu.shape[-1] // 2
-        return h + self._lin(F.silu(gu[:, :inter]) * gu[:, inter:], down_l)
+        return h, self._partials((F.silu(gu[:, :inter]) * gu[:, inter:]).to(h.dtype), down_l)
+
+    def block_output(self, h, *args) -> torch.Tensor:
+        """One block's output (the stream after it) on the stream h: `_block` with its MLP output added."""
+        h, d = self._block(h, None, *args)
+        return h + summed(d).to(h.dtype)
 
     def _as_linear(self, i: int, weight, scale, zero) -> Linear:
         kind, group = self.block_kinds[i]
@@ -247,12 +304,13 @@ class Model:
         # No indexing by a 0-d tensor here: PyTorch reads such an index back to the host, which a CUDA graph
         # capture forbids.
         h = F.embedding(ids[:, 0], self.parts["embed"]).to(self.dtype)
-        cos = self.cos.index_select(0, pos.view(1))[0]
-        sin = self.sin.index_select(0, pos.view(1))[0]
         mask = self.positions <= pos
         kcs, vcs = self.caches
+        d = None
         for i, lay in enumerate(self.parts["layers"]):
-            h = self.block(h, kcs[i], vcs[i], pos, cos, sin, mask, lay["ln1"], lay["ln2"], *self._flat(lay))
+            h, d = self.block(h, d, kcs[i], vcs[i], pos, self.cos, self.sin, mask, lay["ln1"], lay["ln2"],
+                              *self._flat(lay))
+        h = h + summed(d).to(h.dtype)
         return self._lin(rms_norm(h, self.parts["norm"], self.eps), self.parts["lm_head"])
 
     def prefill(self, ids: torch.Tensor, all_logits: bool = False) -> torch.Tensor:
@@ -293,6 +351,7 @@ def reference_of(model: Model, weight_only_max_m: int | None = None, same_roundi
     ref.__dict__.update(model.__dict__)
     ref.dtype, ref.use_kernels, ref.caches = torch.float32, False, None
     ref.block = ref._block
+    ref.fused_attention = False
     ref.cos, ref.sin = model.cos.float(), model.sin.float()
     if weight_only_max_m is not None:
         ref.wo_max_m = weight_only_max_m
@@ -399,13 +458,12 @@ def block_errors(model: Model, seed: int = 0, tokens: int = 96) -> dict[str, flo
         ref.caches[1][i].copy_(model.caches[1][i])
     pos = torch.tensor(tokens, device=model.device)
     h = F.embedding(ids[:, tokens], model.parts["embed"]).to(model.dtype)
-    cos, sin = model.cos.index_select(0, pos.view(1))[0], model.sin.index_select(0, pos.view(1))[0]
     mask = model.positions <= pos
     for i, lay in enumerate(model.parts["layers"]):
-        out = model._block(h, model.caches[0][i], model.caches[1][i], pos, cos, sin, mask, lay["ln1"], lay["ln2"],
-                           *model._flat(lay))
-        want = ref._block(h.float(), ref.caches[0][i], ref.caches[1][i], pos, cos.float(), sin.float(), mask,
-                          lay["ln1"], lay["ln2"], *model._flat(lay))
+        out = model.block_output(h, model.caches[0][i], model.caches[1][i], pos, model.cos, model.sin, mask,
+                                 lay["ln1"], lay["ln2"], *model._flat(lay))
+        want = ref.block_output(h.float(), ref.caches[0][i], ref.caches[1][i], pos, ref.cos, ref.sin, mask,
+                                lay["ln1"], lay["ln2"], *model._flat(lay))
         worst["decode"] = max(worst["decode"], rel(out, want, h))
         h = out
     head_decode = head_rel(h)

@@ -6,10 +6,16 @@ Weights are read in the layout the artifact stores them (compressed-tensors, too
   fp8   float8_e4m3fn (N, K) with one float32 scale per output channel. w = weight * scale
 y = x @ w^T, x (M, K) in bf16/fp16/fp32, accumulated in float32.
 
-Two kernel shapes, both splitting K across programs when N alone gives too few (atomic float32 adds):
-  gemv  M <= GEMV_MAX_M: one program per (row block, K slice, token); multiply-add on the CUDA cores, reduced
-        per group before the scale is applied (int4) or per row (fp8). Reads every packed byte once per token.
-  dot   larger M: tiles dequantized to the activation dtype in registers, then tl.dot on the tensor cores.
+Three kernel shapes. Each splits K across `split_k(N, K, M)` programs when N alone gives too few; every program
+stores its own partial sums, (split, M, N) float32, and the caller adds them (in the compiled decoder that sum and
+the cast fuse into the next elementwise kernel: no zero-fill, no atomics, no separate cast, deterministic).
+  gemv     M <= GEMV_MAX_M: multiply-add on the CUDA cores, reduced per group before the scale is applied (int4)
+           or per row (fp8). Reads every packed byte once per token.
+  int4_tc  larger M, INT4 groups of at least 128 (16 packed words): each nibble position unpacked to 16-bit
+           floats (128 + q in bf16, 1024 + q in fp16: an and-or per two weights, `lop3` in PTX), multiplied on
+           the tensor cores, zero point and scale applied once per group. At M=16 on the H200 1.5-2.3x faster
+           than dot; at M=1 7-80% slower than gemv (BENCHMARKS.md).
+  dot      larger M otherwise: tiles dequantized to the activation dtype in registers, then tl.dot.
 Autotuned per (N, K) on the GPU. TRITON_INTERPRET=1 runs the same kernels on the CPU (tests).
 """
 
@@ -26,16 +32,29 @@ except ImportError:  # CPU-only installs: the torch references below do the work
     triton = None
 
 GEMV_MAX_M = 4
+TC_MIN_GROUP = 128  # the tensor-core INT4 kernel needs K tiles of at least 16 packed words per group
+USE_ASM = True  # the tensor-core INT4 kernel unpacks by inline PTX on CUDA (False: plain Triton, for comparison)
 DOT_TUNED_MAX_M = 64  # above: prefill-sized products, one fixed tile shape (autotuning each length would cost more)
-LARGE_M_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 128, "SPLIT_K": 1}
-INTERPRET_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 128, "SPLIT_K": 2}  # the interpreter cannot autotune
+LARGE_M_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 128}
+INTERPRET_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 128}  # the interpreter cannot autotune
 # Products smaller than this (weights) take SMALL_CONFIG: autotuning them costs seconds and gains microseconds.
 SMALL_WEIGHTS = 1 << 22
-SMALL_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 128, "SPLIT_K": 1}
+SMALL_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 128}
 
 
 def interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def split_k(n: int, k: int, m: int) -> int:
+    """How many programs share each output's K. Fixed by the shape alone (not autotuned), so that the partial sums'
+    shape is known before the kernel runs (torch.compile traces it): a slice of at least 1,024 of K per program,
+    at most 8 slices; none for small products (SmolLM2-sized) and prefill-sized M."""
+    if interpret():
+        return 2  # the tests then cover the sum of partials
+    if n * k < SMALL_WEIGHTS or m > DOT_TUNED_MAX_M:
+        return 1
+    return max(1, min(8, k // 1024))
 
 
 def available(device: torch.device) -> bool:
@@ -88,9 +107,9 @@ if triton is not None:
         return (bits | 0x3F800000).to(tl.float32, bitcast=True) * xi[None, :]
 
     @triton.jit
-    def _int4_gemv(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, N, K, stride_xm, stride_wn, stride_sn, stride_zn,
-                      stride_ym, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+    def _int4_gemv(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, N, K, SPLIT, stride_xm, stride_wn, stride_sn, stride_zn,
+                   stride_ys, stride_ym, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_K: tl.constexpr, STAGES: tl.constexpr = 1):
         # Tiles of (rows x packed words), nibble i of each word taken in turn as the float 1 + q/16 (three
         # instructions per weight); the activations of a block read once, contiguously, then split into the eight
         # nibble positions in registers. Zero point and scale are applied once per group, not per weight:
@@ -108,7 +127,7 @@ if triton is not None:
         rk = tl.arange(0, BLOCK_K)
         rg = tl.arange(0, G)
         acc = tl.zeros((BLOCK_N, G), dtype=tl.float32)
-        for c in range(pid_k, tl.cdiv(K, BLOCK_K), SPLIT_K):
+        for c in tl.range(pid_k, tl.cdiv(K, BLOCK_K), SPLIT, num_stages=STAGES):  # STAGES > 1: loads run ahead
             k0 = c * BLOCK_K
             wmask = (k0 + rw * 8) < K
             words = tl.load(w_ptr + rn[:, None] * stride_wn + (k0 // 8 + rw)[None, :],
@@ -135,21 +154,106 @@ if triton is not None:
             else:
                 z = tl.full((BLOCK_N, G), 8.0, tl.float32)
             acc += (16.0 * (fx - xg[None, :]) - z * xg[None, :]) * s
-        out = tl.sum(acc, axis=1)
-        if SPLIT_K == 1:
-            tl.store(y_ptr + m * stride_ym + rn, out, mask=nmask)
-        else:
-            tl.atomic_add(y_ptr + m * stride_ym + rn, out, mask=nmask)
+        tl.store(y_ptr + pid_k * stride_ys + m * stride_ym + rn, tl.sum(acc, axis=1), mask=nmask)
+
+    def _unpack_asm(magic: str) -> str:
+        # Two words per call (pack=2): `prmt` gathers bytes 0-1 (then 2-3) of both into one register, then one
+        # `lop3` per nibble position leaves (q & 0xF) | magic in each 16-bit half: 128 + q as bf16 (0x4300),
+        # 1024 + q as fp16 (0x6400), exactly. Sixteen 16-bit floats for 2 + 6 + 8 = 16 instructions.
+        lines = ["{", ".reg .b32 lo, hi, s;", "prmt.b32 lo, $8, $9, 0x5410;", "prmt.b32 hi, $8, $9, 0x7632;"]
+        for i in range(8):
+            src = "lo" if i < 4 else "hi"
+            if i % 4:
+                lines.append(f"shr.u32 s, {src}, {4 * (i % 4)};")
+                src = "s"
+            lines.append(f"lop3.b32 ${i}, {src}, 0x000F000F, {magic}, 0xEA;")
+        return "\n".join([*lines, "}"])
+
+    _UNPACK_BF16 = tl.constexpr(_unpack_asm("0x43004300"))
+    _UNPACK_FP16 = tl.constexpr(_unpack_asm("0x64006400"))
 
     @triton.jit
-    def _fp8_gemv(x_ptr, w_ptr, s_ptr, y_ptr, N, K, stride_xm, stride_wn, stride_ym,
-                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+    def _nibbles_asm(words, FP16: tl.constexpr):
+        if FP16:
+            return tl.inline_asm_elementwise(asm=_UNPACK_FP16, constraints="=r,=r,=r,=r,=r,=r,=r,=r,r,r", args=[words],
+                                             dtype=(tl.float16,) * 8, is_pure=True, pack=2)
+        return tl.inline_asm_elementwise(asm=_UNPACK_BF16, constraints="=r,=r,=r,=r,=r,=r,=r,=r,r,r", args=[words],
+                                         dtype=(tl.bfloat16,) * 8, is_pure=True, pack=2)
+
+    @triton.jit
+    def _nibble(words, NIB: tl.constexpr, DT: tl.constexpr, BASE: tl.constexpr):
+        # The same values in plain Triton (the interpreter has no PTX; its dot misreads bit-cast bf16), exact:
+        # base + q has at most 11 significant bits.
+        return (((words >> (4 * NIB)) & 0xF).to(tl.float32) + BASE).to(DT)
+
+    @triton.jit
+    def _int4_tc(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, SPLIT, stride_xm, stride_wn, stride_sn, stride_zn,
+                   stride_ys, stride_ym, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, ASM: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        # One group of K per step: its GROUP / 8 words per row, (BLOCK_N, W), rows contiguous in memory; nibble
+        # position i of every word is the weight at column k0 + 8 w + i, so eight tensor-core products of
+        # (BLOCK_N, W) x (W, BLOCK_M) cover the group with no shuffle of the weights: y^T = W x^T, the unpacked
+        # weights the first operand (measured on the H200: 1.4-2.2x faster at M=16 than with x first).
+        # The products hold sum x (base + q); the group's zero point and scale come after:
+        #   sum x (q - z) s = s (sum x (base + q) - (base + z) sum x).
+        pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        W: tl.constexpr = GROUP // 8
+        DT: tl.constexpr = x_ptr.dtype.element_ty
+        BASE: tl.constexpr = 128.0 if DT == tl.bfloat16 else (1024.0 if DT == tl.float16 else 0.0)
+        IEEE: tl.constexpr = DT == tl.float32
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mmask, nmask = rm < M, rn < N
+        rw = tl.arange(0, W)
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        for g in range(pid_k, K // GROUP, SPLIT):
+            k0 = g * GROUP
+            words = tl.load(w_ptr + rn[:, None] * stride_wn + (k0 // 8 + rw)[None, :], mask=nmask[:, None], other=0,
+                            eviction_policy="evict_first")
+            if ASM:
+                q0, q1, q2, q3, q4, q5, q6, q7 = _nibbles_asm(words, DT == tl.float16)
+            else:
+                q0, q1, q2, q3 = _nibble(words, 0, DT, BASE), _nibble(words, 1, DT, BASE), \
+                    _nibble(words, 2, DT, BASE), _nibble(words, 3, DT, BASE)
+                q4, q5, q6, q7 = _nibble(words, 4, DT, BASE), _nibble(words, 5, DT, BASE), \
+                    _nibble(words, 6, DT, BASE), _nibble(words, 7, DT, BASE)
+            part = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+            xsum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+            part, xsum = _nibble_dot(part, xsum, x_ptr, rm, mmask, stride_xm, k0, rw, q0, 0, IEEE)
+            part, xsum = _nibble_dot(part, xsum, x_ptr, rm, mmask, stride_xm, k0, rw, q1, 1, IEEE)
+            part, xsum = _nibble_dot(part, xsum, x_ptr, rm, mmask, stride_xm, k0, rw, q2, 2, IEEE)
+            part, xsum = _nibble_dot(part, xsum, x_ptr, rm, mmask, stride_xm, k0, rw, q3, 3, IEEE)
+            part, xsum = _nibble_dot(part, xsum, x_ptr, rm, mmask, stride_xm, k0, rw, q4, 4, IEEE)
+            part, xsum = _nibble_dot(part, xsum, x_ptr, rm, mmask, stride_xm, k0, rw, q5, 5, IEEE)
+            part, xsum = _nibble_dot(part, xsum, x_ptr, rm, mmask, stride_xm, k0, rw, q6, 6, IEEE)
+            part, xsum = _nibble_dot(part, xsum, x_ptr, rm, mmask, stride_xm, k0, rw, q7, 7, IEEE)
+            sc = tl.load(s_ptr + rn * stride_sn + g, mask=nmask, other=0).to(tl.float32)
+            if HAS_ZERO:
+                z = tl.load(z_ptr + rn * stride_zn + g, mask=nmask, other=8).to(tl.float32) + BASE
+            else:
+                z = tl.full((BLOCK_N,), 8.0 + BASE, tl.float32)
+            acc += (part - z[:, None] * xsum[None, :]) * sc[:, None]
+        tl.store(y_ptr + pid_k * stride_ys + rm[None, :] * stride_ym + rn[:, None], acc,
+                 mask=mmask[None, :] & nmask[:, None])
+
+    @triton.jit
+    def _nibble_dot(acc, xsum, x_ptr, rm, mmask, stride_xm, k0, rw, q, NIB: tl.constexpr, IEEE: tl.constexpr):
+        xi = tl.load(x_ptr + rm[None, :] * stride_xm + (k0 + rw * 8 + NIB)[:, None], mask=mmask[None, :], other=0.0)
+        if IEEE:
+            acc = tl.dot(q, xi, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(q, xi, acc)
+        return acc, xsum + tl.sum(xi.to(tl.float32), axis=0)
+
+    @triton.jit
+    def _fp8_gemv(x_ptr, w_ptr, s_ptr, y_ptr, N, K, SPLIT, stride_xm, stride_wn, stride_ys, stride_ym,
+                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr = 1):
         pid_n, pid_k, m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         nmask = rn < N
         rk = tl.arange(0, BLOCK_K)
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-        for c in range(pid_k, tl.cdiv(K, BLOCK_K), SPLIT_K):
+        for c in tl.range(pid_k, tl.cdiv(K, BLOCK_K), SPLIT, num_stages=STAGES):
             k0 = c * BLOCK_K
             kmask = (k0 + rk) < K
             w = tl.load(w_ptr + rn[:, None] * stride_wn + (k0 + rk)[None, :], mask=nmask[:, None] & kmask[None, :],
@@ -157,24 +261,21 @@ if triton is not None:
             x = tl.load(x_ptr + m * stride_xm + k0 + rk, mask=kmask, other=0.0).to(tl.float32)
             acc += w.to(tl.float32) * x[None, :]
         out = tl.sum(acc, axis=1) * tl.load(s_ptr + rn, mask=nmask, other=0.0).to(tl.float32)
-        if SPLIT_K == 1:
-            tl.store(y_ptr + m * stride_ym + rn, out, mask=nmask)
-        else:
-            tl.atomic_add(y_ptr + m * stride_ym + rn, out, mask=nmask)
+        tl.store(y_ptr + pid_k * stride_ys + m * stride_ym + rn, out, mask=nmask)
 
     @triton.jit
-    def _wq_dot(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_sn, stride_zn, stride_ym,
-                INT4: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, BLOCK_M: tl.constexpr,
-                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
-        # Weight tiles are loaded K-major, (BLOCK_K, BLOCK_N), so tl.dot needs no transpose. INT4: one dot per
-        # nibble position i, on the columns k = 8 j + i (no reshapes), each tile dequantized in registers.
-        # A last block past K is masked.
+    def _wq_dot(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, SPLIT, stride_xm, stride_wn, stride_sn, stride_zn,
+                stride_ys, stride_ym, INT4: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        # Weight tiles are loaded K-major, (BLOCK_K, BLOCK_N), so tl.dot needs no transpose. INT4 (groups below
+        # TC_MIN_GROUP): one dot per nibble position i, on the columns k = 8 j + i (no reshapes), each tile
+        # dequantized in registers. A last block past K is masked.
         pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         mmask, nmask = rm < M, rn < N
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for c in range(pid_k, tl.cdiv(K, BLOCK_K), SPLIT_K):
+        for c in range(pid_k, tl.cdiv(K, BLOCK_K), SPLIT):
             k0 = c * BLOCK_K
             if INT4:
                 W: tl.constexpr = BLOCK_K // 8
@@ -208,47 +309,41 @@ if triton is not None:
                 acc += tl.dot(x, w.to(x.dtype), out_dtype=tl.float32)  # E4M3 values are exact in bf16 / fp16
         if not INT4:
             acc = acc * tl.load(s_ptr + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
-        ptrs = y_ptr + rm[:, None] * stride_ym + rn[None, :]
-        if SPLIT_K == 1:
-            tl.store(ptrs, acc, mask=mmask[:, None] & nmask[None, :])
-        else:
-            tl.atomic_add(ptrs, acc, mask=mmask[:, None] & nmask[None, :])
+        tl.store(y_ptr + pid_k * stride_ys + rm[:, None] * stride_ym + rn[None, :], acc,
+                 mask=mmask[:, None] & nmask[None, :])
 
     def _gemv_configs():
         # Enough programs in flight matter most at one token: a 4096-row product in 64-row blocks is 64 programs
-        # for 132 multiprocessors. Small row blocks and K split across programs fill the card.
-        return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk}, num_warps=nw)
-                for bn, nw in ((8, 1), (16, 2), (32, 4), (64, 4)) for bk in (256, 512) for sk in (2, 4, 8)]
+        # for 132 multiprocessors. Small row blocks (and K split across programs, split_k) fill the card.
+        return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "STAGES": st}, num_warps=nw)
+                for bn, nw in ((8, 1), (16, 2), (32, 4), (64, 4)) for bk in (256, 512) for st in (1, 3)]
 
     def _fp8_gemv_configs():
         # The FP8 GEMV keeps a (BLOCK_N, BLOCK_K) float32 accumulator (one reduction at the end): 64 per thread.
-        return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk}, num_warps=nw)
-                for bn, bk, nw in ((16, 256, 2), (16, 512, 4), (32, 256, 4), (32, 512, 8), (64, 128, 4))
-                for sk in (1, 4, 8)]
+        return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "STAGES": st}, num_warps=nw)
+                for bn, bk, nw in ((8, 256, 1), (16, 256, 2), (16, 512, 4), (32, 256, 4), (32, 512, 8),
+                                   (64, 128, 4)) for st in (1, 3)]
+
+    def _tc_configs():
+        return [triton.Config({"BLOCK_N": bn}, num_warps=nw, num_stages=ns)
+                for bn in (64, 128) for nw in (4, 8) for ns in (2, 3, 4)]
 
     def _dot_configs():
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk}, num_warps=4,
-                              num_stages=3)
-                for bn in (32, 64, 128) for bk in (128, 256) for sk in (1, 2, 4, 8)]
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=4, num_stages=3)
+                for bn in (32, 64, 128) for bk in (128, 256)]
 
     def _prune_gemv(configs, named_args, **kwargs):
-        """Configs whose K block holds whole groups (the INT4 GEMV applies scales per group) and whose split of K
-        leaves every program some blocks (a last block past K is masked)."""
-        k, group = named_args["K"], kwargs.get("GROUP", 1)
-        ok = [c for c in configs if c.kwargs["BLOCK_K"] % group == 0
-              and c.kwargs["SPLIT_K"] <= triton.cdiv(k, c.kwargs["BLOCK_K"])]
-        return ok or [triton.Config({**configs[0].kwargs, "BLOCK_K": group, "SPLIT_K": 1}, num_warps=4)]
-
-    def _prune_dot(configs, named_args, **kwargs):
-        k = named_args["K"]
-        return [c for c in configs if c.kwargs["SPLIT_K"] <= triton.cdiv(k, c.kwargs["BLOCK_K"])] or configs[:1]
+        """Configs whose K block holds whole groups (the INT4 GEMV applies scales per group)."""
+        group = kwargs.get("GROUP", 1)
+        ok = [c for c in configs if c.kwargs["BLOCK_K"] % group == 0]
+        return ok or [triton.Config({**configs[0].kwargs, "BLOCK_K": group}, num_warps=4)]
 
     _TUNED: dict[str, object] = {}
 
-    def _tuned(name: str, kernel, configs, key, prune):
+    def _tuned(name: str, kernel, configs, key, prune=None):
         if name not in _TUNED:
-            _TUNED[name] = triton.autotune(configs=configs(), key=key, reset_to_zero=["y_ptr"],
-                                           prune_configs_by={"early_config_prune": prune})(kernel)
+            _TUNED[name] = triton.autotune(configs=configs(), key=key,
+                                           prune_configs_by={"early_config_prune": prune} if prune else None)(kernel)
         return _TUNED[name]
 
 
@@ -269,71 +364,108 @@ def _check_group(k: int, group: int) -> None:
         raise ValueError(f"the INT4 kernels need a power-of-two group of at least 8 that divides K (group {group}, "
                          f"K={k})")
 
-def int4_matmul(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, group: int,
-                config: dict | None = None) -> torch.Tensor:
-    """x (M, K) @ dequant(int4)^T -> (M, N) in x's dtype, by the Triton kernels. `config` fixes the launch
-    parameters (tests, interpreter); otherwise they are autotuned."""
+
+def _partials(m: int, n: int, split: int, device: torch.device) -> torch.Tensor:
+    # Every (slice, row, column) is written by exactly one program: no zero-fill.
+    return torch.empty((split, m, n), device=device, dtype=torch.float32)
+
+
+def int4_partials(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
+                  group: int, config: dict | None = None, path: str | None = None) -> torch.Tensor:
+    """x (M, K) @ dequant(int4)^T as (split_k, M, N) float32 partial sums (their sum is the product). `config`
+    fixes the launch parameters (tests, interpreter), otherwise autotuned; `path` ("tc", "gemv", "dot") forces a
+    kernel (tests, benchmarks), otherwise: gemv up to GEMV_MAX_M rows, above it tc for groups of at least
+    TC_MIN_GROUP, else dot."""
     m, k = x.shape
     n = packed.shape[0]
     _check_group(k, group)
     config = config or _default_config(n, k)
-    y = torch.zeros((m, n), device=x.device, dtype=torch.float32)
+    split = split_k(n, k, m)
+    y = _partials(m, n, split, x.device)
     z = zero if zero is not None else scale  # never read without HAS_ZERO
     args = (x, packed, scale, z, y)
-    if m <= GEMV_MAX_M:
-        strides = (x.stride(0), packed.stride(0), scale.stride(0), z.stride(0), y.stride(0))
+    path = path or ("gemv" if m <= GEMV_MAX_M else "tc" if group >= TC_MIN_GROUP else "dot")
+    if path == "tc":
+        bm = 16 if m <= 16 else 32 if m <= 32 else 64
+        strides = (x.stride(0), packed.stride(0), scale.stride(0), z.stride(0), y.stride(0), y.stride(1))
+        asm = USE_ASM and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
+        if config is None and m <= DOT_TUNED_MAX_M:
+            kern = _tuned("int4_tc", _int4_tc, _tc_configs, ["N", "K", "GROUP", "BLOCK_M", "ASM"])
+            kern[lambda c: (triton.cdiv(n, c["BLOCK_N"]), split, triton.cdiv(m, bm))](
+                *args, m, n, k, split, *strides, GROUP=group, HAS_ZERO=zero is not None, ASM=asm, BLOCK_M=bm)
+        else:
+            bn = (config or LARGE_M_CONFIG)["BLOCK_N"]
+            bm = (config or LARGE_M_CONFIG).get("BLOCK_M", bm)
+            _int4_tc[(triton.cdiv(n, bn), split, triton.cdiv(m, bm))](
+                *args, m, n, k, split, *strides, GROUP=group, HAS_ZERO=zero is not None, ASM=asm, BLOCK_M=bm,
+                BLOCK_N=bn)
+    elif path == "gemv":
+        strides = (x.stride(0), packed.stride(0), scale.stride(0), z.stride(0), y.stride(0), y.stride(1))
         if config is None:
             kern = _tuned("int4_gemv", _int4_gemv, _gemv_configs, ["N", "K", "GROUP"], _prune_gemv)
-            kern[lambda c: (triton.cdiv(n, c["BLOCK_N"]), c["SPLIT_K"], m)](
-                *args, n, k, *strides, GROUP=group, HAS_ZERO=zero is not None)
+            kern[lambda c: (triton.cdiv(n, c["BLOCK_N"]), split, m)](
+                *args, n, k, split, *strides, GROUP=group, HAS_ZERO=zero is not None)
         else:
             bk = _pick_block_k(group, config.get("BLOCK_K", 128))
-            _int4_gemv[(triton.cdiv(n, config["BLOCK_N"]), config["SPLIT_K"], m)](
-                *args, n, k, *strides, GROUP=group, HAS_ZERO=zero is not None, BLOCK_N=config["BLOCK_N"],
-                BLOCK_K=bk, SPLIT_K=config["SPLIT_K"])
+            _int4_gemv[(triton.cdiv(n, config["BLOCK_N"]), split, m)](
+                *args, n, k, split, *strides, GROUP=group, HAS_ZERO=zero is not None, BLOCK_N=config["BLOCK_N"],
+                BLOCK_K=bk)
     else:
         _dot(x, packed, scale, z, y, True, group, zero is not None, config)
-    return y.to(x.dtype)
+    return y
+
+
+def int4_matmul(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, group: int,
+                config: dict | None = None, path: str | None = None) -> torch.Tensor:
+    """x (M, K) @ dequant(int4)^T -> (M, N) in x's dtype, by the Triton kernels (int4_partials, summed)."""
+    return int4_partials(x, packed, scale, zero, group, config, path).sum(0).to(x.dtype)
+
+
+def fp8_partials(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, config: dict | None = None
+                 ) -> torch.Tensor:
+    """x (M, K) @ (weight * scale)^T as (split_k, M, N) float32 partial sums, weight-only: x stays in its dtype."""
+    m, k = x.shape
+    n = weight.shape[0]
+    config = config or _default_config(n, k)
+    split = split_k(n, k, m)
+    y = _partials(m, n, split, x.device)
+    s = scale.reshape(-1).to(torch.float32).contiguous()
+    if m <= GEMV_MAX_M:
+        strides = (x.stride(0), weight.stride(0), y.stride(0), y.stride(1))
+        if config is None:
+            kern = _tuned("fp8_gemv", _fp8_gemv, _fp8_gemv_configs, ["N", "K"])
+            kern[lambda c: (triton.cdiv(n, c["BLOCK_N"]), split, m)](x, weight, s, y, n, k, split, *strides)
+        else:
+            bk = config.get("BLOCK_K", 128)
+            _fp8_gemv[(triton.cdiv(n, config["BLOCK_N"]), split, m)](
+                x, weight, s, y, n, k, split, *strides, BLOCK_N=config["BLOCK_N"], BLOCK_K=bk)
+    else:
+        _dot(x, weight, s, s, y, False, 1, False, config)
+    return y
 
 
 def fp8_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, config: dict | None = None
                ) -> torch.Tensor:
-    """x (M, K) @ (weight * scale)^T, weight-only: x stays in its dtype (no activation quantization)."""
-    m, k = x.shape
-    n = weight.shape[0]
-    config = config or _default_config(n, k)
-    y = torch.zeros((m, n), device=x.device, dtype=torch.float32)
-    s = scale.reshape(-1).to(torch.float32).contiguous()
-    if m <= GEMV_MAX_M:
-        strides = (x.stride(0), weight.stride(0), y.stride(0))
-        if config is None:
-            kern = _tuned("fp8_gemv", _fp8_gemv, _fp8_gemv_configs, ["N", "K"], _prune_gemv)
-            kern[lambda c: (triton.cdiv(n, c["BLOCK_N"]), c["SPLIT_K"], m)](x, weight, s, y, n, k, *strides)
-        else:
-            bk = config.get("BLOCK_K", 128)
-            _fp8_gemv[(triton.cdiv(n, config["BLOCK_N"]), config["SPLIT_K"], m)](
-                x, weight, s, y, n, k, *strides, BLOCK_N=config["BLOCK_N"], BLOCK_K=bk, SPLIT_K=config["SPLIT_K"])
-    else:
-        _dot(x, weight, s, s, y, False, 1, False, config)
-    return y.to(x.dtype)
+    """x (M, K) @ (weight * scale)^T -> (M, N) in x's dtype (fp8_partials, summed)."""
+    return fp8_partials(x, weight, scale, config).sum(0).to(x.dtype)
 
 
 def _dot(x, w, s, z, y, int4: bool, group: int, has_zero: bool, config: dict | None) -> None:
     m, k = x.shape
-    n = w.shape[0]
-    strides = (x.stride(0), w.stride(0), s.stride(0), z.stride(0), y.stride(0))
+    n, split = w.shape[0], y.shape[0]
+    strides = (x.stride(0), w.stride(0), s.stride(0), z.stride(0), y.stride(0), y.stride(1))
     if config is None and m > DOT_TUNED_MAX_M:
         config = LARGE_M_CONFIG
     if config is None:
-        kern = _tuned("wq_dot", _wq_dot, _dot_configs, ["N", "K", "INT4", "GROUP", "M"], _prune_dot)
-        kern[lambda c: (triton.cdiv(n, c["BLOCK_N"]), c["SPLIT_K"], triton.cdiv(m, c["BLOCK_M"]))](
-            x, w, s, z, y, m, n, k, *strides, INT4=int4, GROUP=group, HAS_ZERO=has_zero)
+        kern = _tuned("wq_dot", _wq_dot, _dot_configs, ["N", "K", "INT4", "GROUP", "M"])
+        kern[lambda c: (triton.cdiv(n, c["BLOCK_N"]), split, triton.cdiv(m, c["BLOCK_M"]))](
+            x, w, s, z, y, m, n, k, split, *strides, INT4=int4, GROUP=group, HAS_ZERO=has_zero)
     else:
         bk = config.get("BLOCK_K", 128)  # tl.dot on BLOCK_K / 8 columns per nibble: at least 128
-        bm, bn, sk = config["BLOCK_M"], config["BLOCK_N"], config["SPLIT_K"]
-        _wq_dot[(triton.cdiv(n, bn), sk, triton.cdiv(m, bm))](
-            x, w, s, z, y, m, n, k, *strides, INT4=int4, GROUP=group, HAS_ZERO=has_zero, BLOCK_M=bm, BLOCK_N=bn,
-            BLOCK_K=bk, SPLIT_K=sk)
+        bm, bn = config["BLOCK_M"], config["BLOCK_N"]
+        _wq_dot[(triton.cdiv(n, bn), split, triton.cdiv(m, bm))](
+            x, w, s, z, y, m, n, k, split, *strides, INT4=int4, GROUP=group, HAS_ZERO=has_zero, BLOCK_M=bm,
+            BLOCK_N=bn, BLOCK_K=bk)
 
 
 def fp8_scaled_mm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -342,3 +474,195 @@ def fp8_scaled_mm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) ->
     xq, xs = quantize_fp8_per_token(x)
     return torch._scaled_mm(xq, weight.t(), scale_a=xs, scale_b=scale.reshape(1, -1).to(torch.float32),
                             out_dtype=x.dtype)
+
+
+# -- decode attention -----------------------------------------------------------------------------------------
+
+if triton is not None:
+
+    @triton.jit
+    def _load_head(p_ptr, S: tl.constexpr, stride_ps, base, r):
+        # One head's columns of the q/k/v product: the sum of its partial slices (unrolled: loads in parallel).
+        v = tl.load(p_ptr + base + r).to(tl.float32)
+        for s in tl.static_range(1, S):
+            v += tl.load(p_ptr + s * stride_ps + base + r).to(tl.float32)
+        return v
+
+    @triton.jit
+    def _decode_attention(p_ptr, kc_ptr, vc_ptr, cos_ptr, sin_ptr, pos_ptr, out_ptr, S: tl.constexpr, stride_ps,
+                          stride_pb,
+                          stride_cb, stride_ch, stride_cl, stride_ob, stride_cos, sm_scale, NH: tl.constexpr,
+                          NKV: tl.constexpr, HD: tl.constexpr, BLOCK_L: tl.constexpr):
+        # One program per (sequence, query head). Rotary on q and the new k (rotate-half form: cos/sin tables hold
+        # the same frequencies in both halves), the new k and v written to the cache at `pos` by the first query
+        # head of each KV head, then softmax(q K^T / sqrt(d)) V over positions 0..pos-1 of the cache and the new
+        # token (from registers, as rounded for the cache: nothing is read back that this launch wrote).
+        b, h = tl.program_id(0), tl.program_id(1)
+        HALF: tl.constexpr = HD // 2
+        kvh = h // (NH // NKV)
+        r = tl.arange(0, HALF)
+        pos = tl.load(pos_ptr)
+        cos = tl.load(cos_ptr + pos * stride_cos + r).to(tl.float32)
+        sin = tl.load(sin_ptr + pos * stride_cos + r).to(tl.float32)
+        row = b * stride_pb
+        q1 = _load_head(p_ptr, S, stride_ps, row + h * HD, r)
+        q2 = _load_head(p_ptr, S, stride_ps, row + h * HD + HALF, r)
+        q1, q2 = (q1 * cos - q2 * sin) * sm_scale, (q2 * cos + q1 * sin) * sm_scale
+        k1 = _load_head(p_ptr, S, stride_ps, row + (NH + kvh) * HD, r)
+        k2 = _load_head(p_ptr, S, stride_ps, row + (NH + kvh) * HD + HALF, r)
+        kdt = kc_ptr.dtype.element_ty
+        k1, k2 = (k1 * cos - k2 * sin).to(kdt), (k2 * cos + k1 * sin).to(kdt)
+        v1 = _load_head(p_ptr, S, stride_ps, row + (NH + NKV + kvh) * HD, r).to(kdt)
+        v2 = _load_head(p_ptr, S, stride_ps, row + (NH + NKV + kvh) * HD + HALF, r).to(kdt)
+        cache = b * stride_cb + kvh * stride_ch
+        if h % (NH // NKV) == 0:
+            at = cache + pos * stride_cl
+            tl.store(kc_ptr + at + r, k1)
+            tl.store(kc_ptr + at + HALF + r, k2)
+            tl.store(vc_ptr + at + r, v1)
+            tl.store(vc_ptr + at + HALF + r, v2)
+        # the new token first: a finite running maximum from the start
+        m = tl.sum(k1.to(tl.float32) * q1, 0) + tl.sum(k2.to(tl.float32) * q2, 0)
+        den = m * 0.0 + 1.0
+        acc1, acc2 = v1.to(tl.float32), v2.to(tl.float32)
+        rl = tl.arange(0, BLOCK_L)
+        for l0 in range(0, pos, BLOCK_L):
+            lmask = (l0 + rl) < pos
+            at = cache + (l0 + rl)[:, None] * stride_cl + r[None, :]
+            kb1 = tl.load(kc_ptr + at, mask=lmask[:, None], other=0.0).to(tl.float32)
+            kb2 = tl.load(kc_ptr + at + HALF, mask=lmask[:, None], other=0.0).to(tl.float32)
+            s = tl.sum(kb1 * q1[None, :], 1) + tl.sum(kb2 * q2[None, :], 1)
+            s = tl.where(lmask, s, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, 0))
+            alpha = tl.exp(m - m_new)
+            p = tl.exp(s - m_new)
+            vb1 = tl.load(vc_ptr + at, mask=lmask[:, None], other=0.0).to(tl.float32)
+            vb2 = tl.load(vc_ptr + at + HALF, mask=lmask[:, None], other=0.0).to(tl.float32)
+            den = den * alpha + tl.sum(p, 0)
+            acc1 = acc1 * alpha + tl.sum(p[:, None] * vb1, 0)
+            acc2 = acc2 * alpha + tl.sum(p[:, None] * vb2, 0)
+            m = m_new
+        o = out_ptr + b * stride_ob + h * HD
+        tl.store(o + r, acc1 / den)
+        tl.store(o + HALF + r, acc2 / den)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _rotated(p_ptr, S: tl.constexpr, stride_ps, base, rd, cos, sin, sign, HALF: tl.constexpr, mask):
+        # Rows of heads (base: one offset per row) summed over the partial slices, rotary applied in float32:
+        # x cos + rotate_half(x) sin, rotate_half(x) = (-x[HALF:], x[:HALF]).
+        partner = (rd + HALF) % (2 * HALF)
+        x = tl.load(p_ptr + base[:, None] + rd[None, :], mask=mask, other=0.0).to(tl.float32)
+        y = tl.load(p_ptr + base[:, None] + partner[None, :], mask=mask, other=0.0).to(tl.float32)
+        for s in tl.static_range(1, S):
+            x += tl.load(p_ptr + s * stride_ps + base[:, None] + rd[None, :], mask=mask, other=0.0).to(tl.float32)
+            y += tl.load(p_ptr + s * stride_ps + base[:, None] + partner[None, :], mask=mask,
+                         other=0.0).to(tl.float32)
+        return x * cos[None, :] + sign[None, :] * y * sin[None, :]
+
+    @triton.jit
+    def _decode_attention_dot(p_ptr, kc_ptr, vc_ptr, cos_ptr, sin_ptr, pos_ptr, out_ptr, S: tl.constexpr, stride_ps,
+                              stride_pb, stride_cb, stride_ch, stride_cl, stride_ob, stride_cos, sm_scale,
+                              NH: tl.constexpr, NKV: tl.constexpr, HD: tl.constexpr, BLOCK_L: tl.constexpr):
+        # One program per (sequence, KV head): its query heads as the rows of a 16-row tile (padded), so the
+        # cache is read once per group and q K^T, P V are tensor-core products.
+        b, kvh = tl.program_id(0), tl.program_id(1)
+        G: tl.constexpr = NH // NKV
+        BLOCK_G: tl.constexpr = 16
+        HALF: tl.constexpr = HD // 2
+        kdt = kc_ptr.dtype.element_ty
+        rg = tl.arange(0, BLOCK_G)
+        rd = tl.arange(0, HD)
+        gmask = rg < G
+        pos = tl.load(pos_ptr)
+        cos = tl.load(cos_ptr + pos * stride_cos + rd).to(tl.float32)
+        sin = tl.load(sin_ptr + pos * stride_cos + rd).to(tl.float32)
+        sign = tl.where(rd < HALF, -1.0, 1.0)
+        row = b * stride_pb
+        q = _rotated(p_ptr, S, stride_ps, row + (kvh * G + rg) * HD, rd, cos, sin, sign, HALF, gmask[:, None])
+        q = q * sm_scale
+        one = rg < 1
+        k = _rotated(p_ptr, S, stride_ps, row + (NH + kvh) * HD + rg * 0, rd, cos, sin, sign, HALF, one[:, None])
+        v = tl.load(p_ptr + row + (NH + NKV + kvh) * HD + rd).to(tl.float32)
+        for s in tl.static_range(1, S):
+            v += tl.load(p_ptr + s * stride_ps + row + (NH + NKV + kvh) * HD + rd).to(tl.float32)
+        k = tl.sum(k, 0).to(kdt)  # row 0 only (the others masked to zero)
+        v = v.to(kdt)
+        cache = b * stride_cb + kvh * stride_ch
+        tl.store(kc_ptr + cache + pos * stride_cl + rd, k)
+        tl.store(vc_ptr + cache + pos * stride_cl + rd, v)
+        m = tl.sum(q * k.to(tl.float32)[None, :], 1)  # the new token's scores: a finite running maximum
+        den = m * 0.0 + 1.0
+        acc = tl.zeros((BLOCK_G, HD), tl.float32) + v.to(tl.float32)[None, :]
+        qd = q.to(kdt)
+        rl = tl.arange(0, BLOCK_L)
+        for l0 in range(0, pos, BLOCK_L):
+            lmask = (l0 + rl) < pos
+            at = cache + (l0 + rl)[:, None] * stride_cl + rd[None, :]
+            kb = tl.load(kc_ptr + at, mask=lmask[:, None], other=0.0)
+            vb = tl.load(vc_ptr + at, mask=lmask[:, None], other=0.0)
+            sc = tl.dot(qd, tl.trans(kb))
+            sc = tl.where(lmask[None, :], sc, float("-inf"))
+            m_new = tl.maximum(m, tl.max(sc, 1))
+            alpha = tl.exp(m - m_new)
+            p = tl.exp(sc - m_new[:, None])
+            den = den * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(kdt), vb)
+            m = m_new
+        o = out_ptr + b * stride_ob + (kvh * G + rg)[:, None] * HD + rd[None, :]
+        tl.store(o, acc / den[:, None], mask=gmask[:, None])
+
+
+# Measured on the H200 (BENCHMARKS.md), Llama-2-7B heads, 160 cached positions: 64-position blocks at batch 1
+# (6.2-6.5 us), 32 at batch 16 (13.9-14.6 us; 64: 18.6-20.1 us), 4 warps; the loop kernel (no tensor cores)
+# 6.7-7.2 / 15.6-17.3 us. `kernel` "loop" selects it (tests).
+ATTENTION = {"kernel": "dot", "num_warps": 4}
+
+
+def decode_attention(qkv: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                     pos: torch.Tensor, n_heads: int, n_kv: int) -> torch.Tensor:
+    """One decode step's attention from the q/k/v product's partial sums `qkv` (S, B, (n_heads + 2 n_kv) d):
+    rotary at position `pos` (a 0-d device tensor), the new k and v written into the caches (B, n_kv, L, d) at
+    `pos`, attention over positions 0..pos. Returns (B, n_heads d) in the caches' dtype."""
+    s, b, _ = qkv.shape
+    hd = kc.shape[-1]
+    if hd & (hd - 1) or hd < 32 or n_heads % n_kv:
+        raise ValueError(f"decode attention needs a power-of-two head size of at least 32 (got {hd}) and whole "
+                         f"query groups ({n_heads} heads, {n_kv} KV heads)")
+    out = torch.empty((b, n_heads * hd), device=qkv.device, dtype=kc.dtype)
+    args = (qkv, kc, vc, cos, sin, pos, out, s, qkv.stride(0), qkv.stride(1), kc.stride(0), kc.stride(1),
+            kc.stride(2), out.stride(0), cos.stride(0), hd ** -0.5)
+    how = ATTENTION
+    block_l = how.get("BLOCK_L") or (64 if b <= 4 else 32)
+    if how["kernel"] == "dot" and n_heads // n_kv <= 16:
+        _decode_attention_dot[(b, n_kv)](*args, NH=n_heads, NKV=n_kv, HD=hd, BLOCK_L=block_l,
+                                         num_warps=how["num_warps"])
+    else:
+        _decode_attention[(b, n_heads)](*args, NH=n_heads, NKV=n_kv, HD=hd, BLOCK_L=block_l,
+                                        num_warps=how["num_warps"])
+    return out
+
+
+def decode_attention_reference(qkv: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, cos: torch.Tensor,
+                               sin: torch.Tensor, pos: int, n_heads: int, n_kv: int) -> torch.Tensor:
+    """The same step in plain torch, float64 (tests): returns the output and leaves the caches updated."""
+    b = qkv.shape[1]
+    hd = kc.shape[-1]
+    x = qkv.double().sum(0)
+    q = x[:, : n_heads * hd].view(b, n_heads, hd)
+    k = x[:, n_heads * hd : (n_heads + n_kv) * hd].view(b, n_kv, hd)
+    v = x[:, (n_heads + n_kv) * hd :].view(b, n_kv, hd)
+    c, s = cos[pos].double(), sin[pos].double()
+
+    def rot(t):
+        return t * c + torch.cat((-t[..., hd // 2 :], t[..., : hd // 2]), -1) * s
+
+    q, k = rot(q), rot(k)
+    kc[:, :, pos] = k.to(kc.dtype)
+    vc[:, :, pos] = v.to(vc.dtype)
+    keys = kc[:, :, : pos + 1].double().repeat_interleave(n_heads // n_kv, 1)
+    vals = vc[:, :, : pos + 1].double().repeat_interleave(n_heads // n_kv, 1)
+    att = torch.softmax((q[:, :, None] @ keys.transpose(-1, -2)) / hd ** 0.5, -1) @ vals
+    return att.reshape(b, n_heads * hd)

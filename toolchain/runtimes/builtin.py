@@ -543,6 +543,14 @@ def time_batch(model: Model, batch: int, input_len: int, output_len: int, iterat
 
 def compile_blocks(model: Model) -> str:
     """torch.compile each decoder block (one compiled graph serves every layer); returns what was done."""
+    # Dynamo caches compiled graphs per function, and `_block` is one function for every model in the process:
+    # each model (linear kinds, partial-sum splits), the first block (no previous output) and batch sizes add
+    # variants. The default limit of 8 was reached by the third model of one process on the H200 (2026-11-30),
+    # which then ran eager; 64 covers a build's targets.
+    dynamo = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit", "accumulated_cache_size_limit"):
+        if hasattr(dynamo, name):
+            setattr(dynamo, name, max(getattr(dynamo, name), 64 if "accumulated" not in name else 512))
     try:
         model.block = torch.compile(model._block, dynamic=True, fullgraph=False)  # one graph for every batch size
         return f"torch.compile (inductor, torch {torch.__version__})"

@@ -1,15 +1,18 @@
 """Our built-in GPU runtime: a Llama-style decoder running a checkpoint's own bytes, built to sit near the memory
 bandwidth limit at small batch.
 
-- Static KV cache (batch, kv_heads, input_len + output_len, head_dim); attention over it with a position mask.
+- Static KV cache (batch, kv_heads, input_len + output_len, head_dim).
 - Decode: each decoder block compiled once by torch.compile (every block has the same shapes, the weights are
   arguments), the whole step (embedding, 32 blocks, lm_head, greedy argmax, position + 1) captured in one CUDA
-  graph and replayed per token.
+  graph and replayed per token. Per block: the Triton linears return per-program partial sums whose sum fuses
+  into the next elementwise kernel; one Triton kernel does rotary, the cache write and attention from the q/k/v
+  product's partial sums; the MLP output is added to the stream in the next block's first norm.
 - Linears by kind (toolchain.runtimes.weights): bf16 by cuBLAS; INT4 W4A16 and FP8 weight-only by the Triton
   kernels of toolchain.runtimes.kernels (packed weights read once, dequantized in registers); FP8 with more than
   `fp8_weight_only_max_m` rows (prefill, large batches) as the checkpoint asks: dynamic per-token FP8 activations
   by torch._scaled_mm.
-- `use_kernels=False` is the reference: the same model in float32 from the same stored bytes, plain torch.
+- `use_kernels=False` is the reference: the same model in float32 from the same stored bytes, plain torch
+  (SDPA attention), which `block_errors` compares block by block.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ the cast fuse into the next elementwise kernel: no zero-fill, no atomics, no sep
            or per row (fp8). Reads every packed byte once per token.
   int4_tc  larger M, INT4 groups of at least 128 (16 packed words): each nibble position unpacked to 16-bit
            floats (128 + q in bf16, 1024 + q in fp16: an and-or per two weights, `lop3` in PTX), multiplied on
-           the tensor cores, zero point and scale applied once per group. At M=16 on the H200 1.5-2.3x faster
+           the tensor cores, zero point and scale applied once per group. At M=16 on the H200 1.4-2.3x faster
            than dot; at M=1 7-80% slower than gemv (BENCHMARKS.md).
   dot      larger M otherwise: tiles dequantized to the activation dtype in registers, then tl.dot.
 Autotuned per (N, K) on the GPU. TRITON_INTERPRET=1 runs the same kernels on the CPU (tests).
@@ -188,8 +188,8 @@ if triton is not None:
 
     @triton.jit
     def _int4_tc(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, SPLIT, stride_xm, stride_wn, stride_sn, stride_zn,
-                   stride_ys, stride_ym, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, ASM: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                 stride_ys, stride_ym, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, ASM: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         # One group of K per step: its GROUP / 8 words per row, (BLOCK_N, W), rows contiguous in memory; nibble
         # position i of every word is the weight at column k0 + 8 w + i, so eight tensor-core products of
         # (BLOCK_N, W) x (W, BLOCK_M) cover the group with no shuffle of the weights: y^T = W x^T, the unpacked

@@ -221,8 +221,10 @@ def main() -> int:
 
     from toolchain.runtimes.builtin import (
         Model,
+        blocks_after,
         card_info,
         compile_blocks,
+        compile_fallbacks,
         copy_bandwidth_gbs,
         logits_check,
         time_batch,
@@ -266,6 +268,7 @@ def main() -> int:
             f"{check['blocks']['prefill_max_rel_err']:.2e}, decode {check['blocks']['decode_max_rel_err']:.2e}")
         t0 = time.perf_counter()
         how = compile_blocks(model)
+        fallbacks = compile_fallbacks()
         rows = []
         for b in settings["batch_sizes"]:
             try:
@@ -274,7 +277,7 @@ def main() -> int:
                 log(f"  batch {b}: compiled blocks failed ({type(e).__name__}: {str(e)[:300]}); eager blocks")
                 model.block, how = model._block, f"eager (compile failed: {type(e).__name__})"
                 r = time_batch(model, b, a.input_len, a.output_len, a.iterations, copy_gbs)
-            r["blocks"] = how
+            r["blocks"] = how = blocks_after(how, fallbacks)
             rows.append(r)
             log(f"  batch {b}: decode {r['decode_tok_s']:.1f} tok/s, ITL p50 {r['itl_ms_p50']:.3f} ms p99 "
                 f"{r['itl_ms_p99']:.3f}, TTFT {r['ttft_ms']:.1f} ms, {r['effective_bandwidth_gbs']:.0f} GB/s "

@@ -174,6 +174,27 @@ def test_block_check_catches_a_kernel_that_skips_the_end_of_k(exports, monkeypat
     assert not builtin.logits_check(model, tokens=8)["passed"]
 
 
+def test_a_compiled_block_that_dynamo_runs_eagerly_is_reported_as_eager(monkeypatch):
+    """Past its recompile limit dynamo runs a frame uncompiled and only logs a warning (an FP8 model after two
+    others did on the H200): the report must then not say torch.compile."""
+    import torch._dynamo
+
+    from toolchain.runtimes import builtin
+
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+
+    def step(x, d):
+        return x * 2 if d is None else x + d
+
+    compiled = torch.compile(step, backend="eager", dynamic=True)
+    how = "torch.compile (inductor)"
+    before = builtin.compile_fallbacks()
+    compiled(torch.ones(3), None)
+    assert builtin.blocks_after(how, before) == how  # compiled once: within the limit
+    compiled(torch.ones(3), torch.ones(3))  # a second variant: past a limit of 1
+    assert builtin.blocks_after(how, before).startswith("eager"), builtin.compile_fallbacks()
+
+
 def test_zero_point_unpacking_matches_compressed_tensors():
     from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
 

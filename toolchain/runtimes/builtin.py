@@ -562,6 +562,24 @@ def compile_blocks(model: Model) -> str:
         return f"eager (torch.compile unavailable: {type(e).__name__}: {e})"
 
 
+def compile_fallbacks() -> int:
+    """How many times dynamo has given up on a frame for its recompile limit in this process. It then runs the
+    frame eagerly and only logs a warning, so a timing that claims compiled blocks checks this count."""
+    try:
+        from torch._dynamo.utils import counters
+    except ImportError:
+        return 0
+    marks = ("recompile limit", "recompile_limit", "cache_size_limit", "cache size limit")
+    return sum(n for reason, n in counters["unimplemented"].items() if any(m in reason.lower() for m in marks))
+
+
+def blocks_after(how: str, fallbacks_before: int) -> str:
+    """`how` the blocks ran (compile_blocks' answer), corrected if dynamo fell back to eager since the count."""
+    if how.startswith("torch.compile") and compile_fallbacks() > fallbacks_before:
+        return "eager (torch.compile hit dynamo's recompile limit and ran the blocks uncompiled)"
+    return how
+
+
 def measure(export: Path, settings: dict[str, Any], reporter, ckpt: Checkpoint | None = None) -> dict[str, Any]:
     """The speed stage's figures for a checkpoint on the first CUDA device."""
     if not torch.cuda.is_available():
@@ -579,6 +597,7 @@ def measure(export: Path, settings: dict[str, Any], reporter, ckpt: Checkpoint |
                   f"logits vs float32: prefill {check['prefill_rel_err']:.2e}, decode {check['decode_rel_err']:.2e};"
                   f" copy bandwidth {copy_gbs:.0f} GB/s")
     compiled = compile_blocks(model)
+    fallbacks = compile_fallbacks()
     per_batch = []
     for b in settings["batch_sizes"]:
         try:
@@ -595,6 +614,7 @@ def measure(export: Path, settings: dict[str, Any], reporter, ckpt: Checkpoint |
             model.block, compiled = model._block, f"eager (torch.compile failed: {type(e).__name__})"
             per_batch.append(time_batch(model, b, settings["input_len"], settings["output_len"],
                                         settings["iterations"], copy_gbs))
+    compiled = blocks_after(compiled, fallbacks)
     result = {
         "mode": model.mode, "card": card_info(device), "copy_bandwidth_gbs": copy_gbs,
         "versions": {"torch": torch.__version__, "cuda": torch.version.cuda,

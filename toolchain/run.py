@@ -96,7 +96,7 @@ def _run_stage(stage: Stage, plan: Plan, store: Store, reporter: Reporter, previ
             stage=stage, out=tmp, final=store.object_dir(stage.key),
             inputs={r: store.object_dir(k) for r, k in stage.inputs.items()},
             input_manifests={r: store.manifest(k) for r, k in stage.inputs.items() if store.has(k)},
-            reporter=reporter, model_config=plan.model_config, profile_name=plan.profile.profile.name,
+            reporter=reporter, model_config=plan.model_config, profile_name=plan.profile.profile.name, store=store,
         )
         reporter.info(f"[bold]{stage.name}[/] ({reason})")
         try:

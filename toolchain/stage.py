@@ -16,6 +16,7 @@ from typing import Any
 
 from .hashing import key_of
 from .progress import Reporter
+from .store import Store
 
 # Per-target stage kinds, named "<kind>:<target label>"; the others (source, quantize, reference) are shared.
 TARGET_KINDS = ("export", "validate", "engine", "speed", "publish")
@@ -88,7 +89,7 @@ class Stage:
 class StageContext:
     """What a stage runner sees: its stage (config, input keys, key), its inputs' directories and manifests, where
     to write (`out`, a temporary directory committed as `final` when the runner returns), how to report, the
-    source model's config, and the data files resolved from the profile. Not the plan."""
+    source model's config, and the data files resolved from the profile, the store. Not the plan."""
 
     stage: Stage
     out: Path
@@ -98,6 +99,7 @@ class StageContext:
     reporter: Reporter
     model_config: dict[str, Any]
     profile_name: str
+    store: Store  # for stages that package several stored objects (publish); others read `inputs`
 
     @property
     def config(self) -> dict[str, Any]:

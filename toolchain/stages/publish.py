@@ -35,14 +35,12 @@ def publish_stages(plan: Any) -> list[Stage]:
 
 def run(ctx: StageContext) -> dict[str, Any]:
     from ..registry.package import destination, push_files, target_package
-    from ..store import Store
 
     label = ctx.stage.target
     failed = [role for role, m in ctx.input_manifests.items() if m.get("status") == "failed"]
     if failed:
         raise BuildError(f"publish:{label}: {', '.join(failed)} failed; a failed artifact is never published")
-    store = Store(ctx.inputs["export"].parents[2])  # <store>/objects/<k[:2]>/<key> -> <store>
-    assert store.object_dir(ctx.stage.inputs["export"]) == ctx.inputs["export"]
+    store = ctx.store
     key, files, descriptor, config, annotations = target_package(
         store, ctx.data["stages"], label, ctx.data["format"], ctx.profile_name, ctx.data["profile_ref"],
         ctx.model_config)

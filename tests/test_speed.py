@@ -305,10 +305,11 @@ def test_every_autotune_choice_covers_all_of_k_in_the_interpreter():
         assert err < 1e-5, (name, err)
 
 
-# (batch, heads, KV heads, head size, cache length, position, partial slices): GQA groups of 1, 2, 3 (SmolLM2) and
-# 4, position 0 (nothing cached yet), positions on and off the block boundary (64 up to batch 4, 32 above).
+# (batch, heads, KV heads, head size, cache length, position, partial slices): GQA groups of 1, 2, 3 (SmolLM2), 4
+# and 20, position 0 (nothing cached yet), positions on and off the block boundary (64 up to batch 4, 32 above).
 ATTENTION_CASES = [(1, 4, 4, 64, 80, 70, 1), (2, 8, 2, 32, 40, 0, 2), (3, 9, 3, 64, 150, 128, 3),
-                   (2, 32, 32, 128, 192, 131, 4), (6, 4, 2, 64, 100, 77, 2)]  # batch 6: 32-position blocks
+                   (2, 32, 32, 128, 192, 131, 4), (6, 4, 2, 64, 100, 77, 2),  # batch 6: 32-position blocks
+                   (1, 20, 1, 32, 50, 33, 1)]  # 20 query heads on one KV head: a 32-row tile
 
 
 def _attention_errors(device: str = "cpu", dtype: torch.dtype = torch.float32) -> list[tuple[str, float]]:

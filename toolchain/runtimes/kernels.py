@@ -33,7 +33,6 @@ except ImportError:  # CPU-only installs: the torch references below do the work
 
 GEMV_MAX_M = 4
 TC_MIN_GROUP = 128  # the tensor-core INT4 kernel needs K tiles of at least 16 packed words per group
-USE_ASM = True  # the tensor-core INT4 kernel unpacks by inline PTX on CUDA (False: plain Triton, for comparison)
 DOT_TUNED_MAX_M = 64  # above: prefill-sized products, one fixed tile shape (autotuning each length would cost more)
 LARGE_M_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 128}
 INTERPRET_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 128}  # the interpreter cannot autotune
@@ -388,7 +387,7 @@ def int4_partials(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, ze
     if path == "tc":
         bm = 16 if m <= 16 else 32 if m <= 32 else 64
         strides = (x.stride(0), packed.stride(0), scale.stride(0), z.stride(0), y.stride(0), y.stride(1))
-        asm = USE_ASM and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
+        asm = x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)  # the interpreter has no PTX
         if config is None and m <= DOT_TUNED_MAX_M:
             kern = _tuned("int4_tc", _int4_tc, _tc_configs, ["N", "K", "GROUP", "BLOCK_M", "ASM"])
             kern[lambda c: (triton.cdiv(n, c["BLOCK_N"]), split, triton.cdiv(m, bm))](
@@ -481,75 +480,6 @@ def fp8_scaled_mm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) ->
 if triton is not None:
 
     @triton.jit
-    def _load_head(p_ptr, S: tl.constexpr, stride_ps, base, r):
-        # One head's columns of the q/k/v product: the sum of its partial slices (unrolled: loads in parallel).
-        v = tl.load(p_ptr + base + r).to(tl.float32)
-        for s in tl.static_range(1, S):
-            v += tl.load(p_ptr + s * stride_ps + base + r).to(tl.float32)
-        return v
-
-    @triton.jit
-    def _decode_attention(p_ptr, kc_ptr, vc_ptr, cos_ptr, sin_ptr, pos_ptr, out_ptr, S: tl.constexpr, stride_ps,
-                          stride_pb,
-                          stride_cb, stride_ch, stride_cl, stride_ob, stride_cos, sm_scale, NH: tl.constexpr,
-                          NKV: tl.constexpr, HD: tl.constexpr, BLOCK_L: tl.constexpr):
-        # One program per (sequence, query head). Rotary on q and the new k (rotate-half form: cos/sin tables hold
-        # the same frequencies in both halves), the new k and v written to the cache at `pos` by the first query
-        # head of each KV head, then softmax(q K^T / sqrt(d)) V over positions 0..pos-1 of the cache and the new
-        # token (from registers, as rounded for the cache: nothing is read back that this launch wrote).
-        b, h = tl.program_id(0), tl.program_id(1)
-        HALF: tl.constexpr = HD // 2
-        kvh = h // (NH // NKV)
-        r = tl.arange(0, HALF)
-        pos = tl.load(pos_ptr)
-        cos = tl.load(cos_ptr + pos * stride_cos + r).to(tl.float32)
-        sin = tl.load(sin_ptr + pos * stride_cos + r).to(tl.float32)
-        row = b * stride_pb
-        q1 = _load_head(p_ptr, S, stride_ps, row + h * HD, r)
-        q2 = _load_head(p_ptr, S, stride_ps, row + h * HD + HALF, r)
-        q1, q2 = (q1 * cos - q2 * sin) * sm_scale, (q2 * cos + q1 * sin) * sm_scale
-        k1 = _load_head(p_ptr, S, stride_ps, row + (NH + kvh) * HD, r)
-        k2 = _load_head(p_ptr, S, stride_ps, row + (NH + kvh) * HD + HALF, r)
-        kdt = kc_ptr.dtype.element_ty
-        k1, k2 = (k1 * cos - k2 * sin).to(kdt), (k2 * cos + k1 * sin).to(kdt)
-        v1 = _load_head(p_ptr, S, stride_ps, row + (NH + NKV + kvh) * HD, r).to(kdt)
-        v2 = _load_head(p_ptr, S, stride_ps, row + (NH + NKV + kvh) * HD + HALF, r).to(kdt)
-        cache = b * stride_cb + kvh * stride_ch
-        if h % (NH // NKV) == 0:
-            at = cache + pos * stride_cl
-            tl.store(kc_ptr + at + r, k1)
-            tl.store(kc_ptr + at + HALF + r, k2)
-            tl.store(vc_ptr + at + r, v1)
-            tl.store(vc_ptr + at + HALF + r, v2)
-        # the new token first: a finite running maximum from the start
-        m = tl.sum(k1.to(tl.float32) * q1, 0) + tl.sum(k2.to(tl.float32) * q2, 0)
-        den = m * 0.0 + 1.0
-        acc1, acc2 = v1.to(tl.float32), v2.to(tl.float32)
-        rl = tl.arange(0, BLOCK_L)
-        for l0 in range(0, pos, BLOCK_L):
-            lmask = (l0 + rl) < pos
-            at = cache + (l0 + rl)[:, None] * stride_cl + r[None, :]
-            kb1 = tl.load(kc_ptr + at, mask=lmask[:, None], other=0.0).to(tl.float32)
-            kb2 = tl.load(kc_ptr + at + HALF, mask=lmask[:, None], other=0.0).to(tl.float32)
-            s = tl.sum(kb1 * q1[None, :], 1) + tl.sum(kb2 * q2[None, :], 1)
-            s = tl.where(lmask, s, float("-inf"))
-            m_new = tl.maximum(m, tl.max(s, 0))
-            alpha = tl.exp(m - m_new)
-            p = tl.exp(s - m_new)
-            vb1 = tl.load(vc_ptr + at, mask=lmask[:, None], other=0.0).to(tl.float32)
-            vb2 = tl.load(vc_ptr + at + HALF, mask=lmask[:, None], other=0.0).to(tl.float32)
-            den = den * alpha + tl.sum(p, 0)
-            acc1 = acc1 * alpha + tl.sum(p[:, None] * vb1, 0)
-            acc2 = acc2 * alpha + tl.sum(p[:, None] * vb2, 0)
-            m = m_new
-        o = out_ptr + b * stride_ob + h * HD
-        tl.store(o + r, acc1 / den)
-        tl.store(o + HALF + r, acc2 / den)
-
-
-if triton is not None:
-
-    @triton.jit
     def _rotated(p_ptr, S: tl.constexpr, stride_ps, base, rd, cos, sin, sign, HALF: tl.constexpr, mask):
         # Rows of heads (base: one offset per row) summed over the partial slices, rotary applied in float32:
         # x cos + rotate_half(x) sin, rotate_half(x) = (-x[HALF:], x[:HALF]).
@@ -563,14 +493,17 @@ if triton is not None:
         return x * cos[None, :] + sign[None, :] * y * sin[None, :]
 
     @triton.jit
-    def _decode_attention_dot(p_ptr, kc_ptr, vc_ptr, cos_ptr, sin_ptr, pos_ptr, out_ptr, S: tl.constexpr, stride_ps,
+    def _decode_attention(p_ptr, kc_ptr, vc_ptr, cos_ptr, sin_ptr, pos_ptr, out_ptr, S: tl.constexpr, stride_ps,
                               stride_pb, stride_cb, stride_ch, stride_cl, stride_ob, stride_cos, sm_scale,
-                              NH: tl.constexpr, NKV: tl.constexpr, HD: tl.constexpr, BLOCK_L: tl.constexpr):
-        # One program per (sequence, KV head): its query heads as the rows of a 16-row tile (padded), so the
-        # cache is read once per group and q K^T, P V are tensor-core products.
+                              NH: tl.constexpr, NKV: tl.constexpr, HD: tl.constexpr, BLOCK_L: tl.constexpr,
+                              BLOCK_G: tl.constexpr):
+        # One program per (sequence, KV head): its query heads as the rows of a tile of BLOCK_G >= 16 rows
+        # (padded), so the cache is read once per group and q K^T, P V are tensor-core products. Rotary on q and
+        # the new k (rotate-half form), the new k and v written into the cache at `pos`, then softmax(q K^T /
+        # sqrt(d)) V over positions 0..pos-1 of the cache and the new token (from registers, as rounded for the
+        # cache: nothing is read back that this launch wrote).
         b, kvh = tl.program_id(0), tl.program_id(1)
         G: tl.constexpr = NH // NKV
-        BLOCK_G: tl.constexpr = 16
         HALF: tl.constexpr = HD // 2
         kdt = kc_ptr.dtype.element_ty
         rg = tl.arange(0, BLOCK_G)
@@ -616,9 +549,8 @@ if triton is not None:
 
 
 # Measured on the H200 (BENCHMARKS.md), Llama-2-7B heads, 160 cached positions: 64-position blocks at batch 1
-# (6.2-6.5 us), 32 at batch 16 (13.9-14.6 us; 64: 18.6-20.1 us), 4 warps; the loop kernel (no tensor cores)
-# 6.7-7.2 / 15.6-17.3 us. `kernel` "loop" selects it (tests).
-ATTENTION = {"kernel": "dot", "num_warps": 4}
+# (6.2-6.5 us), 32 at batch 16 (13.9-14.6 us; 64: 18.6-20.1 us), 4 warps.
+ATTENTION_WARPS = 4
 
 
 def decode_attention(qkv: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -632,16 +564,10 @@ def decode_attention(qkv: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, cos:
         raise ValueError(f"decode attention needs a power-of-two head size of at least 32 (got {hd}) and whole "
                          f"query groups ({n_heads} heads, {n_kv} KV heads)")
     out = torch.empty((b, n_heads * hd), device=qkv.device, dtype=kc.dtype)
-    args = (qkv, kc, vc, cos, sin, pos, out, s, qkv.stride(0), qkv.stride(1), kc.stride(0), kc.stride(1),
-            kc.stride(2), out.stride(0), cos.stride(0), hd ** -0.5)
-    how = ATTENTION
-    block_l = how.get("BLOCK_L") or (64 if b <= 4 else 32)
-    if how["kernel"] == "dot" and n_heads // n_kv <= 16:
-        _decode_attention_dot[(b, n_kv)](*args, NH=n_heads, NKV=n_kv, HD=hd, BLOCK_L=block_l,
-                                         num_warps=how["num_warps"])
-    else:
-        _decode_attention[(b, n_heads)](*args, NH=n_heads, NKV=n_kv, HD=hd, BLOCK_L=block_l,
-                                        num_warps=how["num_warps"])
+    _decode_attention[(b, n_kv)](
+        qkv, kc, vc, cos, sin, pos, out, s, qkv.stride(0), qkv.stride(1), kc.stride(0), kc.stride(1), kc.stride(2),
+        out.stride(0), cos.stride(0), hd ** -0.5, NH=n_heads, NKV=n_kv, HD=hd, BLOCK_L=64 if b <= 4 else 32,
+        BLOCK_G=max(16, triton.next_power_of_2(n_heads // n_kv)), num_warps=ATTENTION_WARPS)
     return out
 
 

@@ -213,7 +213,7 @@ def main() -> int:
     ap.add_argument("--input-len", type=int, default=128)
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--iterations", type=int, default=2)
-    ap.add_argument("--eager-tokens", type=int, default=32)
+    ap.add_argument("--eager-tokens", type=int, default=32, help="0: no transformers eager baseline")
     ap.add_argument("--kernels-only", action="store_true")
     ap.add_argument("--skip-kernels", action="store_true", help="no kernel checks and microbenchmarks")
     ap.add_argument("--out", required=True)
@@ -286,7 +286,7 @@ def main() -> int:
                               "compile_and_time_s": time.perf_counter() - t0, "per_batch": rows}
         del model
         torch.cuda.empty_cache()
-        if "transformers_eager" not in doc:  # early, so that a run cut short still has the baseline
+        if "transformers_eager" not in doc and a.eager_tokens > 0:  # early: a run cut short still has it
             log("transformers eager (batch 1):")
             try:
                 doc["transformers_eager"] = transformers_eager(state, cfg, a.input_len, a.eager_tokens)
@@ -300,7 +300,7 @@ def main() -> int:
 
 
 def print_table(doc: dict) -> None:
-    eager = doc["transformers_eager"].get("decode_tok_s", float("nan"))
+    eager = doc.get("transformers_eager", {}).get("decode_tok_s", float("nan"))
     modes = doc["modes"]
     bf16 = {r["batch_size"]: r["decode_tok_s"] for r in modes.get("bf16", {}).get("per_batch", [])}
     log("")
@@ -319,7 +319,7 @@ def print_table(doc: dict) -> None:
                 f"{r['decode_tok_s'] / eager:.1f} | {r['itl_ms_p50']:.3f} / {r['itl_ms_p99']:.3f} | "
                 f"{r['ttft_ms']:.1f} | {r['effective_bandwidth_gbs']:.0f} | {100 * r['bandwidth_ratio']:.1f} | "
                 f"{block} | {err:.1e} |")
-    te = doc["transformers_eager"]
+    te = doc.get("transformers_eager", {})
     if "itl_ms" in te:
         log(f"| transformers eager | 1 | {eager:.1f} | | 1.0 | {te['itl_ms']:.2f} | {te['ttft_ms']:.1f} | | | | |")
 

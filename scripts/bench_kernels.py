@@ -4,11 +4,12 @@ one process on one CUDA card. Prints one line per measurement; writes JSON to --
 
   python scripts/bench_kernels.py --out $OUT/kernels.json
 
-Linears (M = 1 and 16 rows, bf16 activations): cuBLAS bf16; our INT4 g128 kernels, each path forced (gemv, tc,
-dot); torch's tinygemm (`_weight_int4pack_mm`); GemLite's A16W4 when `gemlite` is importable; our FP8 weight-only
-kernels and `torch._scaled_mm` (W8A8). Decode attention (batch 1 and 16, 160 cached positions): our kernel and the
-torch path it replaced (rotary, `index_copy_`, SDPA), eager. Every time is the median of
-`triton.testing.do_bench_cudagraph` (launches replayed from a CUDA graph); our outputs are checked against float64.
+Linears (M = 1 and 16 rows, bf16 activations): cuBLAS bf16 and our bf16 GEMV (M = 1); our INT4 g128 kernels,
+each path forced (gemv, tc, dot); torch's tinygemm (`_weight_int4pack_mm`); GemLite's A16W4 when `gemlite` is
+importable; our FP8 weight-only kernels and `torch._scaled_mm` (W8A8). Decode attention (batch 1 and 16, 160
+cached positions): our kernel and the torch path it replaced (rotary, `index_copy_`, SDPA), eager. Every time is
+the median of `triton.testing.do_bench_cudagraph` (launches replayed from a CUDA graph); our outputs are checked
+against float64.
 """
 
 from __future__ import annotations
@@ -83,6 +84,8 @@ def linears(copy_gbs: float) -> list[dict]:
         for m in (1, 16):
             x = torch.randn(m, k, device=DEVICE, dtype=torch.bfloat16)
             variants = {"bf16-cublas": (lambda: F.linear(x, wb), n * k * 2, None)}  # noqa: B023
+            if m <= K.GEMV_MAX_M:
+                variants["bf16-gemv"] = (lambda: K.dense_partials(x, wb), n * k * 2, wb.double())  # noqa: B023
             for path in ("gemv", "tc", "dot") if m <= K.GEMV_MAX_M else ("tc", "dot"):
                 variants[f"int4-{path}"] = (lambda p=path: K.int4_partials(x, packed, s4, None, 128, path=p),  # noqa: B023
                                             b4, w4_ref)

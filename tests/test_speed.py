@@ -237,6 +237,11 @@ def _kernel_errors(device: str, dtype: torch.dtype, cases=None, config: dict | N
         ref = x.double() @ K.dequantize_fp8(w, s, torch.float64).T
         out.append((f"fp8 m{m}", float((y.double() - ref).norm() / ref.norm())))
         assert torch.isfinite(y).all()
+        if m <= K.GEMV_MAX_M:  # the dense GEMV (weights in the activations' dtype, no scale)
+            wd = torch.randn(n, k, generator=g).to(device, dtype)
+            y = K.dense_partials(x, wd, config).sum(0)
+            ref = x.double() @ wd.double().T
+            out.append((f"dense m{m}", float((y.double() - ref).norm() / ref.norm())))
     return out
 
 
@@ -267,7 +272,7 @@ def _cpu_kernel_errors() -> list[tuple[str, float]]:
 @NEEDS_TRITON
 def test_kernels_match_float64_in_the_interpreter():
     errors = _in_the_interpreter("_cpu_kernel_errors")
-    assert len(errors) == 2 * len(KERNEL_CASES)
+    assert len(errors) == 2 * len(KERNEL_CASES) + sum(m <= 4 for m, *_ in KERNEL_CASES)
     for name, err in errors:
         assert err < 1e-5, (name, err)  # float32 inputs and accumulation
 
@@ -279,7 +284,7 @@ def _autotune_choices() -> list[tuple[str, dict, list]]:
 
     out = []
     for k, group in ((576, 64), (192, 32)):
-        for name, configs in (("int4", K._gemv_configs()), ("fp8", K._fp8_gemv_configs())):
+        for name, configs in (("int4", K._gemv_configs()), ("fp8", K._scaled_gemv_configs())):
             kept = K._prune_gemv(configs, {"K": k}, GROUP=group if name == "int4" else 1)
             shapes = {(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]) for c in kept}  # pipelining: same arithmetic
             out.append((f"{name} K={k} g{group}", [{"BLOCK_N": n, "BLOCK_K": b} for n, b in sorted(shapes)],

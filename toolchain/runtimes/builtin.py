@@ -7,7 +7,8 @@ bandwidth limit at small batch.
   graph and replayed per token. Per block: the Triton linears return per-program partial sums whose sum fuses
   into the next elementwise kernel; one Triton kernel does rotary, the cache write and attention from the q/k/v
   product's partial sums; the MLP output is added to the stream in the next block's first norm.
-- Linears by kind (toolchain.runtimes.weights): bf16 by cuBLAS; INT4 W4A16 and FP8 weight-only by the Triton
+- Linears by kind (toolchain.runtimes.weights): bf16 by the Triton GEMV up to kernels.GEMV_MAX_M rows (partial
+  sums, as below), by cuBLAS above; INT4 W4A16 and FP8 weight-only by the Triton
   kernels of toolchain.runtimes.kernels (packed weights read once, dequantized in registers); FP8 with more than
   `fp8_weight_only_max_m` rows (prefill, large batches) as the checkpoint asks: dynamic per-token FP8 activations
   by torch._scaled_mm.
@@ -72,6 +73,17 @@ def _(x, weight, scale):
                        dtype=torch.float32)
 
 
+@torch.library.custom_op("toolchain::dense_mm", mutates_args=())
+def dense_mm(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return kernels.dense_partials(x, weight)
+
+
+@dense_mm.register_fake
+def _(x, weight):
+    return x.new_empty((kernels.split_k(weight.shape[0], x.shape[1], x.shape[0]), x.shape[0], weight.shape[0]),
+                       dtype=torch.float32)
+
+
 @torch.library.custom_op("toolchain::decode_attention", mutates_args=("kc", "vc"))
 def decode_attention(qkv: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                      pos: torch.Tensor, n_heads: int, n_kv: int) -> torch.Tensor:
@@ -103,6 +115,8 @@ def linear_partials(x: torch.Tensor, lin: Linear, use_kernels: bool, wo_max_m: i
     m = x.shape[0]
     wo_max_m = FP8_WEIGHT_ONLY_MAX_M if wo_max_m is None else wo_max_m
     if lin.kind == "dense":
+        if use_kernels and m <= kernels.GEMV_MAX_M and kernels.dense_gemv() and kernels.available(x.device):
+            return dense_mm(x, lin.weight.to(x.dtype))
         return F.linear(x, lin.weight.to(x.dtype))[None]
     if lin.kind == "fp8" and m > wo_max_m:  # the checkpoint's own scheme: dynamic per-token FP8 activations
         if use_kernels:

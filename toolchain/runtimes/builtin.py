@@ -56,10 +56,14 @@ def int4_mm(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: to
     return kernels.int4_partials(x, packed, scale, zero, group)
 
 
+def _partials_like(x: torch.Tensor, n: int) -> torch.Tensor:
+    """The fake result of a linear custom op: the kernels' partial sums of x (M, K) times an (N, K) weight."""
+    return x.new_empty((kernels.split_k(n, x.shape[1], x.shape[0]), x.shape[0], n), dtype=torch.float32)
+
+
 @int4_mm.register_fake
 def _(x, packed, scale, zero, group):
-    return x.new_empty((kernels.split_k(packed.shape[0], x.shape[1], x.shape[0]), x.shape[0], packed.shape[0]),
-                       dtype=torch.float32)
+    return _partials_like(x, packed.shape[0])
 
 
 @torch.library.custom_op("toolchain::fp8_mm", mutates_args=())
@@ -69,8 +73,7 @@ def fp8_mm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.
 
 @fp8_mm.register_fake
 def _(x, weight, scale):
-    return x.new_empty((kernels.split_k(weight.shape[0], x.shape[1], x.shape[0]), x.shape[0], weight.shape[0]),
-                       dtype=torch.float32)
+    return _partials_like(x, weight.shape[0])
 
 
 @torch.library.custom_op("toolchain::dense_mm", mutates_args=())
@@ -80,8 +83,7 @@ def dense_mm(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 @dense_mm.register_fake
 def _(x, weight):
-    return x.new_empty((kernels.split_k(weight.shape[0], x.shape[1], x.shape[0]), x.shape[0], weight.shape[0]),
-                       dtype=torch.float32)
+    return _partials_like(x, weight.shape[0])
 
 
 @torch.library.custom_op("toolchain::decode_attention", mutates_args=("kc", "vc"))

@@ -393,10 +393,10 @@ def int4_partials(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, ze
     y = _partials(m, n, split, x.device)
     z = zero if zero is not None else scale  # never read without HAS_ZERO
     args = (x, packed, scale, z, y)
+    strides = (x.stride(0), packed.stride(0), scale.stride(0), z.stride(0), y.stride(0), y.stride(1))
     path = path or ("gemv" if m <= GEMV_MAX_M else "tc" if group >= TC_MIN_GROUP else "dot")
     if path == "tc":
         bm = 16 if m <= 16 else 32 if m <= 32 else 64
-        strides = (x.stride(0), packed.stride(0), scale.stride(0), z.stride(0), y.stride(0), y.stride(1))
         asm = x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)  # the interpreter has no PTX
         if config is None and m <= DOT_TUNED_MAX_M:
             kern = _tuned("int4_tc", _int4_tc, _tc_configs, ["N", "K", "GROUP", "BLOCK_M", "ASM"])
@@ -409,7 +409,6 @@ def int4_partials(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, ze
                 *args, m, n, k, split, *strides, GROUP=group, HAS_ZERO=zero is not None, ASM=asm, BLOCK_M=bm,
                 BLOCK_N=bn)
     elif path == "gemv":
-        strides = (x.stride(0), packed.stride(0), scale.stride(0), z.stride(0), y.stride(0), y.stride(1))
         if config is None:
             kern = _tuned("int4_gemv", _int4_gemv, _gemv_configs, ["N", "K", "GROUP"], _prune_gemv)
             kern[lambda c: (triton.cdiv(n, c["BLOCK_N"]), split, m)](

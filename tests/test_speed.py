@@ -161,7 +161,8 @@ def test_block_check_catches_a_kernel_that_skips_the_end_of_k(exports, monkeypat
     exact = builtin.block_errors(model, tokens=8)
     assert len(exact) == 4 and set(exact.values()) == {0.0}, exact
 
-    def short_k(x, packed, scale, zero, group):
+    def short_k(x, packed, scale, zero, group, tiled):
+        assert not tiled  # CPU: the stored layout
         w = builtin.kernels.dequantize_int4(packed, scale, zero, group)
         w[:, -32:] = 0
         return (x.float() @ w.T)[None]  # the custom op's partial sums: one slice

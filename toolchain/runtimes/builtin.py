@@ -9,7 +9,8 @@ bandwidth limit at small batch.
   product's partial sums; the MLP output is added to the stream in the next block's first norm.
 - Linears by kind (toolchain.runtimes.weights): bf16 by the Triton GEMV up to kernels.GEMV_MAX_M rows (partial
   sums, as below), by cuBLAS above; INT4 W4A16 and FP8 weight-only by the Triton
-  kernels of toolchain.runtimes.kernels (packed weights read once, dequantized in registers); FP8 with more than
+  kernels of toolchain.runtimes.kernels (packed weights read once, dequantized in registers; INT4 of groups of
+  128k permuted once at load into mma tiles, the same values, for the tensor-core GEMV); FP8 with more than
   `fp8_weight_only_max_m` rows (prefill, large batches) as the checkpoint asks: dynamic per-token FP8 activations
   by torch._scaled_mm.
 - `use_kernels=False` is the reference: the same model in float32 from the same stored bytes, plain torch
@@ -52,18 +53,19 @@ LOGITS_TOLERANCE = {"dense": 1e-1, "int4": 1e-1, "fp8": 1.5e-1}  # reported: whe
 
 @torch.library.custom_op("toolchain::int4_mm", mutates_args=())
 def int4_mm(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
-            group: int) -> torch.Tensor:
-    return kernels.int4_partials(x, packed, scale, zero, group)
+            group: int, tiled: bool) -> torch.Tensor:
+    return kernels.int4_partials(x, packed, scale, zero, group, tiled=tiled)
 
 
-def _partials_like(x: torch.Tensor, n: int) -> torch.Tensor:
+def _partials_like(x: torch.Tensor, n: int, tiled: bool = False) -> torch.Tensor:
     """The fake result of a linear custom op: the kernels' partial sums of x (M, K) times an (N, K) weight."""
-    return x.new_empty((kernels.split_k(n, x.shape[1], x.shape[0]), x.shape[0], n), dtype=torch.float32)
+    split = kernels.partials_split(n, x.shape[1], x.shape[0], tiled)
+    return x.new_empty((split, x.shape[0], n), dtype=torch.float32)
 
 
 @int4_mm.register_fake
-def _(x, packed, scale, zero, group):
-    return _partials_like(x, packed.shape[0])
+def _(x, packed, scale, zero, group, tiled):
+    return _partials_like(x, packed.shape[0], tiled)
 
 
 @torch.library.custom_op("toolchain::fp8_mm", mutates_args=())
@@ -104,8 +106,15 @@ def concat(parts: list[Linear]) -> Linear:
     if any(p.kind != kind or p.group != parts[0].group for p in parts):
         raise BuildError("the built-in runtime needs q/k/v (and gate/up) quantized alike")
     cat = (lambda ts: None if ts[0] is None else torch.cat(ts, 0))  # noqa: E731
+    if any(p.tiled for p in parts):
+        raise ValueError("concatenate INT4 linears before tiling them")
     return Linear(kind, (sum(p.shape[0] for p in parts), parts[0].shape[1]), cat([p.weight for p in parts]),
                   cat([p.scale for p in parts]), cat([p.zero for p in parts]), parts[0].group)
+
+
+def _tiled(lin: Linear) -> Linear:
+    fits = lin.kind == "int4" and kernels.tiles_fit(lin.shape[0], lin.shape[1], lin.group)
+    return lin.as_tiles() if fits else lin
 
 
 def linear_partials(x: torch.Tensor, lin: Linear, use_kernels: bool, wo_max_m: int | None = None,
@@ -128,7 +137,7 @@ def linear_partials(x: torch.Tensor, lin: Linear, use_kernels: bool, wo_max_m: i
     if not use_kernels:
         return (x.to(torch.float32) @ lin.dense(torch.float32).T).to(x.dtype)[None]
     if lin.kind == "int4":
-        return int4_mm(x, lin.weight, lin.scale, lin.zero, lin.group)
+        return int4_mm(x, lin.weight, lin.scale, lin.zero, lin.group, lin.tiled)
     return fp8_mm(x, lin.weight, lin.scale)
 
 
@@ -183,9 +192,10 @@ class Model:
         self.cos = emb.cos().to(device, dtype)
         self.sin = emb.sin().to(device, dtype)
         first = self.parts["layers"][0]
-        self.block_kinds = [(first[k].kind, first[k].group) for k in BLOCK_LINEARS]
+        self.block_kinds = [(first[k].kind, first[k].group, first[k].tiled) for k in BLOCK_LINEARS]
         layers = self.parts["layers"]
-        if any([(lay[k].kind, lay[k].group) for k in BLOCK_LINEARS] != self.block_kinds for lay in layers):
+        if any([(lay[k].kind, lay[k].group, lay[k].tiled) for k in BLOCK_LINEARS] != self.block_kinds
+               for lay in layers):
             raise BuildError("the built-in runtime needs every decoder block quantized alike")
         self.block = self._block
         self.wo_max_m = FP8_WEIGHT_ONLY_MAX_M  # FP8: weight-only up to this many rows, W8A8 above
@@ -243,6 +253,11 @@ class Model:
             head = lin("lm_head")
         else:  # tied embeddings
             head = Linear("dense", tuple(embed.shape), embed)
+        if self.use_kernels and kernels.tiles_run(dev, dt):  # INT4 as mma tiles where they fit (kernels.py)
+            for lay in layers:
+                for k in BLOCK_LINEARS:
+                    lay[k] = _tiled(lay[k])
+            head = _tiled(head)
         return {"layers": layers, "embed": embed, "norm": ckpt.get("model.norm.weight").to(dev, dt), "lm_head": head}
 
     # -- sizes ---------------------------------------------------------------------------------------------
@@ -311,8 +326,8 @@ class Model:
         return h + summed(d).to(h.dtype)
 
     def _as_linear(self, i: int, weight, scale, zero) -> Linear:
-        kind, group = self.block_kinds[i]
-        return Linear(kind, (weight.shape[0], 0), weight, scale, zero, group)
+        kind, group, tiled = self.block_kinds[i]
+        return Linear(kind, (weight.shape[0], 0), weight, scale, zero, group, tiled)
 
     @staticmethod
     def _flat(lay: dict[str, Any]) -> list:

@@ -6,9 +6,13 @@ Weights are read in the layout the artifact stores them (compressed-tensors, too
   fp8   float8_e4m3fn (N, K) with one float32 scale per output channel. w = weight * scale
 y = x @ w^T, x (M, K) in bf16/fp16/fp32, accumulated in float32.
 
-Three kernel shapes. Each splits K across `split_k(N, K, M)` programs when N alone gives too few; every program
-stores its own partial sums, (split, M, N) float32, and the caller adds them (in the compiled decoder that sum and
-the cast fuse into the next elementwise kernel: no zero-fill, no atomics, no separate cast, deterministic).
+INT4 weights of groups that are multiples of 128 and row counts that 16 divides are, on the GPU, first permuted
+once into mma tiles (`tile_int4`: the same codes, scales and zero points, laid out as the tensor cores' fragments;
+`untile_int4` inverts it exactly) and multiplied by `int4_tiled_partials` (below). Elsewhere (other groups, the
+interpreter) they are read as stored by three kernel shapes. Each splits K across `split_k(N, K, M)` programs
+when N alone gives too few; every program stores its own partial sums, (split, M, N) float32, and the caller adds
+them (in the compiled decoder that sum and the cast fuse into the next elementwise kernel: no zero-fill, no
+atomics, no separate cast, deterministic).
   gemv     M <= GEMV_MAX_M: multiply-add on the CUDA cores, reduced per group before the scale is applied (int4)
            or per row (fp8; bf16 / fp16 weights take the same kernel without scales). Reads every packed byte
            once per token.
@@ -17,7 +21,14 @@ the cast fuse into the next elementwise kernel: no zero-fill, no atomics, no sep
            the tensor cores, zero point and scale applied once per group. At M=16 on the H200 1.4-2.3x faster
            than dot; at M=1 7-80% slower than gemv (BENCHMARKS.md).
   dot      larger M otherwise: tiles dequantized to the activation dtype in registers, then tl.dot.
-Autotuned per (N, K) on the GPU. TRITON_INTERPRET=1 runs the same kernels on the CPU (tests).
+  tiled    INT4 mma tiles, any M: each warp takes 16 rows and one group of 128 of K per step, 8 packed words
+           per thread, unpacked two weights per `lop3` (128 + q in bf16, 1024 + q in fp16) straight into the
+           A fragments of `mma.sync.m16n8k16` (no shared memory, no shuffle), x as the B fragment (the 8 columns
+           of the product are 8 rows of x; a grid dimension takes further chunks of 8), a second mma with an
+           all-ones A gives the group's sum of x for the zero point. Per weight about 2.3 instructions where the
+           CUDA-core GEMV needs about 4.5: on the H200 at M=1, 1.3-1.5x faster (BENCHMARKS.md).
+Autotuned per (N, K) on the GPU. TRITON_INTERPRET=1 runs the same kernels on the CPU (tests), except the tiled
+one (PTX); its layout is tested on the CPU by the fragment rules of the PTX ISA (tests/test_int4_tiles.py).
 """
 
 from __future__ import annotations
@@ -89,6 +100,87 @@ def quantize_fp8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     fmax = torch.finfo(torch.float8_e4m3fn).max
     scale = (x.abs().amax(dim=-1, keepdim=True).float() / fmax).clamp(min=1e-12)
     return (x.float() / scale).clamp(-fmax, fmax).to(torch.float8_e4m3fn), scale
+
+
+# -- INT4 mma tiles ----------------------------------------------------------------------------------------
+# A tile is 16 rows x one group of 128 columns: 32 lanes x 8 words, lane L's word s holding its A fragment of
+# mma.m16n8k16 k-step s (PTX ISA, "Matrix Fragments for mma.m16n8k16": a0,a1 row L/4, a2,a3 row L/4 + 8, a4..a7
+# the same rows 8 columns on; registers of two 16-bit values), nibble 4 h + 2 b + ro at bits 4 (ro + 2 b) + 16 h:
+# register ro + 2 b = (word >> 4 (ro + 2 b)) & 0x000F000F, its half h. Inside a group the k of fragment column
+# 2 j + 8 b + h (j = L % 4) at step s is 32 j + 4 s + 2 b + h (any order of k does, applied to W and x alike):
+# lane j's x over the 8 steps are then 32 contiguous values, four 16-byte loads. Scales and zero points are
+# stored (tiles, groups, 16 rows), each lane's two rows 8 apart.
+TILE_ROWS, TILE_K = 16, 128
+# Up to this many rows the tiled kernel runs (chunks of 8 rows sharing each tile's words through L2; on the H200
+# M=4 took 1.0-1.05x the time of M=1); above, the tiles go back to the stored layout for the tensor-core kernels.
+TILED_MAX_M = 16
+
+
+def tiles_fit(n: int, k: int, group: int) -> bool:
+    """Whether an (n, k) INT4 weight of this group can be tiled: 16 divides n, group a multiple of 128 dividing k."""
+    return n % TILE_ROWS == 0 and group % TILE_K == 0 and k % group == 0
+
+
+def _tile_view(q: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    # (n, k) -> (tiles, k groups, r, j, s, h, b, ro): row 16 t + 8 ro + r, column 128 g + 32 j + 4 s + 2 b + h
+    return q.reshape(n // 16, 2, 8, k // 128, 4, 8, 2, 2).permute(0, 3, 2, 4, 5, 7, 6, 1)
+
+
+def tile_int4(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, group: int
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Stored INT4 (packed (N, K/8) int32, scale and zero (N, K/group)) -> the same values as mma tiles, each
+    tensor of its stored shape and dtype. A permutation: `untile_int4` gives back the stored words bit for bit."""
+    n, k = packed.shape[0], packed.shape[1] * 8
+    if not tiles_fit(n, k, group):
+        raise ValueError(f"INT4 tiles need 16 | N and a group that is a multiple of 128 dividing K (N={n}, K={k}, "
+                         f"group {group})")
+    shifts = torch.arange(0, 32, 4, device=packed.device, dtype=torch.int32)
+    q = _tile_view(unpack_int4(packed), n, k).reshape(n // 16, k // 128, 32, 8, 8)
+    words = _pack_nibbles(q, shifts).reshape(n, k // 8)
+
+    def rows_last(t: torch.Tensor) -> torch.Tensor:  # (N, G) -> (tiles, G, 16) in the same (N, G) shape
+        return t.reshape(n // 16, 16, -1).transpose(1, 2).contiguous().reshape(n, -1)
+
+    return words, rows_last(scale), (rows_last(zero) if zero is not None else None)
+
+
+def untile_int4(words: torch.Tensor) -> torch.Tensor:
+    """mma tiles (N, K/8) int32 -> the stored layout (tests, references)."""
+    n, k = words.shape[0], words.shape[1] * 8
+    shifts = torch.arange(0, 32, 4, device=words.device, dtype=torch.int32)
+    q = ((words.reshape(n // 16, k // 128, 32, 8, 1) >> shifts) & 0xF)  # (t, g, r j, s, h b ro)
+    q = q.reshape(n // 16, k // 128, 8, 4, 8, 2, 2, 2).permute(0, 7, 2, 1, 3, 4, 6, 5).reshape(n, k // 8, 8)
+    return _pack_nibbles(q, shifts)
+
+
+def untile_rows(t: torch.Tensor) -> torch.Tensor:
+    """Tiled scales or zero points (N, G) -> the stored layout."""
+    n = t.shape[0]
+    return t.reshape(n // 16, -1, 16).transpose(1, 2).contiguous().reshape(n, -1)
+
+
+def _pack_nibbles(q: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
+    """(..., 8) nibbles -> int32 words, nibble i at bits 4 i (int64 sum, then the same 32 bits as int32)."""
+    w = (q.to(torch.int64) << shifts.to(torch.int64)).sum(-1)
+    return torch.where(w >= 1 << 31, w - (1 << 32), w).to(torch.int32)
+
+
+def tiles_run(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the tiled INT4 kernel runs here: compiled Triton on a CUDA card of compute capability >= 8.0
+    (mma.sync with bf16), bf16 or fp16 activations; TOOLCHAIN_INT4_TILES=0 turns it off."""
+    if os.environ.get("TOOLCHAIN_INT4_TILES", "1") == "0" or interpret() or not available(device):
+        return False
+    return device.type == "cuda" and dtype in (torch.bfloat16, torch.float16) and \
+        torch.cuda.get_device_capability(device)[0] >= 8
+
+
+def tiled_split(n: int, k: int, m: int) -> int:
+    """Programs per output sharing K in the tiled kernel: about eight groups of 128 each, at most 16. Measured on
+    the H200 in the decoder (Llama-2-7B, batch 1): eight groups per program 2.146 ms per step, four 2.195, two
+    2.370; alone a kernel prefers fewer groups per program, but the decoder pays for each partial sum it adds."""
+    if interpret():
+        return 2
+    return max(1, min(16, k // TILE_K // 8))
 
 
 # -- Triton kernels -------------------------------------------------------------------------------------------
@@ -179,12 +271,11 @@ if triton is not None:
     _UNPACK_FP16 = tl.constexpr(_unpack_asm("0x64006400"))
 
     @triton.jit
-    def _nibbles_asm(words, FP16: tl.constexpr):
-        if FP16:
-            return tl.inline_asm_elementwise(asm=_UNPACK_FP16, constraints="=r,=r,=r,=r,=r,=r,=r,=r,r,r", args=[words],
-                                             dtype=(tl.float16,) * 8, is_pure=True, pack=2)
-        return tl.inline_asm_elementwise(asm=_UNPACK_BF16, constraints="=r,=r,=r,=r,=r,=r,=r,=r,r,r", args=[words],
-                                         dtype=(tl.bfloat16,) * 8, is_pure=True, pack=2)
+    def _nibbles_asm(words, UNPACK: tl.constexpr, DT: tl.constexpr):
+        # The asm text comes from the caller as a constant: Triton 3.6 refuses a function whose branches return
+        # different dtypes even when the condition is a constant (seen on the H200 with fp16 activations).
+        return tl.inline_asm_elementwise(asm=UNPACK, constraints="=r,=r,=r,=r,=r,=r,=r,=r,r,r", args=[words],
+                                         dtype=(DT.value,) * 8, is_pure=True, pack=2)
 
     @triton.jit
     def _nibble(words, NIB: tl.constexpr, DT: tl.constexpr, BASE: tl.constexpr):
@@ -195,7 +286,7 @@ if triton is not None:
     @triton.jit
     def _int4_tc(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, SPLIT, stride_xm, stride_wn, stride_sn, stride_zn,
                  stride_ys, stride_ym, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, ASM: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UNPACK: tl.constexpr = ""):
         # One group of K per step: its GROUP / 8 words per row, (BLOCK_N, W), rows contiguous in memory; nibble
         # position i of every word is the weight at column k0 + 8 w + i, so eight tensor-core products of
         # (BLOCK_N, W) x (W, BLOCK_M) cover the group with no shuffle of the weights: y^T = W x^T, the unpacked
@@ -217,7 +308,7 @@ if triton is not None:
             words = tl.load(w_ptr + rn[:, None] * stride_wn + (k0 // 8 + rw)[None, :], mask=nmask[:, None], other=0,
                             eviction_policy="evict_first")
             if ASM:
-                q0, q1, q2, q3, q4, q5, q6, q7 = _nibbles_asm(words, DT == tl.float16)
+                q0, q1, q2, q3, q4, q5, q6, q7 = _nibbles_asm(words, UNPACK, DT)
             else:
                 q0, q1, q2, q3 = _nibble(words, 0, DT, BASE), _nibble(words, 1, DT, BASE), \
                     _nibble(words, 2, DT, BASE), _nibble(words, 3, DT, BASE)
@@ -321,6 +412,93 @@ if triton is not None:
         tl.store(y_ptr + pid_k * stride_ys + rm[:, None] * stride_ym + rn[None, :], acc,
                  mask=mmask[:, None] & nmask[None, :])
 
+    def _tile_asm(fp16: bool) -> str:
+        # One group for one warp: $0-$3 the product's C fragment, $4-$7 the sum of x (all-ones A), both from zero;
+        # $8-$15 the lane's 8 words (k-steps 0-7), $16-$31 its x pairs (step s: registers 2 s, 2 s + 1).
+        magic, one = ("0x64006400", "0x3C003C00") if fp16 else ("0x43004300", "0x3F803F80")
+        ty = "f16" if fp16 else "bf16"
+        mma = f"mma.sync.aligned.m16n8k16.row.col.f32.{ty}.{ty}.f32"
+        lines = ["{", ".reg .b32 a0, a1, a2, a3, t, one;", f"mov.b32 one, {one};"]
+        lines += [f"mov.f32 ${i}, 0f00000000;" for i in range(8)]
+        for s in range(8):
+            w = f"${8 + s}"
+            lines.append(f"lop3.b32 a0, {w}, 0x000F000F, {magic}, 0xEA;")
+            for r in (1, 2, 3):
+                lines += [f"shr.u32 t, {w}, {4 * r};", f"lop3.b32 a{r}, t, 0x000F000F, {magic}, 0xEA;"]
+            b = f"{{${16 + 2 * s}, ${17 + 2 * s}}}"
+            lines.append(f"{mma} {{$0, $1, $2, $3}}, {{a0, a1, a2, a3}}, {b}, {{$0, $1, $2, $3}};")
+            lines.append(f"{mma} {{$4, $5, $6, $7}}, {{one, one, one, one}}, {b}, {{$4, $5, $6, $7}};")
+        return "\n".join([*lines, "}"])
+
+    _TILE_BF16 = tl.constexpr(_tile_asm(False))
+    _TILE_FP16 = tl.constexpr(_tile_asm(True))
+    _TILE_CONSTRAINTS = tl.constexpr(",".join(["=f"] * 8 + ["r"] * 24))
+
+    @triton.jit
+    def _int4_tiled(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, KG, SPLIT, stride_xm, stride_ys, stride_ym,
+                    GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, FP16: tl.constexpr, WARPS: tl.constexpr):
+        # x_ptr: the activations as int32 pairs; KG = K / 128. One warp per 16-row tile, each thread 4 elements of
+        # 1-D tensors laid out as Triton lays them out (4 consecutive per thread, lanes then warps): element
+        # 4 (32 w + L) + e is lane L's e-th value of warp w, so the inline PTX below sees its own fragment.
+        # Outputs: C fragment element e of lane L is row L/4 + 8 (e // 2), column 2 (L % 4) + e % 2 (x row).
+        pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        BLOCK: tl.constexpr = 128 * WARPS
+        BASE: tl.constexpr = 1024.0 if FP16 else 128.0
+        i = tl.arange(0, BLOCK)
+        e = i % 4
+        lane = (i // 4) % 32
+        tile = pid_n * WARPS + i // 128
+        r, j = lane // 4, lane % 4
+        xrow = pid_m * 8 + r
+        xmask = xrow < M
+        srow = r + 8 * (e // 2)
+        total = tl.zeros((BLOCK,), tl.float32)
+        for g in range(pid_k, KG, SPLIT):
+            wo = ((tile * KG + g) * 32 + lane) * 8 + e
+            wa = tl.load(w_ptr + wo, eviction_policy="evict_first")
+            wb = tl.load(w_ptr + wo + 4, eviction_policy="evict_first")
+            xo = xrow * stride_xm + g * 64 + j * 16 + e
+            x0 = tl.load(x_ptr + xo, mask=xmask, other=0)
+            x1 = tl.load(x_ptr + xo + 4, mask=xmask, other=0)
+            x2 = tl.load(x_ptr + xo + 8, mask=xmask, other=0)
+            x3 = tl.load(x_ptr + xo + 12, mask=xmask, other=0)
+            if FP16:
+                acc, xs = tl.inline_asm_elementwise(asm=_TILE_FP16, constraints=_TILE_CONSTRAINTS,
+                                                    args=[wa, wb, x0, x1, x2, x3], dtype=(tl.float32, tl.float32),
+                                                    is_pure=True, pack=4)
+            else:
+                acc, xs = tl.inline_asm_elementwise(asm=_TILE_BF16, constraints=_TILE_CONSTRAINTS,
+                                                    args=[wa, wb, x0, x1, x2, x3], dtype=(tl.float32, tl.float32),
+                                                    is_pure=True, pack=4)
+            so = (tile * (KG // (GROUP // 128)) + g // (GROUP // 128)) * 16 + srow
+            sc = tl.load(s_ptr + so).to(tl.float32)
+            if HAS_ZERO:
+                z = tl.load(z_ptr + so).to(tl.float32) + BASE
+            else:
+                z = 8.0 + BASE
+            # sum x (base + q) s - (base + z) s sum x = s sum x (q - z)
+            total += (acc - z * xs) * sc
+        col = pid_m * 8 + 2 * j + e % 2
+        tl.store(y_ptr + pid_k * stride_ys + col * stride_ym + tile * 16 + srow, total, mask=col < M)
+
+    @triton.jit
+    def _untile(w_ptr, out_ptr, KW, KG, total, BLOCK: tl.constexpr):
+        # Stored word (n, w) holds columns 8 w .. 8 w + 7 of row n: in the tiles, k-steps s = 2 (w % 4) and s + 1
+        # of lane 4 r + j (r = n % 8, j = (w % 16) // 4), nibbles 2 b + ro and 4 + 2 b + ro for b = 0, 1
+        # (ro = (n % 16) // 8): two loads per word.
+        o = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = o < total
+        n, w = o // KW, o % KW
+        ro = (n % 16) // 8
+        src = (((n // 16) * KG + w // 16) * 32 + 4 * (n % 8) + (w % 16) // 4) * 8 + 2 * (w % 4)
+        out = tl.zeros((BLOCK,), tl.int32)
+        for half in tl.static_range(2):  # columns 4 half .. 4 half + 3: step s + half
+            word = tl.load(w_ptr + src + half, mask=mask, other=0)
+            for c in tl.static_range(4):  # column 4 half + c: b = c // 2, h = c % 2
+                nib = (word >> (4 * (ro + 2 * (c // 2)) + 16 * (c % 2))) & 0xF
+                out = out | (nib << (4 * (4 * half + c)))
+        tl.store(out_ptr + o, out, mask=mask)
+
     def _gemv_configs():
         # Enough programs in flight matter most at one token: a 4096-row product in 64-row blocks is 64 programs
         # for 132 multiprocessors. Small row blocks (and K split across programs, split_k) fill the card.
@@ -380,11 +558,18 @@ def _partials(m: int, n: int, split: int, device: torch.device) -> torch.Tensor:
 
 
 def int4_partials(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
-                  group: int, config: dict | None = None, path: str | None = None) -> torch.Tensor:
-    """x (M, K) @ dequant(int4)^T as (split_k, M, N) float32 partial sums (their sum is the product). `config`
-    fixes the launch parameters (tests, interpreter), otherwise autotuned; `path` ("tc", "gemv", "dot") forces a
-    kernel (tests, benchmarks), otherwise: gemv up to GEMV_MAX_M rows, above it tc for groups of at least
-    TC_MIN_GROUP, else dot."""
+                  group: int, config: dict | None = None, path: str | None = None, tiled: bool = False
+                  ) -> torch.Tensor:
+    """x (M, K) @ dequant(int4)^T as (partials_split, M, N) float32 partial sums (their sum is the product).
+    `tiled`: packed, scale and zero are mma tiles (tile_int4): up to TILED_MAX_M rows the tiled kernel reads them,
+    above it they are put back into the stored layout first. `config` fixes the launch parameters (tests,
+    interpreter), otherwise autotuned; `path` ("tc", "gemv", "dot") forces a kernel on the stored layout (tests,
+    benchmarks), otherwise: gemv up to GEMV_MAX_M rows, above it tc for groups of at least TC_MIN_GROUP, else dot."""
+    if tiled:
+        if x.shape[0] <= TILED_MAX_M:
+            return int4_tiled_partials(x, packed, scale, zero, group)
+        packed, scale = untile_int4_gpu(packed), untile_rows(scale)
+        zero = untile_rows(zero) if zero is not None else None
     m, k = x.shape
     n = packed.shape[0]
     _check_group(k, group)
@@ -398,16 +583,18 @@ def int4_partials(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, ze
     if path == "tc":
         bm = 16 if m <= 16 else 32 if m <= 32 else 64
         asm = x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)  # the interpreter has no PTX
+        unpack = (_UNPACK_FP16 if x.dtype == torch.float16 else _UNPACK_BF16).value if asm else ""
         if config is None and m <= DOT_TUNED_MAX_M:
             kern = _tuned("int4_tc", _int4_tc, _tc_configs, ["N", "K", "GROUP", "BLOCK_M", "ASM"])
             kern[lambda c: (triton.cdiv(n, c["BLOCK_N"]), split, triton.cdiv(m, bm))](
-                *args, m, n, k, split, *strides, GROUP=group, HAS_ZERO=zero is not None, ASM=asm, BLOCK_M=bm)
+                *args, m, n, k, split, *strides, GROUP=group, HAS_ZERO=zero is not None, ASM=asm, BLOCK_M=bm,
+                UNPACK=unpack)
         else:
             bn = (config or LARGE_M_CONFIG)["BLOCK_N"]
             bm = (config or LARGE_M_CONFIG).get("BLOCK_M", bm)
             _int4_tc[(triton.cdiv(n, bn), split, triton.cdiv(m, bm))](
                 *args, m, n, k, split, *strides, GROUP=group, HAS_ZERO=zero is not None, ASM=asm, BLOCK_M=bm,
-                BLOCK_N=bn)
+                BLOCK_N=bn, UNPACK=unpack)
     elif path == "gemv":
         if config is None:
             kern = _tuned("int4_gemv", _int4_gemv, _gemv_configs, ["N", "K", "GROUP"], _prune_gemv)
@@ -427,6 +614,41 @@ def int4_matmul(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero
                 config: dict | None = None, path: str | None = None) -> torch.Tensor:
     """x (M, K) @ dequant(int4)^T -> (M, N) in x's dtype, by the Triton kernels (int4_partials, summed)."""
     return int4_partials(x, packed, scale, zero, group, config, path).sum(0).to(x.dtype)
+
+
+def int4_tiled_partials(x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
+                        group: int) -> torch.Tensor:
+    """x (M, K) in bf16 or fp16 @ the INT4 weight as mma tiles (`tile_int4`) -> (tiled_split, M, N) float32 partial
+    sums. CUDA only (inline PTX); M of any size, in chunks of 8 rows (a grid dimension, so that the chunks of one
+    tile run together and read its words from L2)."""
+    m, k = x.shape
+    n = words.shape[0]
+    if x.dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"the tiled INT4 kernel takes bf16 or fp16 activations, not {x.dtype}")
+    if not tiles_fit(n, k, group):
+        raise ValueError(f"no INT4 tiles for N={n}, K={k}, group {group} (16 | N, 128 | group, group | K)")
+    split = tiled_split(n, k, m)
+    y = _partials(m, n, split, x.device)
+    xi = x.contiguous().view(torch.int32)
+    z = zero if zero is not None else scale  # never read without HAS_ZERO
+    _int4_tiled[(triton.cdiv(m, 8), n // TILE_ROWS, split)](  # one warp per program: fastest measured
+        xi, words, scale, z, y, m, n, k // TILE_K, split, xi.stride(0), y.stride(0), y.stride(1), GROUP=group,
+        HAS_ZERO=zero is not None, FP16=x.dtype == torch.float16, WARPS=1, num_warps=1)
+    return y
+
+
+def untile_int4_gpu(words: torch.Tensor) -> torch.Tensor:
+    """`untile_int4` by a Triton kernel (the larger products read the stored layout: prefill, big batches)."""
+    n, kw = words.shape
+    out = torch.empty_like(words)
+    block = 1024
+    _untile[(triton.cdiv(n * kw, block),)](words, out, kw, kw // 16, n * kw, BLOCK=block)
+    return out
+
+
+def partials_split(n: int, k: int, m: int, tiled: bool = False) -> int:
+    """How many partial sums the INT4 / FP8 / dense linears return for an (M, K) x (N, K) product."""
+    return tiled_split(n, k, m) if tiled and m <= TILED_MAX_M else split_k(n, k, m)
 
 
 def fp8_partials(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, config: dict | None = None

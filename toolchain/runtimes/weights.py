@@ -31,6 +31,14 @@ class Linear:
     scale: torch.Tensor | None = None
     zero: torch.Tensor | None = None  # uint8 (N, K/group): zero point + 8
     group: int = 0
+    tiled: bool = False  # int4: weight, scale and zero permuted into mma tiles (kernels.tile_int4), same values
+
+    def as_tiles(self) -> Linear:
+        """INT4 as mma tiles for the tiled kernel (kernels.tile_int4; a permutation, the same bytes)."""
+        from .kernels import tile_int4
+
+        words, scale, zero = tile_int4(self.weight, self.scale, self.zero, self.group)
+        return Linear(self.kind, self.shape, words, scale, zero, self.group, tiled=True)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.weight, self.scale, self.zero) if t is not None)
@@ -43,12 +51,15 @@ class Linear:
         if self.scale is not None:
             scale = self.scale.to(device, torch.float32 if self.kind == "fp8" else self.scale.dtype)
         zero = self.zero.to(device) if self.zero is not None else None
-        return Linear(self.kind, self.shape, w.contiguous(), scale, zero, self.group)
+        return Linear(self.kind, self.shape, w.contiguous(), scale, zero, self.group, self.tiled)
 
     def dense(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The weight this layer stands for, by plain torch (the reference for the kernels)."""
-        from .kernels import dequantize_fp8, dequantize_int4
+        from .kernels import dequantize_fp8, dequantize_int4, untile_int4, untile_rows
 
+        if self.kind == "int4" and self.tiled:
+            zero = untile_rows(self.zero) if self.zero is not None else None
+            return dequantize_int4(untile_int4(self.weight), untile_rows(self.scale), zero, self.group, dtype)
         if self.kind == "int4":
             return dequantize_int4(self.weight, self.scale, self.zero, self.group, dtype)
         if self.kind == "fp8":

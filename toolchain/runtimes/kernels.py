@@ -25,8 +25,10 @@ atomics, no separate cast, deterministic).
            per thread, unpacked two weights per `lop3` (128 + q in bf16, 1024 + q in fp16) straight into the
            A fragments of `mma.sync.m16n8k16` (no shared memory, no shuffle), x as the B fragment (the 8 columns
            of the product are 8 rows of x; a grid dimension takes further chunks of 8), a second mma with an
-           all-ones A gives the group's sum of x for the zero point. Per weight about 2.3 instructions where the
-           CUDA-core GEMV needs about 4.5: on the H200 at M=1, 1.3-1.5x faster (BENCHMARKS.md).
+           all-ones A gives the group's sum of x for the zero point. Per weight about 2.1 instructions where the
+           CUDA-core GEMV needs about 4.5: on the H200 at M=1 (the Llama-2-7B linears, the runtime's split)
+           1.4-1.5x faster except the smallest (4096 x 4096, as fast); 1.1-2.0x faster than int4_tc at M=16;
+           a decode step 17-19 % shorter (BENCHMARKS.md).
 Autotuned per (N, K) on the GPU. TRITON_INTERPRET=1 runs the same kernels on the CPU (tests), except the tiled
 one (PTX); its layout is tested on the CPU by the fragment rules of the PTX ISA (tests/test_int4_tiles.py).
 """
@@ -112,7 +114,8 @@ def quantize_fp8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
 # stored (tiles, groups, 16 rows), each lane's two rows 8 apart.
 TILE_ROWS, TILE_K = 16, 128
 # Up to this many rows the tiled kernel runs (chunks of 8 rows sharing each tile's words through L2; on the H200
-# M=4 took 1.0-1.05x the time of M=1); above, the tiles go back to the stored layout for the tensor-core kernels.
+# M=4 took 1.0-1.05x the time of M=1, M=16 0.5-0.9x int4_tc's); above, the tiles go back to the stored layout
+# for the tensor-core kernels (not measured against the tiles there yet).
 TILED_MAX_M = 16
 
 

@@ -33,7 +33,7 @@ def log(msg: str) -> None:
 
 def stored(n: int, k: int, gen: torch.Generator):
     q = torch.randint(0, 16, (n, k), dtype=torch.int32, device="cuda", generator=gen)
-    packed = K._pack_nibbles(q.reshape(n, k // 8, 8), torch.arange(0, 32, 4, dtype=torch.int32, device="cuda"))
+    packed = K.pack_nibbles(q.reshape(n, k // 8, 8))
     scale = (torch.rand(n, k // GROUP, device="cuda", generator=gen) * 0.02 + 0.005).to(torch.bfloat16)
     zero = torch.randint(0, 16, (n, k // GROUP), device="cuda", generator=gen).to(torch.uint8)
     return packed, scale, zero

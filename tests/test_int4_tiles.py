@@ -18,7 +18,7 @@ from toolchain.runtimes import kernels as K
 def _stored(n: int, k: int, group: int, seed: int = 0, zero: bool = True):
     g = torch.Generator().manual_seed(seed)
     q = torch.randint(0, 16, (n, k), generator=g, dtype=torch.int32)
-    packed = K._pack_nibbles(q.reshape(n, k // 8, 8), torch.arange(0, 32, 4, dtype=torch.int32))
+    packed = K.pack_nibbles(q.reshape(n, k // 8, 8))
     scale = (torch.rand(n, k // group, generator=g) * 0.02 + 0.005).to(torch.bfloat16)
     z = torch.randint(0, 16, (n, k // group), generator=g).to(torch.uint8) if zero else None
     return q, packed, scale, z

@@ -137,9 +137,8 @@ def tile_int4(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | No
     if not tiles_fit(n, k, group):
         raise ValueError(f"INT4 tiles need 16 | N and a group that is a multiple of 128 dividing K (N={n}, K={k}, "
                          f"group {group})")
-    shifts = torch.arange(0, 32, 4, device=packed.device, dtype=torch.int32)
     q = _tile_view(unpack_int4(packed), n, k).reshape(n // 16, k // 128, 32, 8, 8)
-    words = _pack_nibbles(q, shifts).reshape(n, k // 8)
+    words = pack_nibbles(q).reshape(n, k // 8)
 
     def rows_last(t: torch.Tensor) -> torch.Tensor:  # (N, G) -> (tiles, G, 16) in the same (N, G) shape
         return t.reshape(n // 16, 16, -1).transpose(1, 2).contiguous().reshape(n, -1)
@@ -150,10 +149,8 @@ def tile_int4(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | No
 def untile_int4(words: torch.Tensor) -> torch.Tensor:
     """mma tiles (N, K/8) int32 -> the stored layout (tests, references)."""
     n, k = words.shape[0], words.shape[1] * 8
-    shifts = torch.arange(0, 32, 4, device=words.device, dtype=torch.int32)
-    q = ((words.reshape(n // 16, k // 128, 32, 8, 1) >> shifts) & 0xF)  # (t, g, r j, s, h b ro)
-    q = q.reshape(n // 16, k // 128, 8, 4, 8, 2, 2, 2).permute(0, 7, 2, 1, 3, 4, 6, 5).reshape(n, k // 8, 8)
-    return _pack_nibbles(q, shifts)
+    q = unpack_int4(words).reshape(n // 16, k // 128, 8, 4, 8, 2, 2, 2)  # (t, g, r, j, s, h, b, ro)
+    return pack_nibbles(q.permute(0, 7, 2, 1, 3, 4, 6, 5).reshape(n, k // 8, 8))
 
 
 def untile_rows(t: torch.Tensor) -> torch.Tensor:
@@ -162,9 +159,10 @@ def untile_rows(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(n // 16, -1, 16).transpose(1, 2).contiguous().reshape(n, -1)
 
 
-def _pack_nibbles(q: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
-    """(..., 8) nibbles -> int32 words, nibble i at bits 4 i (int64 sum, then the same 32 bits as int32)."""
-    w = (q.to(torch.int64) << shifts.to(torch.int64)).sum(-1)
+def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
+    """(..., 8) nibbles -> int32 words, nibble i at bits 4 i (the inverse of unpack_int4; an int64 sum, then the
+    same 32 bits as int32)."""
+    w = (q.to(torch.int64) << torch.arange(0, 32, 4, device=q.device, dtype=torch.int64)).sum(-1)
     return torch.where(w >= 1 << 31, w - (1 << 32), w).to(torch.int32)
 
 
@@ -173,8 +171,7 @@ def tiles_run(device: torch.device, dtype: torch.dtype) -> bool:
     (mma.sync with bf16), bf16 or fp16 activations; TOOLCHAIN_INT4_TILES=0 turns it off."""
     if os.environ.get("TOOLCHAIN_INT4_TILES", "1") == "0" or interpret() or not available(device):
         return False
-    return device.type == "cuda" and dtype in (torch.bfloat16, torch.float16) and \
-        torch.cuda.get_device_capability(device)[0] >= 8
+    return dtype in (torch.bfloat16, torch.float16) and torch.cuda.get_device_capability(device)[0] >= 8
 
 
 def tiled_split(n: int, k: int, m: int) -> int:
@@ -288,8 +285,8 @@ if triton is not None:
 
     @triton.jit
     def _int4_tc(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, SPLIT, stride_xm, stride_wn, stride_sn, stride_zn,
-                 stride_ys, stride_ym, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, ASM: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UNPACK: tl.constexpr = ""):
+                 stride_ys, stride_ym, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, UNPACK: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         # One group of K per step: its GROUP / 8 words per row, (BLOCK_N, W), rows contiguous in memory; nibble
         # position i of every word is the weight at column k0 + 8 w + i, so eight tensor-core products of
         # (BLOCK_N, W) x (W, BLOCK_M) cover the group with no shuffle of the weights: y^T = W x^T, the unpacked
@@ -310,7 +307,7 @@ if triton is not None:
             k0 = g * GROUP
             words = tl.load(w_ptr + rn[:, None] * stride_wn + (k0 // 8 + rw)[None, :], mask=nmask[:, None], other=0,
                             eviction_policy="evict_first")
-            if ASM:
+            if UNPACK != "":  # the PTX of _unpack_asm; empty in the interpreter
                 q0, q1, q2, q3, q4, q5, q6, q7 = _nibbles_asm(words, UNPACK, DT)
             else:
                 q0, q1, q2, q3 = _nibble(words, 0, DT, BASE), _nibble(words, 1, DT, BASE), \
@@ -439,23 +436,23 @@ if triton is not None:
 
     @triton.jit
     def _int4_tiled(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, KG, SPLIT, stride_xm, stride_ys, stride_ym,
-                    GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, FP16: tl.constexpr, WARPS: tl.constexpr):
-        # x_ptr: the activations as int32 pairs; KG = K / 128. One warp per 16-row tile, each thread 4 elements of
-        # 1-D tensors laid out as Triton lays them out (4 consecutive per thread, lanes then warps): element
-        # 4 (32 w + L) + e is lane L's e-th value of warp w, so the inline PTX below sees its own fragment.
+                    GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, FP16: tl.constexpr):
+        # x_ptr: the activations as int32 pairs; KG = K / 128. One program = one warp = one 16-row tile (launched
+        # with num_warps=1), each thread 4 elements of 128-element tensors laid out as Triton lays them out (4
+        # consecutive per thread, then lanes): element 4 L + e is lane L's e-th value, so the inline PTX below sees
+        # its own fragment.
         # Outputs: C fragment element e of lane L is row L/4 + 8 (e // 2), column 2 (L % 4) + e % 2 (x row).
         pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-        BLOCK: tl.constexpr = 128 * WARPS
         BASE: tl.constexpr = 1024.0 if FP16 else 128.0
-        i = tl.arange(0, BLOCK)
+        i = tl.arange(0, 128)
         e = i % 4
         lane = (i // 4) % 32
-        tile = pid_n * WARPS + i // 128
+        tile = pid_n
         r, j = lane // 4, lane % 4
         xrow = pid_m * 8 + r
         xmask = xrow < M
         srow = r + 8 * (e // 2)
-        total = tl.zeros((BLOCK,), tl.float32)
+        total = tl.zeros((128,), tl.float32)
         for g in range(pid_k, KG, SPLIT):
             wo = ((tile * KG + g) * 32 + lane) * 8 + e
             wa = tl.load(w_ptr + wo, eviction_policy="evict_first")
@@ -588,16 +585,16 @@ def int4_partials(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, ze
         asm = x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)  # the interpreter has no PTX
         unpack = (_UNPACK_FP16 if x.dtype == torch.float16 else _UNPACK_BF16).value if asm else ""
         if config is None and m <= DOT_TUNED_MAX_M:
-            kern = _tuned("int4_tc", _int4_tc, _tc_configs, ["N", "K", "GROUP", "BLOCK_M", "ASM"])
+            kern = _tuned("int4_tc", _int4_tc, _tc_configs, ["N", "K", "GROUP", "BLOCK_M", "UNPACK"])
             kern[lambda c: (triton.cdiv(n, c["BLOCK_N"]), split, triton.cdiv(m, bm))](
-                *args, m, n, k, split, *strides, GROUP=group, HAS_ZERO=zero is not None, ASM=asm, BLOCK_M=bm,
-                UNPACK=unpack)
+                *args, m, n, k, split, *strides, GROUP=group, HAS_ZERO=zero is not None, UNPACK=unpack,
+                BLOCK_M=bm)
         else:
             bn = (config or LARGE_M_CONFIG)["BLOCK_N"]
             bm = (config or LARGE_M_CONFIG).get("BLOCK_M", bm)
             _int4_tc[(triton.cdiv(n, bn), split, triton.cdiv(m, bm))](
-                *args, m, n, k, split, *strides, GROUP=group, HAS_ZERO=zero is not None, ASM=asm, BLOCK_M=bm,
-                BLOCK_N=bn, UNPACK=unpack)
+                *args, m, n, k, split, *strides, GROUP=group, HAS_ZERO=zero is not None, UNPACK=unpack,
+                BLOCK_M=bm, BLOCK_N=bn)
     elif path == "gemv":
         if config is None:
             kern = _tuned("int4_gemv", _int4_gemv, _gemv_configs, ["N", "K", "GROUP"], _prune_gemv)
@@ -636,7 +633,7 @@ def int4_tiled_partials(x: torch.Tensor, words: torch.Tensor, scale: torch.Tenso
     z = zero if zero is not None else scale  # never read without HAS_ZERO
     _int4_tiled[(triton.cdiv(m, 8), n // TILE_ROWS, split)](  # one warp per program: fastest measured
         xi, words, scale, z, y, m, n, k // TILE_K, split, xi.stride(0), y.stride(0), y.stride(1), GROUP=group,
-        HAS_ZERO=zero is not None, FP16=x.dtype == torch.float16, WARPS=1, num_warps=1)
+        HAS_ZERO=zero is not None, FP16=x.dtype == torch.float16, num_warps=1)
     return y
 
 

@@ -325,7 +325,7 @@ def _attention_errors(device: str = "cpu", dtype: torch.dtype = torch.float32) -
 
     out = []
     g = torch.Generator().manual_seed(3)
-    for b, nh, nkv, hd, length, pos, slices in ATTENTION_CASES:
+    for case, (b, nh, nkv, hd, length, pos, slices) in enumerate(ATTENTION_CASES):
         qkv = torch.randn(slices, b, (nh + 2 * nkv) * hd, generator=g).to(device)
         kc = torch.randn(b, nkv, length, hd, generator=g).to(device, dtype)
         vc = torch.randn(b, nkv, length, hd, generator=g).to(device, dtype)
@@ -333,14 +333,71 @@ def _attention_errors(device: str = "cpu", dtype: torch.dtype = torch.float32) -
         emb = torch.outer(torch.arange(length, dtype=torch.float64), inv).repeat(1, 2)
         cos, sin = emb.cos().to(device, dtype), emb.sin().to(device, dtype)
         kr, vr = kc.clone(), vc.clone()
-        got = K.decode_attention(qkv, kc, vc, cos, sin, torch.tensor(pos, device=device), nh, nkv)
-        want = K.decode_attention_reference(qkv, kr, vr, cos, sin, pos, nh, nkv)
-        name = f"attention b{b} h{nh}/{nkv} d{hd} pos {pos}"
+        # Every other case as the split norm's consumer: the product of w h, scaled here by 1 / rms from partial
+        # sums of squares over 300 columns (two programs of NORM_BLOCK, the second part-full).
+        norm = {"ss": (torch.rand(b, 2, generator=g) * 300 + 1).to(device), "n": 300, "eps": 1e-5} \
+            if case % 2 else {}
+        got = K.decode_attention(qkv, kc, vc, cos, sin, torch.tensor(pos, device=device), nh, nkv, **norm)
+        want = K.decode_attention_reference(qkv, kr, vr, cos, sin, pos, nh, nkv, **norm)
+        name = f"attention b{b} h{nh}/{nkv} d{hd} pos {pos}" + (" scaled by 1/rms" if norm else "")
         out.append((name, float((got.double() - want).norm() / want.norm())))
         cache_err = max(float((c.double() - r.double()).abs().max() / r.double().abs().max())
                         for c, r in ((kc, kr), (vc, vr)))
         out.append((f"{name} cache", cache_err))  # largest difference over the largest entry
     return out
+
+
+# (rows, columns, partial slices): Llama-2-7B's down product at batch 1 (10 slices of the INT4 tiles), the first
+# block (no slices), SmolLM2's 576 and a width no program size divides, batch 16.
+NORM_CASES = [(1, 4096, 10), (2, 576, 0), (16, 300, 4), (3, 1000, 1)]
+
+
+def _norm_errors(device: str = "cpu", dtype: torch.dtype = torch.float32) -> list[tuple[str, float]]:
+    """residual_norm against its float64 reference (the same roundings to the activation dtype): the new stream
+    and w h (largest difference over the largest entry), the sums of squares (relative), RMSNorm rebuilt from
+    them against the plain-torch norm the rest of the runtime uses, and silu_product on those sums."""
+    from toolchain.runtimes import builtin
+    from toolchain.runtimes import kernels as K
+
+    g = torch.Generator().manual_seed(5)
+    out = []
+    for m, n, slices in NORM_CASES:
+        h = (torch.randn(m, n, generator=g) * 3).to(device, dtype)
+        d = torch.randn(slices, m, n, generator=g).to(device) if slices else None
+        w = (torch.rand(n, generator=g) + 0.5).to(device, dtype)
+        got, want = K.residual_norm(h, d, w), K.residual_norm_reference(h, d, w)
+        name = f"norm {m}x{n} {slices} slices"
+        for part, a, b in zip(("stream", "w h"), got[:2], want[:2], strict=True):
+            out.append((f"{name} {part}", float((a.double() - b.double()).abs().max() / b.double().abs().max())))
+        out.append((f"{name} sums of squares", float((got[2].double() - want[2]).norm() / want[2].norm())))
+        rebuilt = got[1].double() * K.rms_scale(got[2].double(), n, 1e-5)[:, None]
+        plain = builtin.rms_norm(want[0].double(), w.double(), 1e-5)
+        out.append((f"{name} rebuilt", float((rebuilt - plain).norm() / plain.norm())))
+        # the MLP's consumer of the scale: silu(gate) * up from a gate/up product's partial sums (2 x 700 wide)
+        parts = torch.randn(max(slices, 1), m, 1400, generator=g).to(device) * 30
+        act = K.silu_product(parts, got[2], n, 1e-5, dtype).double()
+        want_act = K.silu_product_reference(parts, got[2], n, 1e-5)
+        out.append((f"{name} silu product", float((act - want_act).norm() / want_act.norm())))
+    return out
+
+
+@NEEDS_TRITON
+def test_residual_norm_matches_float64_in_the_interpreter():
+    errors = _in_the_interpreter("_norm_errors")
+    assert len(errors) == 5 * len(NORM_CASES)
+    for name, err in errors:
+        assert err < 1e-6, (name, err)
+
+
+@pytest.mark.gpu
+def test_residual_norm_matches_float64_on_the_gpu():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    for name, err in _norm_errors("cuda", torch.bfloat16):
+        # the stream and w h as the reference rounds them (one bf16 step where float32 sums straddle a rounding
+        # boundary); RMSNorm rebuilt: w h rounded once where the plain norm rounds twice; the silu product
+        # rounded to bf16 once
+        assert err < (1e-6 if "sums" in name else 1e-2), (name, err)
 
 
 def _fast_path_checks() -> list[tuple[str, float, float]]:
@@ -364,7 +421,7 @@ def _fast_path_checks() -> list[tuple[str, float, float]]:
         ckpt = Checkpoint({**cfg, "quantization_config": bench_gpu.quantization_config(mode)}, tensors.__getitem__,
                           tensors.__contains__)
         model = builtin.Model(ckpt, torch.device("cpu"), torch.float32, use_kernels=True)
-        assert model.fused_attention
+        assert model.fused_attention and model.split_norm
         check = builtin.logits_check(model, tokens=20)  # prefill of 20 rows: the tensor-core INT4 kernel
         out += [(f"{mode} {k}", v, 1e-5) for k, v in check["blocks"].items() if k != "tolerance"]
         out.append((f"{mode} decode logits", check["same_dataflow"]["decode_rel_err"], 1e-5))
@@ -383,6 +440,7 @@ def test_the_fast_path_matches_its_float32_twin_in_the_interpreter():
 def test_decode_attention_matches_float64_in_the_interpreter():
     errors = _in_the_interpreter("_attention_errors")
     assert len(errors) == 2 * len(ATTENTION_CASES)
+    assert sum("1/rms" in name for name, _ in errors) == len(ATTENTION_CASES)
     for name, err in errors:
         assert err < 1e-5, (name, err)
 

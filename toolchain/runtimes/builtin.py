@@ -90,13 +90,36 @@ def _(x, weight):
 
 @torch.library.custom_op("toolchain::decode_attention", mutates_args=("kc", "vc"))
 def decode_attention(qkv: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                     pos: torch.Tensor, n_heads: int, n_kv: int) -> torch.Tensor:
-    return kernels.decode_attention(qkv, kc, vc, cos, sin, pos, n_heads, n_kv)
+                     pos: torch.Tensor, n_heads: int, n_kv: int, ss: torch.Tensor | None, n: int,
+                     eps: float) -> torch.Tensor:
+    return kernels.decode_attention(qkv, kc, vc, cos, sin, pos, n_heads, n_kv, ss, n, eps)
 
 
 @decode_attention.register_fake
-def _(qkv, kc, vc, cos, sin, pos, n_heads, n_kv):
+def _(qkv, kc, vc, cos, sin, pos, n_heads, n_kv, ss, n, eps):
     return kc.new_empty((qkv.shape[1], n_heads * kc.shape[-1]))
+
+
+@torch.library.custom_op("toolchain::silu_product", mutates_args=())
+def silu_product(parts: torch.Tensor, ss: torch.Tensor, n: int, eps: float, dtype: torch.dtype) -> torch.Tensor:
+    return kernels.silu_product(parts, ss, n, eps, dtype)
+
+
+@silu_product.register_fake
+def _(parts, ss, n, eps, dtype):
+    return parts.new_empty((parts.shape[1], parts.shape[2] // 2), dtype=dtype)
+
+
+@torch.library.custom_op("toolchain::residual_norm", mutates_args=())
+def residual_norm(h: torch.Tensor, d: torch.Tensor | None, w: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return kernels.residual_norm(h, d, w)
+
+
+@residual_norm.register_fake
+def _(h, d, w):
+    return h.new_empty(h.shape), h.new_empty(h.shape), \
+        h.new_empty((h.shape[0], kernels.norm_programs(h.shape[1])), dtype=torch.float32)
 
 
 def concat(parts: list[Linear]) -> Linear:
@@ -197,7 +220,7 @@ class Model:
         if any([(lay[k].kind, lay[k].group, lay[k].tiled) for k in BLOCK_LINEARS] != self.block_kinds
                for lay in layers):
             raise BuildError("the built-in runtime needs every decoder block quantized alike")
-        self.block = self._block
+        self.block, self.head = self._block, self._head
         self.wo_max_m = FP8_WEIGHT_ONLY_MAX_M  # FP8: weight-only up to this many rows, W8A8 above
         self.act_round: torch.dtype | None = None  # see apply_linear
         self.caches: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
@@ -207,6 +230,9 @@ class Model:
         hd = self.head_dim
         self.fused_attention = use_kernels and kernels.available(device) and hd >= 32 and not hd & (hd - 1) \
             and self.n_heads % self.n_kv == 0
+        # Norms by residual_norm where the attention kernel runs. Not in fp16: w h un-normalized can leave fp16's
+        # range where the residual stream holds large values (bf16 has float32's range).
+        self.split_norm = self.fused_attention and dtype != torch.float16 and kernels.split_norm()
 
     def _check_w8a8(self) -> dict[str, Any]:
         """torch._scaled_mm against the float32 product of the same FP8 operands, on this card, before trusting
@@ -297,12 +323,14 @@ class Model:
         compiled graph serves every layer."""
         qkv_l, o_l, gu_l, down_l = (self._as_linear(i, *w[3 * i : 3 * i + 3]) for i in range(4))
         b = h.shape[0]
+        hd, nh, nkv = self.head_dim, self.n_heads, self.n_kv
+        if self.split_norm:
+            return self._split_norm_block(h, d, kc, vc, pos, cos, sin, ln1, ln2, qkv_l, o_l, gu_l, down_l)
         if d is not None:
             h = h + summed(d).to(h.dtype)
         x = rms_norm(h, ln1, self.eps)
-        hd, nh, nkv = self.head_dim, self.n_heads, self.n_kv
         if self.fused_attention:
-            att = decode_attention(self._partials(x, qkv_l), kc, vc, cos, sin, pos, nh, nkv)
+            att = decode_attention(self._partials(x, qkv_l), kc, vc, cos, sin, pos, nh, nkv, None, 1, 0.0)
         else:
             qkv = self._lin(x, qkv_l)
             q = qkv[:, : nh * hd].view(b, nh, 1, hd)
@@ -319,6 +347,16 @@ class Model:
         gu = summed(self._partials(x, gu_l))  # float32 until the SiLU product (one fused kernel when compiled)
         inter = gu.shape[-1] // 2
         return h, self._partials((F.silu(gu[:, :inter]) * gu[:, inter:]).to(h.dtype), down_l)
+
+    def _split_norm_block(self, h, d, kc, vc, pos, cos, sin, ln1, ln2, qkv_l, o_l, gu_l, down_l):
+        """`_block` with both norms by residual_norm (many programs per row): the products take w h, and the
+        attention kernel and the SiLU product apply 1 / rms (kernels.residual_norm says why)."""
+        h, u, ss = residual_norm(h, d, ln1)
+        att = decode_attention(self._partials(u, qkv_l), kc, vc, cos, sin, pos, self.n_heads, self.n_kv, ss,
+                               self.hidden, self.eps)
+        h, u, ss = residual_norm(h, self._partials(att, o_l), ln2)
+        act = silu_product(self._partials(u, gu_l), ss, self.hidden, self.eps, h.dtype)
+        return h, self._partials(act, down_l)
 
     def block_output(self, h, *args) -> torch.Tensor:
         """One block's output (the stream after it) on the stream h: `_block` with its MLP output added."""
@@ -344,6 +382,14 @@ class Model:
         for i, lay in enumerate(self.parts["layers"]):
             h, d = self.block(h, d, kcs[i], vcs[i], pos, self.cos, self.sin, mask, lay["ln1"], lay["ln2"],
                               *self._flat(lay))
+        return self.head(h, d)
+
+    def _head(self, h: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+        """The stream h plus the last block's MLP output d (partial sums), the final norm and lm_head: logits."""
+        if self.split_norm:
+            h, u, ss = residual_norm(h, d, self.parts["norm"])
+            logits = summed(self._partials(u, self.parts["lm_head"]))
+            return (logits * kernels.rms_scale(ss, self.hidden, self.eps)[:, None]).to(self.dtype)
         h = h + summed(d).to(h.dtype)
         return self._lin(rms_norm(h, self.parts["norm"], self.eps), self.parts["lm_head"])
 
@@ -384,8 +430,8 @@ def reference_of(model: Model, weight_only_max_m: int | None = None, same_roundi
     ref = Model.__new__(Model)
     ref.__dict__.update(model.__dict__)
     ref.dtype, ref.use_kernels, ref.caches = torch.float32, False, None
-    ref.block = ref._block
-    ref.fused_attention = False
+    ref.block, ref.head = ref._block, ref._head
+    ref.fused_attention = ref.split_norm = False
     ref.cos, ref.sin = model.cos.float(), model.sin.float()
     if weight_only_max_m is not None:
         ref.wo_max_m = weight_only_max_m
@@ -587,9 +633,10 @@ def compile_blocks(model: Model) -> str:
             setattr(dynamo, name, max(getattr(dynamo, name), 64 if "accumulated" not in name else 512))
     try:
         model.block = torch.compile(model._block, dynamic=True, fullgraph=False)  # one graph for every batch size
+        model.head = torch.compile(model._head, dynamic=True, fullgraph=False)  # its sums fuse: ~20 launches fewer
         return f"torch.compile (inductor, torch {torch.__version__})"
     except Exception as e:  # noqa: BLE001  (an old or broken compiler: run eager, say so)
-        model.block = model._block
+        model.block, model.head = model._block, model._head
         return f"eager (torch.compile unavailable: {type(e).__name__}: {e})"
 
 

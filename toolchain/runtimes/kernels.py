@@ -174,13 +174,16 @@ def tiles_run(device: torch.device, dtype: torch.dtype) -> bool:
     return dtype in (torch.bfloat16, torch.float16) and torch.cuda.get_device_capability(device)[0] >= 8
 
 
+TILED_GROUPS_PER_SLICE = 8
+
+
 def tiled_split(n: int, k: int, m: int) -> int:
     """Programs per output sharing K in the tiled kernel: about eight groups of 128 each, at most 16. Measured on
     the H200 in the decoder (Llama-2-7B, batch 1): eight groups per program 2.146 ms per step, four 2.195, two
     2.370; alone a kernel prefers fewer groups per program, but the decoder pays for each partial sum it adds."""
     if interpret():
         return 2
-    return max(1, min(16, k // TILE_K // 8))
+    return max(1, min(16, k // TILE_K // TILED_GROUPS_PER_SLICE))
 
 
 # -- Triton kernels -------------------------------------------------------------------------------------------
@@ -731,6 +734,129 @@ def fp8_scaled_mm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) ->
                             out_dtype=x.dtype)
 
 
+# -- the residual add and RMSNorm of a decode step, across many programs -------------------------------------
+# RMSNorm's 1 / rms is one number per row, so it commutes with the linear that follows: W (w h / rms) =
+# (W (w h)) / rms. residual_norm stores h and w h and, per program, its share of the sum of squares of h; the
+# consumer of the next product (the attention kernel, the SiLU product) applies the scale. A norm computed
+# whole needs every column of a row in one program: one program per row at batch 1, which on the H200 took
+# 4.6-6.3 us per norm, two norms per block (BENCHMARKS.md).
+NORM_BLOCK = 256
+# Columns per program of silu_product: 43 programs for Llama-2-7B's 11,008 (1,024 each took 2.0 us on the H200
+# where inductor's kernel, more programs, took 1.2).
+SILU_BLOCK = 256
+
+if triton is not None:
+
+    @triton.jit
+    def _residual_norm(h_ptr, d_ptr, w_ptr, hout_ptr, u_ptr, ss_ptr, N, stride_ds, stride_dm, stride_hm,
+                       stride_ssm, S: tl.constexpr, BLOCK: tl.constexpr):
+        # h + (the sum of the S partial sums d, cast to h's dtype: as `summed(d).to(h.dtype)` rounds it), then
+        # u = w h in h's dtype and the sum of squares of this program's columns of h (float32).
+        m, p = tl.program_id(0), tl.program_id(1)
+        cols = p * BLOCK + tl.arange(0, BLOCK)
+        mask = cols < N
+        h = tl.load(h_ptr + m * stride_hm + cols, mask=mask, other=0.0)
+        if S > 0:
+            d = tl.load(d_ptr + m * stride_dm + cols, mask=mask, other=0.0)
+            for s in tl.static_range(1, S):
+                d += tl.load(d_ptr + s * stride_ds + m * stride_dm + cols, mask=mask, other=0.0)
+            h = (h.to(tl.float32) + d.to(h.dtype).to(tl.float32)).to(h.dtype)
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0)
+        hf = h.to(tl.float32)
+        tl.store(hout_ptr + m * stride_hm + cols, h, mask=mask)
+        tl.store(u_ptr + m * stride_hm + cols, (w.to(tl.float32) * hf).to(h.dtype), mask=mask)
+        tl.store(ss_ptr + m * stride_ssm + p, tl.sum(hf * hf, 0))
+
+
+    @triton.jit
+    def _silu_product(p_ptr, ss_ptr, out_ptr, INTER, stride_ps, stride_pm, stride_ssm, stride_om, inv_n, eps,
+                      S: tl.constexpr, P: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK: tl.constexpr):
+        # The gate/up product's partial sums (S, M, 2 INTER) summed, scaled by the row's 1 / rms, then
+        # silu(gate) * up in out's dtype.
+        m, c = tl.program_id(0), tl.program_id(1)
+        rp = tl.arange(0, BLOCK_P)
+        ss = tl.sum(tl.load(ss_ptr + m * stride_ssm + rp, mask=rp < P, other=0.0), 0)
+        cols = c * BLOCK + tl.arange(0, BLOCK)
+        mask = cols < INTER
+        row = p_ptr + m * stride_pm + cols
+        gate = tl.load(row, mask=mask, other=0.0)
+        up = tl.load(row + INTER, mask=mask, other=0.0)
+        for s in tl.static_range(1, S):
+            gate += tl.load(row + s * stride_ps, mask=mask, other=0.0)
+            up += tl.load(row + s * stride_ps + INTER, mask=mask, other=0.0)
+        r = 1.0 / tl.sqrt(ss * inv_n + eps)
+        gate, up = gate * r, up * r
+        out = gate / (1.0 + tl.exp(-gate)) * up
+        tl.store(out_ptr + m * stride_om + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def silu_product(parts: torch.Tensor, ss: torch.Tensor, n: int, eps: float, dtype: torch.dtype) -> torch.Tensor:
+    """The MLP's silu(gate) * up from the gate/up product's partial sums (S, M, 2 I) of residual_norm's w h,
+    scaled by rms_scale(ss, n, eps) first: (M, I) in `dtype`. One launch (inductor, given the same expression,
+    computed the scale in kernels of its own: two more launches per block on the H200)."""
+    s, m, two_i = parts.shape
+    parts = parts.contiguous()
+    out = torch.empty((m, two_i // 2), device=parts.device, dtype=dtype)
+    _silu_product[(m, triton.cdiv(two_i // 2, SILU_BLOCK))](
+        parts, ss, out, two_i // 2, parts.stride(0), parts.stride(1), ss.stride(0), out.stride(0), 1.0 / n, eps,
+        S=s, P=ss.shape[1], BLOCK_P=triton.next_power_of_2(ss.shape[1]), BLOCK=SILU_BLOCK, num_warps=2)
+    return out
+
+
+def silu_product_reference(parts: torch.Tensor, ss: torch.Tensor, n: int, eps: float) -> torch.Tensor:
+    """silu_product in float64 (tests)."""
+    gu = parts.double().sum(0) * rms_scale(ss.double(), n, eps)[:, None]
+    inter = gu.shape[-1] // 2
+    return torch.nn.functional.silu(gu[:, :inter]) * gu[:, inter:]
+
+
+def split_norm() -> bool:
+    """Whether the decode step's norms take residual_norm (on unless TOOLCHAIN_SPLIT_NORM=0)."""
+    return os.environ.get("TOOLCHAIN_SPLIT_NORM", "1") != "0"
+
+
+def norm_programs(n: int) -> int:
+    """How many partial sums of squares residual_norm returns per row of n columns."""
+    return -(-n // NORM_BLOCK)
+
+
+def residual_norm(h: torch.Tensor, d: torch.Tensor | None, w: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """h (M, N) plus the partial sums d (S, M, N) float32 (or None), and RMSNorm's weight w (N,): returns the new
+    h, u = w h (both in h's dtype) and ss (M, norm_programs(N)) float32, partial sums of squares of the new h.
+    RMSNorm(h) W^T = rms_scale(ss, N, eps) * (u W^T)."""
+    h = h.contiguous()
+    m, n = h.shape
+    hout, u = torch.empty_like(h), torch.empty_like(h)
+    ss = torch.empty((m, norm_programs(n)), device=h.device, dtype=torch.float32)
+    s = 0 if d is None else d.shape[0]
+    d = h if d is None else d.contiguous()
+    _residual_norm[(m, ss.shape[1])](h, d, w, hout, u, ss, n, d.stride(0) if s else 0, d.stride(1) if s else 0,
+                                      h.stride(0), ss.stride(0), S=s, BLOCK=NORM_BLOCK,
+                                      num_warps=max(1, min(4, NORM_BLOCK // 128)))
+    return hout, u, ss
+
+
+def rms_scale(ss: torch.Tensor, n: int, eps: float) -> torch.Tensor:
+    """1 / rms per row from residual_norm's partial sums of squares (M, P), as P - 1 adds (fuses when compiled)."""
+    total = ss[:, 0]
+    for i in range(1, ss.shape[1]):
+        total = total + ss[:, i]
+    return torch.rsqrt(total / n + eps)
+
+
+def residual_norm_reference(h: torch.Tensor, d: torch.Tensor | None, w: torch.Tensor
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """residual_norm in plain torch: the same roundings to h's dtype, sums of squares in float64 (tests)."""
+    if d is not None:
+        h = (h.double() + d.double().sum(0).to(h.dtype).double()).to(h.dtype)
+    u = (w.double() * h.double()).to(h.dtype)
+    m, n = h.shape
+    p = norm_programs(n)
+    hf = torch.nn.functional.pad(h.double(), (0, p * NORM_BLOCK - n))
+    return h, u, (hf.view(m, p, NORM_BLOCK) ** 2).sum(-1)
+
+
 # -- decode attention -----------------------------------------------------------------------------------------
 
 if triton is not None:
@@ -749,16 +875,25 @@ if triton is not None:
         return x * cos[None, :] + sign[None, :] * y * sin[None, :]
 
     @triton.jit
-    def _decode_attention(p_ptr, kc_ptr, vc_ptr, cos_ptr, sin_ptr, pos_ptr, out_ptr, S: tl.constexpr, stride_ps,
-                              stride_pb, stride_cb, stride_ch, stride_cl, stride_ob, stride_cos, sm_scale,
-                              NH: tl.constexpr, NKV: tl.constexpr, HD: tl.constexpr, BLOCK_L: tl.constexpr,
-                              BLOCK_G: tl.constexpr):
+    def _decode_attention(p_ptr, kc_ptr, vc_ptr, cos_ptr, sin_ptr, pos_ptr, out_ptr, ss_ptr, S: tl.constexpr,
+                              stride_ps, stride_pb, stride_cb, stride_ch, stride_cl, stride_ob, stride_cos,
+                              stride_ssb, sm_scale, inv_n, eps, NH: tl.constexpr, NKV: tl.constexpr,
+                              HD: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_G: tl.constexpr, P: tl.constexpr,
+                              BLOCK_P: tl.constexpr):
         # One program per (sequence, KV head): its query heads as the rows of a tile of BLOCK_G >= 16 rows
         # (padded), so the cache is read once per group and q K^T, P V are tensor-core products. Rotary on q and
         # the new k (rotate-half form), the new k and v written into the cache at `pos`, then softmax(q K^T /
         # sqrt(d)) V over positions 0..pos-1 of the cache and the new token (from registers, as rounded for the
-        # cache: nothing is read back that this launch wrote).
+        # cache: nothing is read back that this launch wrote). P > 0: the product was of the un-normalized
+        # input (residual_norm), and q, k, v are scaled here by the row's 1 / rms from its P partial sums of
+        # squares (loaded first: their latency overlaps the rest).
+        # One program per (sequence, KV head) also where that leaves most of the card idle (32 programs for
+        # Llama-2-7B at batch 1): splitting the positions over 4 programs, combined by the last to finish,
+        # made the decode step 0.2 ms slower on the H200 (BENCHMARKS.md).
         b, kvh = tl.program_id(0), tl.program_id(1)
+        if P > 0:
+            rp = tl.arange(0, BLOCK_P)
+            r = 1.0 / tl.sqrt(tl.sum(tl.load(ss_ptr + b * stride_ssb + rp, mask=rp < P, other=0.0), 0) * inv_n + eps)
         G: tl.constexpr = NH // NKV
         HALF: tl.constexpr = HD // 2
         kdt = kc_ptr.dtype.element_ty
@@ -777,6 +912,8 @@ if triton is not None:
         v = tl.load(p_ptr + row + (NH + NKV + kvh) * HD + rd).to(tl.float32)
         for s in tl.static_range(1, S):
             v += tl.load(p_ptr + s * stride_ps + row + (NH + NKV + kvh) * HD + rd).to(tl.float32)
+        if P > 0:
+            q, k, v = q * r, k * r, v * r
         k = tl.sum(k, 0).to(kdt)  # row 0 only (the others masked to zero)
         v = v.to(kdt)
         cache = b * stride_cb + kvh * stride_ch
@@ -807,32 +944,39 @@ if triton is not None:
 # Measured on the H200 (BENCHMARKS.md), Llama-2-7B heads, 160 cached positions: 64-position blocks at batch 1
 # (6.2-6.5 us), 32 at batch 16 (13.9-14.6 us; 64: 18.6-20.1 us), 4 warps.
 ATTENTION_WARPS = 4
-
-
 def decode_attention(qkv: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                     pos: torch.Tensor, n_heads: int, n_kv: int) -> torch.Tensor:
+                     pos: torch.Tensor, n_heads: int, n_kv: int, ss: torch.Tensor | None = None, n: int = 1,
+                     eps: float = 0.0) -> torch.Tensor:
     """One decode step's attention from the q/k/v product's partial sums `qkv` (S, B, (n_heads + 2 n_kv) d):
     rotary at position `pos` (a 0-d device tensor), the new k and v written into the caches (B, n_kv, L, d) at
-    `pos`, attention over positions 0..pos. Returns (B, n_heads d) in the caches' dtype."""
+    `pos`, attention over positions 0..pos. Returns (B, n_heads d) in the caches' dtype. With `ss` (B, P), the
+    partial sums of squares of residual_norm over n columns, q, k and v are first scaled by rms_scale(ss, n,
+    eps): the product was taken of the norm's un-normalized output."""
     s, b, _ = qkv.shape
     hd = kc.shape[-1]
     if hd & (hd - 1) or hd < 32 or n_heads % n_kv:
         raise ValueError(f"decode attention needs a power-of-two head size of at least 32 (got {hd}) and whole "
                          f"query groups ({n_heads} heads, {n_kv} KV heads)")
     out = torch.empty((b, n_heads * hd), device=qkv.device, dtype=kc.dtype)
+    p = 0 if ss is None else ss.shape[1]
     _decode_attention[(b, n_kv)](
-        qkv, kc, vc, cos, sin, pos, out, s, qkv.stride(0), qkv.stride(1), kc.stride(0), kc.stride(1), kc.stride(2),
-        out.stride(0), cos.stride(0), hd ** -0.5, NH=n_heads, NKV=n_kv, HD=hd, BLOCK_L=64 if b <= 4 else 32,
-        BLOCK_G=max(16, triton.next_power_of_2(n_heads // n_kv)), num_warps=ATTENTION_WARPS)
+        qkv, kc, vc, cos, sin, pos, out, out if ss is None else ss, s, qkv.stride(0), qkv.stride(1), kc.stride(0),
+        kc.stride(1), kc.stride(2), out.stride(0), cos.stride(0), 0 if ss is None else ss.stride(0), hd ** -0.5,
+        1.0 / n, eps, NH=n_heads, NKV=n_kv, HD=hd, BLOCK_L=64 if b <= 4 else 32,
+        BLOCK_G=max(16, triton.next_power_of_2(n_heads // n_kv)), P=p, BLOCK_P=triton.next_power_of_2(max(p, 1)),
+        num_warps=ATTENTION_WARPS)
     return out
 
 
 def decode_attention_reference(qkv: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, cos: torch.Tensor,
-                               sin: torch.Tensor, pos: int, n_heads: int, n_kv: int) -> torch.Tensor:
+                               sin: torch.Tensor, pos: int, n_heads: int, n_kv: int, ss: torch.Tensor | None = None,
+                               n: int = 1, eps: float = 0.0) -> torch.Tensor:
     """The same step in plain torch, float64 (tests): returns the output and leaves the caches updated."""
     b = qkv.shape[1]
     hd = kc.shape[-1]
     x = qkv.double().sum(0)
+    if ss is not None:
+        x = x * rms_scale(ss.double(), n, eps)[:, None]
     q = x[:, : n_heads * hd].view(b, n_heads, hd)
     k = x[:, n_heads * hd : (n_heads + n_kv) * hd].view(b, n_kv, hd)
     v = x[:, (n_heads + n_kv) * hd :].view(b, n_kv, hd)

@@ -333,8 +333,8 @@ def _attention_errors(device: str = "cpu", dtype: torch.dtype = torch.float32) -
         emb = torch.outer(torch.arange(length, dtype=torch.float64), inv).repeat(1, 2)
         cos, sin = emb.cos().to(device, dtype), emb.sin().to(device, dtype)
         kr, vr = kc.clone(), vc.clone()
-        # Every other case as the split norm's consumer: the product of w h, scaled here by 1 / rms from partial
-        # sums of squares over 300 columns (two programs of NORM_BLOCK, the second part-full).
+        # Every other case as the split norm's consumer: the product of w h, scaled here by 1 / rms from two
+        # partial sums of squares over 300 columns.
         norm = {"ss": (torch.rand(b, 2, generator=g) * 300 + 1).to(device), "n": 300, "eps": 1e-5} \
             if case % 2 else {}
         got = K.decode_attention(qkv, kc, vc, cos, sin, torch.tensor(pos, device=device), nh, nkv, **norm)

@@ -174,13 +174,16 @@ def tiles_run(device: torch.device, dtype: torch.dtype) -> bool:
     return dtype in (torch.bfloat16, torch.float16) and torch.cuda.get_device_capability(device)[0] >= 8
 
 
-TILED_GROUPS_PER_SLICE = 8
+TILED_GROUPS_PER_SLICE = 4
 
 
 def tiled_split(n: int, k: int, m: int) -> int:
-    """Programs per output sharing K in the tiled kernel: about eight groups of 128 each, at most 16. Measured on
-    the H200 in the decoder (Llama-2-7B, batch 1): eight groups per program 2.146 ms per step, four 2.195, two
-    2.370; alone a kernel prefers fewer groups per program, but the decoder pays for each partial sum it adds."""
+    """Programs per output sharing K in the tiled kernel: about TILED_GROUPS_PER_SLICE groups of 128 each, at most
+    16. Measured on the H200 in the decoder (Llama-2-7B, batch 1), side by side: with norms of one program per
+    row, eight groups per program 2.146 ms per step, four 2.195, two 2.370 (each partial sum costs the norm
+    that reads it); with residual_norm spread over many programs, eight 1.879, four 1.792, two 1.887. Each warp
+    walks its groups one round trip to memory at a time (two groups per loop step, loads first, was slower:
+    ptxas interleaved the second group's loads with the first's products)."""
     if interpret():
         return 2
     return max(1, min(16, k // TILE_K // TILED_GROUPS_PER_SLICE))
@@ -739,11 +742,11 @@ def fp8_scaled_mm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) ->
 # (W (w h)) / rms. residual_norm stores h and w h and, per program, its share of the sum of squares of h; the
 # consumer of the next product (the attention kernel, the SiLU product) applies the scale. A norm computed
 # whole needs every column of a row in one program: one program per row at batch 1, which on the H200 took
-# 4.6-6.3 us per norm, two norms per block (BENCHMARKS.md).
-NORM_BLOCK = 256
-# Columns per program of silu_product: 43 programs for Llama-2-7B's 11,008 (1,024 each took 2.0 us on the H200
-# where inductor's kernel, more programs, took 1.2).
-SILU_BLOCK = 256
+# 4.6-6.3 us per norm, two norms per block (BENCHMARKS.md). Columns per program, measured on the H200 in the
+# decoder (Llama-2-7B, batch 1): 128 for the norm (256: 0.02 ms per step slower), 128 for silu_product (256:
+# 0.014 ms slower; 1,024: 2.0 us per call where inductor's kernel, more programs, took 1.2).
+NORM_BLOCK = 128
+SILU_BLOCK = 128
 
 if triton is not None:
 

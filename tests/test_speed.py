@@ -143,7 +143,7 @@ def test_a_wrong_scaled_mm_is_caught_and_replaced_by_the_weight_only_path(export
 
     monkeypatch.setattr(kernels, "fp8_scaled_mm", lambda x, w, s: torch.zeros(x.shape[0], w.shape[0], dtype=x.dtype))
     # the weight-only product in plain torch (the Triton kernel itself is tested against float64 below)
-    monkeypatch.setattr(builtin, "fp8_mm", lambda x, w, s: (x.float() @ (w.float() * s).T)[None])  # partial sums
+    monkeypatch.setattr(builtin, "fp8_mm", lambda x, w, s, split: (x.float() @ (w.float() * s).T)[None])  # 1 slice
     model = builtin.Model(Checkpoint.open(exports["fp8"]), torch.device("cpu"), torch.float32, use_kernels=True)
     assert model.w8a8["used"] is False and "relative error 1" in model.w8a8["reason"]
     check = builtin.logits_check(model, tokens=70)
@@ -161,7 +161,7 @@ def test_block_check_catches_a_kernel_that_skips_the_end_of_k(exports, monkeypat
     exact = builtin.block_errors(model, tokens=8)
     assert len(exact) == 4 and set(exact.values()) == {0.0}, exact
 
-    def short_k(x, packed, scale, zero, group, tiled):
+    def short_k(x, packed, scale, zero, group, tiled, split):
         assert not tiled  # CPU: the stored layout
         w = builtin.kernels.dequantize_int4(packed, scale, zero, group)
         w[:, -32:] = 0

@@ -4,9 +4,11 @@ bandwidth limit at small batch.
 - Static KV cache (batch, kv_heads, input_len + output_len, head_dim).
 - Decode: each decoder block compiled once by torch.compile (every block has the same shapes, the weights are
   arguments), the whole step (embedding, 32 blocks, lm_head, greedy argmax, position + 1) captured in one CUDA
-  graph and replayed per token. Per block: the Triton linears return per-program partial sums whose sum fuses
-  into the next elementwise kernel; one Triton kernel does rotary, the cache write and attention from the q/k/v
-  product's partial sums; the MLP output is added to the stream in the next block's first norm.
+  graph and replayed per token. Per block: the Triton linears return per-program partial sums, which the next
+  kernel sums; both norms by kernels.residual_norm (the residual add, w h and partial sums of squares, many
+  programs per row: 1 / rms commutes with the linear after it), the attention kernel (rotary, the cache write,
+  attention from the q/k/v product's partial sums) and kernels.silu_product applying 1 / rms; the MLP output is
+  added to the stream in the next block's first norm.
 - Linears by kind (toolchain.runtimes.weights): bf16 by the Triton GEMV up to kernels.GEMV_MAX_M rows (partial
   sums, as below), by cuBLAS above; INT4 W4A16 and FP8 weight-only by the Triton
   kernels of toolchain.runtimes.kernels (packed weights read once, dequantized in registers; INT4 of groups of
@@ -49,43 +51,50 @@ LOGITS_TOLERANCE = {"dense": 1e-1, "int4": 1e-1, "fp8": 1.5e-1}  # reported: whe
 # They return the kernels' partial sums, (split, M, N) float32: in a compiled block their sum and the cast to the
 # activation dtype fuse into the elementwise kernel that reads the product (rotary, residual add, SiLU), so a
 # linear is one launch (no zero-fill, no atomics, no separate cast). The split depends on the shape only
-# (kernels.split_k), so the fake below knows it.
+# (kernels.partials_split) and is an argument of each op: the fake gives that shape, and the split is written
+# into the compiled graph's code, which keys inductor's on-disk cache. Otherwise a graph cached by a version
+# with another split would be reused, its shape checks failing at run time.
+
+def _checked(parts: torch.Tensor, split: int) -> torch.Tensor:
+    if parts.shape[0] != split:
+        raise RuntimeError(f"the kernels returned {parts.shape[0]} partial sums where the graph expects {split}")
+    return parts
+
 
 @torch.library.custom_op("toolchain::int4_mm", mutates_args=())
 def int4_mm(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
-            group: int, tiled: bool) -> torch.Tensor:
-    return kernels.int4_partials(x, packed, scale, zero, group, tiled=tiled)
+            group: int, tiled: bool, split: int) -> torch.Tensor:
+    return _checked(kernels.int4_partials(x, packed, scale, zero, group, tiled=tiled), split)
 
 
-def _partials_like(x: torch.Tensor, n: int, tiled: bool = False) -> torch.Tensor:
-    """The fake result of a linear custom op: the kernels' partial sums of x (M, K) times an (N, K) weight."""
-    split = kernels.partials_split(n, x.shape[1], x.shape[0], tiled)
+def _partials_like(x: torch.Tensor, n: int, split: int) -> torch.Tensor:
+    """The fake result of a linear custom op: `split` partial sums of x (M, K) times an (N, K) weight."""
     return x.new_empty((split, x.shape[0], n), dtype=torch.float32)
 
 
 @int4_mm.register_fake
-def _(x, packed, scale, zero, group, tiled):
-    return _partials_like(x, packed.shape[0], tiled)
+def _(x, packed, scale, zero, group, tiled, split):
+    return _partials_like(x, packed.shape[0], split)
 
 
 @torch.library.custom_op("toolchain::fp8_mm", mutates_args=())
-def fp8_mm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return kernels.fp8_partials(x, weight, scale)
+def fp8_mm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, split: int) -> torch.Tensor:
+    return _checked(kernels.fp8_partials(x, weight, scale), split)
 
 
 @fp8_mm.register_fake
-def _(x, weight, scale):
-    return _partials_like(x, weight.shape[0])
+def _(x, weight, scale, split):
+    return _partials_like(x, weight.shape[0], split)
 
 
 @torch.library.custom_op("toolchain::dense_mm", mutates_args=())
-def dense_mm(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    return kernels.dense_partials(x, weight)
+def dense_mm(x: torch.Tensor, weight: torch.Tensor, split: int) -> torch.Tensor:
+    return _checked(kernels.dense_partials(x, weight), split)
 
 
 @dense_mm.register_fake
-def _(x, weight):
-    return _partials_like(x, weight.shape[0])
+def _(x, weight, split):
+    return _partials_like(x, weight.shape[0], split)
 
 
 @torch.library.custom_op("toolchain::decode_attention", mutates_args=("kc", "vc"))
@@ -111,15 +120,24 @@ def _(parts, ss, n, eps, dtype):
 
 
 @torch.library.custom_op("toolchain::residual_norm", mutates_args=())
+def residual_norm_op(h: torch.Tensor, d: torch.Tensor | None, w: torch.Tensor, programs: int
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    h, u, ss = kernels.residual_norm(h, d, w)
+    if ss.shape[1] != programs:
+        raise RuntimeError(f"the norm returned {ss.shape[1]} partial sums of squares where the graph expects "
+                           f"{programs}")
+    return h, u, ss
+
+
+@residual_norm_op.register_fake
+def _(h, d, w, programs):
+    return h.new_empty(h.shape), h.new_empty(h.shape), h.new_empty((h.shape[0], programs), dtype=torch.float32)
+
+
 def residual_norm(h: torch.Tensor, d: torch.Tensor | None, w: torch.Tensor
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return kernels.residual_norm(h, d, w)
-
-
-@residual_norm.register_fake
-def _(h, d, w):
-    return h.new_empty(h.shape), h.new_empty(h.shape), \
-        h.new_empty((h.shape[0], kernels.norm_programs(h.shape[1])), dtype=torch.float32)
+    """kernels.residual_norm as a custom op, its number of partial sums in the graph (see the linears)."""
+    return residual_norm_op(h, d, w, kernels.norm_programs(h.shape[1]))
 
 
 def concat(parts: list[Linear]) -> Linear:
@@ -150,7 +168,7 @@ def linear_partials(x: torch.Tensor, lin: Linear, use_kernels: bool, wo_max_m: i
     wo_max_m = FP8_WEIGHT_ONLY_MAX_M if wo_max_m is None else wo_max_m
     if lin.kind == "dense":
         if use_kernels and m <= kernels.GEMV_MAX_M and kernels.dense_gemv() and kernels.available(x.device):
-            return dense_mm(x, lin.weight.to(x.dtype))
+            return dense_mm(x, lin.weight.to(x.dtype), kernels.partials_split(lin.weight.shape[0], x.shape[1], m))
         return F.linear(x, lin.weight.to(x.dtype))[None]
     if lin.kind == "fp8" and m > wo_max_m:  # the checkpoint's own scheme: dynamic per-token FP8 activations
         if use_kernels:
@@ -160,8 +178,9 @@ def linear_partials(x: torch.Tensor, lin: Linear, use_kernels: bool, wo_max_m: i
     if not use_kernels:
         return (x.to(torch.float32) @ lin.dense(torch.float32).T).to(x.dtype)[None]
     if lin.kind == "int4":
-        return int4_mm(x, lin.weight, lin.scale, lin.zero, lin.group, lin.tiled)
-    return fp8_mm(x, lin.weight, lin.scale)
+        split = kernels.partials_split(lin.weight.shape[0], x.shape[1], m, lin.tiled)
+        return int4_mm(x, lin.weight, lin.scale, lin.zero, lin.group, lin.tiled, split)
+    return fp8_mm(x, lin.weight, lin.scale, kernels.partials_split(lin.weight.shape[0], x.shape[1], m))
 
 
 def summed(parts: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,7 @@ import subprocess
 from dataclasses import dataclass, field
 from typing import Any
 
-BUILTIN_VERSION = "4"  # bump when the built-in runtime's timing method or kernels change
+BUILTIN_VERSION = "5"  # bump when the built-in runtime's timing method or kernels change
 # Formats whose files the built-in runtime reads (toolchain.runtimes.weights).
 BUILTIN_FORMATS = ("compressed-tensors",)
 # The target's own benchmark, by format, in order of preference.

@@ -770,7 +770,6 @@ if triton is not None:
         tl.store(u_ptr + m * stride_hm + cols, (w.to(tl.float32) * hf).to(h.dtype), mask=mask)
         tl.store(ss_ptr + m * stride_ssm + p, tl.sum(hf * hf, 0))
 
-
     @triton.jit
     def _silu_product(p_ptr, ss_ptr, out_ptr, INTER, stride_ps, stride_pm, stride_ssm, stride_om, inv_n, eps,
                       S: tl.constexpr, P: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK: tl.constexpr):
@@ -791,26 +790,6 @@ if triton is not None:
         gate, up = gate * r, up * r
         out = gate / (1.0 + tl.exp(-gate)) * up
         tl.store(out_ptr + m * stride_om + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
-
-
-def silu_product(parts: torch.Tensor, ss: torch.Tensor, n: int, eps: float, dtype: torch.dtype) -> torch.Tensor:
-    """The MLP's silu(gate) * up from the gate/up product's partial sums (S, M, 2 I) of residual_norm's w h,
-    scaled by rms_scale(ss, n, eps) first: (M, I) in `dtype`. One launch (inductor, given the same expression,
-    computed the scale in kernels of its own: two more launches per block on the H200)."""
-    s, m, two_i = parts.shape
-    parts = parts.contiguous()
-    out = torch.empty((m, two_i // 2), device=parts.device, dtype=dtype)
-    _silu_product[(m, triton.cdiv(two_i // 2, SILU_BLOCK))](
-        parts, ss, out, two_i // 2, parts.stride(0), parts.stride(1), ss.stride(0), out.stride(0), 1.0 / n, eps,
-        S=s, P=ss.shape[1], BLOCK_P=triton.next_power_of_2(ss.shape[1]), BLOCK=SILU_BLOCK, num_warps=2)
-    return out
-
-
-def silu_product_reference(parts: torch.Tensor, ss: torch.Tensor, n: int, eps: float) -> torch.Tensor:
-    """silu_product in float64 (tests)."""
-    gu = parts.double().sum(0) * rms_scale(ss.double(), n, eps)[:, None]
-    inter = gu.shape[-1] // 2
-    return torch.nn.functional.silu(gu[:, :inter]) * gu[:, inter:]
 
 
 def split_norm() -> bool:
@@ -858,6 +837,26 @@ def residual_norm_reference(h: torch.Tensor, d: torch.Tensor | None, w: torch.Te
     p = norm_programs(n)
     hf = torch.nn.functional.pad(h.double(), (0, p * NORM_BLOCK - n))
     return h, u, (hf.view(m, p, NORM_BLOCK) ** 2).sum(-1)
+
+
+def silu_product(parts: torch.Tensor, ss: torch.Tensor, n: int, eps: float, dtype: torch.dtype) -> torch.Tensor:
+    """The MLP's silu(gate) * up from the gate/up product's partial sums (S, M, 2 I) of residual_norm's w h,
+    scaled by rms_scale(ss, n, eps) first: (M, I) in `dtype`. One launch (inductor, given the same expression,
+    computed the scale in kernels of its own: two more launches per block on the H200)."""
+    s, m, two_i = parts.shape
+    parts = parts.contiguous()
+    out = torch.empty((m, two_i // 2), device=parts.device, dtype=dtype)
+    _silu_product[(m, triton.cdiv(two_i // 2, SILU_BLOCK))](
+        parts, ss, out, two_i // 2, parts.stride(0), parts.stride(1), ss.stride(0), out.stride(0), 1.0 / n, eps,
+        S=s, P=ss.shape[1], BLOCK_P=triton.next_power_of_2(ss.shape[1]), BLOCK=SILU_BLOCK, num_warps=2)
+    return out
+
+
+def silu_product_reference(parts: torch.Tensor, ss: torch.Tensor, n: int, eps: float) -> torch.Tensor:
+    """silu_product in float64 (tests)."""
+    gu = parts.double().sum(0) * rms_scale(ss.double(), n, eps)[:, None]
+    inter = gu.shape[-1] // 2
+    return torch.nn.functional.silu(gu[:, :inter]) * gu[:, inter:]
 
 
 # -- decode attention -----------------------------------------------------------------------------------------

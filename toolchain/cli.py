@@ -110,8 +110,11 @@ def main() -> None:
               help="Remote cache: look each stage up in this registry repository before building it, pull hits "
                    "(verified), push what was built. [env TOOLCHAIN_CACHE]")
 @click.option("--insecure", is_flag=True, help="Reach the --cache registry over plain HTTP (localhost registries).")
+@click.option("--verify", is_flag=True,
+              help="Re-hash every cached artifact against its manifest before using it; a corrupt one is discarded "
+                   "and its stage rebuilt.")
 def build(profile: str | None, store_dir: str | None, source: str | None, as_json: bool, quiet: bool,
-          cache: str | None, insecure: bool) -> None:
+          cache: str | None, insecure: bool, verify: bool) -> None:
     """Build PROFILE (default: the SmolLM2 INT4 demo profile): every stage that is not cached.
 
     Exit code 0 when every target is built and passed its gates, 1 when a stage or a gate failed,
@@ -135,7 +138,7 @@ def build(profile: str | None, store_dir: str | None, source: str | None, as_jso
         for note in plan.notes:
             reporter.warn(note)
         try:
-            results = execute(plan, store, reporter, remote)
+            results = execute(plan, store, reporter, remote, verify=verify)
         finally:
             if remote is not None:
                 remote.close()
@@ -480,6 +483,34 @@ def gc(store_dir: str | None, dry_run: bool, as_json: bool) -> None:
     for r in removed:
         console.print(f"{verb} {r['key'][:12]} {r['stage']} ({_fmt_size(r['size'])})")
     console.print(f"{verb} {len(removed)} entries, {_fmt_size(sum(r['size'] for r in removed))}")
+
+
+@main.command(name="verify")
+@click.argument("target", metavar="[KEY|PROFILE]", required=False)
+@click.option("--store", "store_dir", help=STORE_HELP)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
+def verify_cmd(target: str | None, store_dir: str | None, as_json: bool) -> None:
+    """Re-hash every file of the artifacts a profile's last build references (PROFILE: a file or a name), of
+    one artifact (a key prefix), or of the whole store (no argument). Exit 1 naming each file that changed."""
+    from .verify import resolve, verify
+
+    try:
+        store = _store(store_dir)
+        what, keys = resolve(store, target)
+        doc = {"verified": what, **verify(store, keys)}
+    except ToolchainError as e:
+        _fail(e, as_json)
+        return
+    if as_json:
+        click.echo(json.dumps(doc, indent=2))
+    else:
+        for p in doc["problems"]:
+            click.echo(f"{p['problem']}: {p['path']} (stage {p['stage']}, key {p['key'][:12]})", err=True)
+        n = len(doc["problems"])
+        verdict = "all match" if doc["ok"] else f"{n} file{'s do' if n > 1 else ' does'} not match"
+        click.echo(f"verified {what}: {doc['artifacts']} artifacts, {doc['files']} files, "
+                   f"{_fmt_size(doc['bytes'])} in {doc['seconds']:.1f} s: {verdict}")
+    sys.exit(0 if doc["ok"] else 1)
 
 
 @main.command()

@@ -196,3 +196,24 @@ def test_a_reference_cannot_hold_a_repository_that_normalizes_out(repo: str) -> 
 def test_good_destinations_still_work() -> None:
     assert destination(f"oci://reg.example/{REPO}:v1", "gguf", 2).tag == "v1-gguf"
     assert destination(f"oci://reg.example/{REPO}:{{target}}", "int4.q_4", 1).tag == "int4.q_4"
+
+
+def test_a_fetched_token_is_sent_only_for_its_scope() -> None:
+    seen: list[httpx.Request] = []
+    tokens = iter(["tok-pull", "tok-push"])
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        if request.url.host == "auth.example":
+            return httpx.Response(200, json={"token": next(tokens)})
+        if "authorization" not in request.headers:
+            return httpx.Response(401, headers={"www-authenticate": 'Bearer realm="https://auth.example/t"'})
+        return httpx.Response(201 if request.method == "PUT" else 404)
+
+    c = RegistryClient("reg.example", CREDENTIALS["basic"], transport=httpx.MockTransport(handler))
+    assert c.manifest_digest(REPO, "v1") is None  # pull scope
+    c.put_manifest(REPO, "v1", b"{}")  # push scope: a new challenge, a new token
+    sent = [(r.method, r.headers.get("authorization")) for r in seen if r.url.host == "reg.example"]
+    assert sent == [("HEAD", None), ("HEAD", "Bearer tok-pull"), ("PUT", None), ("PUT", "Bearer tok-push")]
+    assert [r.url.params["scope"] for r in seen if r.url.host == "auth.example"] == [
+        f"repository:{REPO}:pull", f"repository:{REPO}:pull,push"]

@@ -108,6 +108,9 @@ def test_discard_keeps_an_artifact_a_concurrent_build_replaced(tmp_path):
 
 
 def test_verify_of_nothing_known_is_exit_2(tmp_path):
+    r = run_cli("verify", "--store", str(tmp_path / "store"))
+    assert r.returncode == 2 and "no store at" in r.stderr and not (tmp_path / "store").exists()
+    make_artifact(tmp_path / "store", "a", {"x.bin": b"x"})
     r = run_cli("verify", "no-such-thing", "--store", str(tmp_path / "store"))
     assert r.returncode == 2 and "no artifact" in r.stderr and "profile" in r.stderr
     profile = write_profile(tmp_path, tiny_profile(name="never-built"))

@@ -13,6 +13,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -106,6 +107,9 @@ def profile_refs(store: Store, name: str) -> list[str]:
 def resolve(store: Store, what: str | None) -> tuple[str, list[str]]:
     """(description, keys) for `toolchain verify [KEY|PROFILE]`: nothing = every artifact in the store; a
     profile file or a profile name = the artifacts its last build references; else a key prefix."""
+    if not store.root.is_dir():
+        raise InputError(f"no store at {store.root}; give the store the artifacts were built in (--store or "
+                         "TOOLCHAIN_STORE)")
     if what is None:
         return f"every artifact in {store.root}", store.keys()
     if Path(what).is_file():
@@ -139,7 +143,11 @@ def verify(store: Store, keys: list[str]) -> dict[str, Any]:
     problems: list[dict[str, Any]] = []
     present = [k for k in keys if store.has(k)]
     n_files = 0
-    with store.building():
+    with ExitStack() as held:
+        try:
+            held.enter_context(store.building())
+        except OSError:
+            pass  # a read-only store: nothing (no gc either) can change it while we read
         for key in present:
             problems.extend(check_artifact(store, key, count))
             try:

@@ -42,6 +42,13 @@ class QuantizeBase(BaseModel):
     # Where calibrated methods compute: auto = CUDA when available.
     device: str = "auto"
 
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, device: str) -> str:
+        from ..checks import check_device
+
+        return check_device(device)
+
     @field_validator("ignore")
     @classmethod
     def _ignore_patterns_compile(cls, ignore: tuple[str, ...]) -> tuple[str, ...]:

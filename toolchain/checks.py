@@ -211,11 +211,15 @@ def has_tokenizer(model_dir: Path) -> bool:
     return any((model_dir / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json"))
 
 
+def _tokens(n: int, exact: bool) -> str:
+    return f"{'' if exact else 'at most '}{n} token{'' if n == 1 else 's'}"
+
+
 def check_eval_tokens(path: Path, model_dir: Path | None) -> None:
     text = path.read_text(encoding="utf-8")
     n, exact = count_tokens(text, model_dir, True, MIN_EVAL_TOKENS)
     if n < MIN_EVAL_TOKENS:
-        counted = f"{n} tokens" if exact else f"at most {n} tokens"
+        counted = _tokens(n, exact)
         raise InputError(f"validate.accuracy.dataset: {path} holds {counted}; scoring needs at least "
                          f"{MIN_EVAL_TOKENS} (one window of the shortest seq_len); give a longer text, e.g. "
                          "WikiText-2's wiki.test.raw")
@@ -225,7 +229,7 @@ def check_calibration_tokens(text: str, label: str, seq_len: int, model_dir: Pat
     """`tokenized`: the source has a tokenizer (else calibration reads the text as UTF-8 bytes)."""
     n, exact = count_tokens(text, model_dir, tokenized, seq_len)
     if n < seq_len:
-        counted = f"{n} tokens" if exact else f"at most {n} tokens"
+        counted = _tokens(n, exact)
         raise InputError(f"quantize.calibration.dataset: {label} holds {counted}; one calibration window needs "
                          f"seq_len {seq_len}; give a longer text or lower quantize.calibration.seq_len")
 
@@ -239,8 +243,8 @@ def check_publish_tags(profile: Any) -> None:
     labels = [t.label for t in profile.targets]
     for i, pub in enumerate(profile.publish):
         for label in labels:
-            ref = destination(pub.to, label, len(labels))
             try:
+                ref = destination(pub.to, label, len(labels))
                 parse_reference(str(ref), need_tag=True)
             except InputError as e:
                 raise InputError(f"publish.{i}.to: for target {label}: {e}; shorten the tag or the target's "

@@ -563,3 +563,127 @@ def test_duplicate_key_in_an_extended_base(cli, tmp_path):
     write_profile(tmp_path, {"extends": "base.yaml", **tiny_profile()})
     out = check_exit2(cli, tmp_path, tmp_path / "profile.yaml", "base.yaml", "quantize.group_size", "twice")
     assert "Traceback" not in out
+
+
+# -- issue 22 item 10: one catch-all at the CLI ----------------------------------------------------------------
+
+def test_internal_error_is_one_line_with_the_json_document(cli, tmp_path, monkeypatch):
+    """An exception that is not ours: exit 1, one line naming a log file that holds the traceback, the JSON
+    error document under --json."""
+    import json
+
+    import toolchain.plan
+
+    def broken(*args, **kwargs):
+        raise ZeroDivisionError("a bug\nsecond line")
+
+    monkeypatch.setattr(toolchain.plan, "build_plan", broken)
+    result = cli("build", str(write_profile(tmp_path, tiny_profile())), "--store", str(tmp_path / "s"), "--json")
+    assert result.exit_code == 1, result.output
+    doc = json.loads(result.stdout.splitlines()[0])
+    assert doc["exit_code"] == 1 and "ZeroDivisionError: a bug" in doc["error"] and "second line" not in doc["error"]
+    assert "Traceback" not in result.output
+    assert "Traceback" in Path(doc["log"]).read_text() and "ZeroDivisionError" in Path(doc["log"]).read_text()
+    Path(doc["log"]).unlink()
+    debug = cli("--debug", "plan", str(write_profile(tmp_path, tiny_profile())), "--store", str(tmp_path / "s"))
+    assert debug.exit_code == 1 and "Traceback" in debug.output and "ZeroDivisionError" in debug.output
+
+
+# A stage that waits, so a signal lands while it runs (after its temp directory exists).
+_SLOW_STAGE = """
+import sys, time
+import toolchain.stages.source as source
+def slow(ctx):
+    (ctx.out / "partial.bin").write_bytes(b"x" * 1024)
+    time.sleep(60)
+source.run = slow
+from toolchain.cli import main
+sys.argv[0] = "toolchain"
+main()
+"""
+
+
+@pytest.mark.parametrize("sig,code", [("SIGTERM", 143), ("SIGINT", 130)])
+def test_a_signal_mid_stage_removes_its_temp_directory(tmp_path, sig, code):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    store = tmp_path / "store"
+    profile = write_profile(tmp_path, tiny_profile())
+    proc = subprocess.Popen([sys.executable, "-c", _SLOW_STAGE, "build", str(profile), "--store", str(store)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    try:
+        deadline = time.time() + 120
+        while not list((store / "tmp").glob("*/partial.bin")) if (store / "tmp").is_dir() else True:
+            assert proc.poll() is None and time.time() < deadline, proc.communicate()
+            time.sleep(0.05)
+        proc.send_signal(getattr(signal, sig))
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == code, err
+    assert "Traceback" not in err and "error: " in err, err
+    assert not list((store / "tmp").iterdir()), "the stage's temp directory was left behind"
+    assert not (store / "objects").exists() or not any((store / "objects").rglob("manifest.json"))
+
+
+def _read_only_mount_works() -> bool:
+    import shutil
+    import subprocess
+
+    if not shutil.which("unshare"):
+        return False
+    return subprocess.run(["unshare", "-rm", "sh", "-c", "mount --bind / /mnt 2>/dev/null || mount --bind /tmp /tmp"],
+                          capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif(not _read_only_mount_works(),
+                    reason="needs `unshare -rm` (a mount namespace) to mount the store read-only")
+def test_read_only_store(cli, tmp_path):
+    """Issue 22 item 8: on a read-only store (a read-only bind mount in a private mount namespace), what only
+    reads works (plan, a fully cached build, ls, gc --dry-run) and what must write says so, exit 2, before work."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    store = tmp_path / "store"
+    profile = write_profile(tmp_path, tiny_profile())
+    assert cli("build", str(profile), "--store", str(store), "-q").exit_code == 0
+    changed = write_profile(tmp_path, tiny_profile(quantize={"method": "rtn", "bits": 4, "group_size": 64}), "b.yaml")
+
+    # Every command in one process (CliRunner) inside one namespace: a process start costs seconds here.
+    commands = [("plan", str(profile), "--json"), ("build", str(profile), "--json", "-q"), ("ls",),
+                ("gc", "--dry-run", "--json"), ("gc",), ("build", str(changed)), ("plan", str(changed))]
+    script = (
+        "import json, sys\n"
+        "from click.testing import CliRunner\n"
+        "from toolchain.cli import main\n"
+        "out = []\n"
+        "for args in json.loads(sys.argv[1]):\n"
+        "    r = CliRunner().invoke(main, args)\n"
+        "    out.append({'code': r.exit_code, 'stdout': r.stdout, 'stderr': r.stderr,\n"
+        "                'exception': repr(r.exception) if r.exit_code not in (0, 1, 2) else None})\n"
+        "print(json.dumps(out))\n")
+    mount = f'mount --bind "{store}" "{store}" && mount -o remount,ro,bind "{store}" && exec "$@"'
+    argv = json.dumps([[*c, "--store", str(store)] for c in commands])
+    before = sorted(str(p) for p in store.rglob("*"))
+    proc = subprocess.run(["unshare", "-rm", "sh", "-c", mount, "sh", sys.executable, "-c", script, argv],
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert proc.returncode == 0, proc.stderr
+    plan, cached, ls, dry, gc, build_changed, plan_changed = json.loads(proc.stdout)
+    for r in (plan, cached, ls, dry, plan_changed):
+        assert r["code"] == 0, r
+    assert {s["status"] for s in json.loads(plan["stdout"])["stages"]} == {"cached"}
+    assert {s["status"] for s in json.loads(cached["stdout"])["stages"]} == {"cached"}
+    assert json.loads(dry["stdout"])["removed"] == []
+    for r in (gc, build_changed):
+        assert r["code"] == 2 and "not writable" in r["stderr"] and "--store" in r["stderr"], r
+    for r in (plan, cached, ls, dry, gc, build_changed, plan_changed):
+        assert "Traceback" not in r["stdout"] + r["stderr"], r
+    assert sorted(str(p) for p in store.rglob("*")) == before

@@ -148,6 +148,24 @@ def check_synthetic_size(cfg: dict[str, Any], store_root: Path) -> None:
                      f"({store_root}); use at most {fit} layers, or a store with more space")
 
 
+def supported_model_types() -> list[str]:
+    """The one list of architectures the stages can build (model_type of config.json). When the family registry
+    (toolchain/families) lands, this is where it is read."""
+    from . import arch
+
+    return sorted(arch.LLAMA_LIKE)
+
+
+def check_architecture(cfg: dict[str, Any], yaml_path: str) -> None:
+    supported = supported_model_types()
+    model_type = cfg.get("model_type")
+    if model_type in supported:
+        return
+    archs = ", ".join(map(str, cfg.get("architectures") or [])) or "no architectures listed"
+    raise InputError(f"{yaml_path}: model_type {model_type!r} ({archs}) is not supported; supported model types: "
+                     f"{', '.join(supported)}; point {yaml_path} at a checkpoint of one of them")
+
+
 # -- the recipe against the model ---------------------------------------------------------------------------------
 
 def check_something_to_quantize(cfg: dict[str, Any], q: Any) -> None:

@@ -190,6 +190,7 @@ def build_plan(loaded: LoadedProfile, store: Store, reporter: Reporter | None = 
     # The converted source's config.json, when built, spares re-parsing a GGUF's metadata on every plan.
     built_config = store.object_dir(source.key) / "config.json"
     cfg = json.loads(built_config.read_text()) if built_config.is_file() else src.model_config()
+    checks.check_architecture(cfg, "source.hub" if p.source.hub else "source.path")
     if src.kind == "synthetic" and not store.has(source.key):
         checks.check_synthetic_size(cfg, store.root)  # before anything lists its layers
     try:

@@ -45,9 +45,9 @@ class QuantizeBase(BaseModel):
     @field_validator("device")
     @classmethod
     def _known_device(cls, device: str) -> str:
-        from ..checks import check_device
-
-        return check_device(device)
+        if not re.fullmatch(r"auto|cpu|cuda|cuda:[0-9]+", device):
+            raise ValueError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N (e.g. cuda:0)")
+        return device
 
     @field_validator("ignore")
     @classmethod

@@ -687,3 +687,23 @@ def test_read_only_store(cli, tmp_path):
     for r in (plan, cached, ls, dry, gc, build_changed, plan_changed):
         assert "Traceback" not in r["stdout"] + r["stderr"], r
     assert sorted(str(p) for p in store.rglob("*")) == before
+
+
+def test_a_full_disk_mid_build_is_said_as_such(cli, tmp_path, monkeypatch):
+    """An OSError of the machine (ENOSPC writing the build's roots) is one line naming the file: neither a
+    traceback nor a bug report."""
+    import errno
+
+    from toolchain.store import Store
+
+    def full(self, name, record):
+        raise OSError(errno.ENOSPC, "No space left on device", str(self.pending_ref_path(name)))
+
+    monkeypatch.setattr(Store, "begin_ref", full)
+    monkeypatch.delenv("TOOLCHAIN_DEBUG", raising=False)
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))  # the log file it names
+    result = cli("build", str(write_profile(tmp_path, tiny_profile())), "--store", str(tmp_path / "s"))
+    assert result.exit_code == 1, result.output
+    assert "No space left on device" in result.output and "tiny@synthetic-llama-tiny.pending" in result.output
+    assert "free space" in result.output and "please report" not in result.output
+    assert "Traceback" not in result.output

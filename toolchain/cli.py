@@ -5,6 +5,7 @@ Exit codes: 0 ok; 1 a build or a gate failed; 2 bad input (profile, paths, recip
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -132,6 +133,10 @@ class _Guarded(click.Group):
                 signal.signal(signal.SIGTERM, previous)
 
 
+# A full disk or a permission found mid-way: the machine's state, said as such.
+_MACHINE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
 def _internal_error(e: Exception, as_json: bool, debug: bool) -> None:
     import tempfile
     import traceback
@@ -148,6 +153,8 @@ def _internal_error(e: Exception, as_json: bool, debug: bool) -> None:
             debug = True  # nowhere to write it: print it
     where = "traceback above" if debug else f"traceback in {log}; `toolchain --debug ...` prints it"
     message = f"internal error: {type(e).__name__}: {first} ({where}; please report it)"
+    if isinstance(e, OSError) and e.errno in _MACHINE_ERRNOS:  # the machine, not a bug: no report asked for
+        message = f"{e.strerror}: {e.filename} (free space or fix the permissions, then rerun; {where})"
     if as_json:
         click.echo(json.dumps({"error": message, "exit_code": 1, **({"log": log} if log else {})}))
     if debug:

@@ -418,6 +418,9 @@ def _cases() -> list[Case]:
         ("targets-same-label", {"targets": ["gguf", "gguf"]}, ["targets:", "appears twice"]),
         ("publish-tag-too-long", {"targets": [{"format": "compressed-tensors", "name": "c" * 40}],
                                   "publish": [{"to": long_tag}]}, ["publish.0.to", "tag"]),
+        ("publish-appended-tag-too-long", {"targets": ["compressed-tensors", {"format": "gguf", "name": "g" * 40}],
+                                           "publish": [{"to": "oci://localhost:5000/team/m:" + "v" * 100}]},
+         ["publish.0.to", "for target " + "g" * 40, "at most 128"]),
         # gates: finite and in range
         ("ppl-gate-nan", _gates(max_ppl_increase_pct=NAN), ["validate.accuracy.gates.max_ppl_increase_pct",
                                                              "finite"]),

@@ -259,6 +259,3 @@ def check_publish_tags(profile: Any) -> None:
             except InputError as e:
                 raise InputError(f"publish.{i}.to: for target {label}: {e}; shorten the tag or the target's "
                                  "`name:`") from None
-            if ref.repository != parse_reference(pub.to.replace("{target}", "t"), need_tag=True).repository:
-                raise InputError(f"publish.{i}.to: target {label} would be pushed outside the repository named "
-                                 f"({ref.repository}); put {{target}} in the tag only")

@@ -468,6 +468,8 @@ def _cases() -> list[Case]:
         # sources
         ("synthetic-a-billion-layers", {"source": {"synthetic": {"arch": "llama-tiny", "num_layers": 10**9}}},
          ["source.synthetic.num_layers", "GiB", "at most"]),
+        ("synthetic-a-million-tiny-layers", {"source": {"synthetic": {"arch": "llama-tiny", "num_layers": 10**6}}},
+         ["source.synthetic.num_layers", "at most"]),
         ("synthetic-zero-layers", {"source": {"synthetic": {"arch": "llama-tiny", "num_layers": 0}}},
          ["source.synthetic.num_layers"]),
         ("synthetic-layers-nan", {"source": {"synthetic": {"arch": "llama-tiny", "num_layers": NAN}}},

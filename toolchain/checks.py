@@ -27,6 +27,9 @@ NAME_HINT = "letters, digits, '.', '_' and '-', starting with a letter or digit,
 # (validate.accuracy.seq_len >= 16).
 MIN_EVAL_TOKENS = 16
 
+# Deeper than any published decoder (a few hundred layers): plans and stages list layers one by one.
+MAX_SYNTHETIC_LAYERS = 4096
+
 # A safetensors header is JSON of a few KB per hundred tensors; the format's own reader caps it at 100 MB.
 MAX_SAFETENSORS_HEADER = 100 << 20
 
@@ -130,6 +133,10 @@ def check_synthetic_size(cfg: dict[str, Any], store_root: Path) -> None:
     need = synthetic_bytes(cfg)
     free = shutil.disk_usage(_existing_ancestor(store_root)).free
     if need <= free:
+        if cfg["num_hidden_layers"] > MAX_SYNTHETIC_LAYERS:
+            raise InputError(f"source.synthetic.num_layers: {cfg['num_hidden_layers']} layers; published decoders "
+                             f"have at most a few hundred, and every stage walks them one by one: use at most "
+                             f"{MAX_SYNTHETIC_LAYERS}")
         return
     per_layer = max(1, synthetic_bytes({**cfg, "num_hidden_layers": 1}) - synthetic_bytes({**cfg,
                                                                                          "num_hidden_layers": 0}))

@@ -563,6 +563,15 @@ def test_store_that_is_a_file(cli, tmp_path, where, cmd):
     assert "Traceback" not in result.output and f.read_text() == "not a store"
 
 
+@pytest.mark.parametrize("which", ["profile", "store"])
+def test_a_path_too_long(cli, tmp_path, which):
+    long = str(tmp_path / ("x" * 300))
+    profile = long + ".yaml" if which == "profile" else str(write_profile(tmp_path, tiny_profile()))
+    result = cli("plan", profile, "--store", long if which == "store" else str(tmp_path / "s"))
+    assert result.exit_code == 2 and "File name too long" in result.output, result.output
+    assert ("profile " if which == "profile" else "--store: ") in result.output and "Traceback" not in result.output
+
+
 def test_duplicate_key_in_an_extended_base(cli, tmp_path):
     (tmp_path / "base.yaml").write_text("quantize:\n  method: rtn\n  group_size: 32\n  group_size: 64\n")
     write_profile(tmp_path, {"extends": "base.yaml", **tiny_profile()})

@@ -52,7 +52,10 @@ def _existing_ancestor(path: Path) -> Path:
 
 def check_store_path(root: Path, flag: str = "--store") -> None:
     """The store is a directory, or can become one."""
-    found = _existing_ancestor(root)
+    try:
+        found = _existing_ancestor(root)
+    except OSError as e:  # ENAMETOOLONG, ELOOP, ...
+        raise InputError(f"{flag}: {root}: {e.strerror}; give a directory for the artifact store") from None
     if not found.is_dir():
         where = "" if found == root else f" (its parent {found} is a file)"
         raise InputError(f"{flag}: {root} is not a directory{where}; give a directory for the artifact store "

@@ -303,7 +303,11 @@ def _refuse_duplicate_keys(text: str, path: Path) -> None:
 def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict:
     if path in chain:
         raise InputError(f"{path}: `extends` forms a cycle: {' -> '.join(map(str, (*chain, path)))}")
-    if not path.is_file():
+    try:
+        found = path.is_file()
+    except OSError as e:  # a name too long, a symlink loop
+        raise InputError(f"profile {path}: {e.strerror}; give the path of a YAML profile") from None
+    if not found:
         where = f" (extended by {chain[-1]})" if chain else ""
         raise InputError(f"profile {path} not found{where}; give the path of a YAML profile, "
                          "e.g. profiles/smollm2-int4.yaml")

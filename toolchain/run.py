@@ -138,7 +138,8 @@ def _execute(plan: Plan, store: Store, reporter: Reporter, remote: Any) -> list[
     previous = {s["name"]: s for s in (store.read_ref(ref) or {}).get("stages", [])}
     # The roots first: what this build commits is reachable from its first stage on, even if it is killed; the
     # last good build's roots stay until this one succeeds (a failed build must not let gc delete them).
-    pending = store.begin_ref(ref, ref_record(plan))
+    record = ref_record(plan)
+    pending = store.begin_ref(ref, record)
     results: list[StageResult] = []
     names = {s.key: s.name for s in plan.stages}
     blocked: dict[str, str] = {}  # stage name -> why the stages after it do not run (it failed or was skipped)
@@ -168,5 +169,5 @@ def _execute(plan: Plan, store: Store, reporter: Reporter, remote: Any) -> list[
             results.append(StageResult(stage.name, stage.key, "failed", 0.0, message))
             blocked[stage.name] = f"{stage.name} failed"
     if pending and not any(r.status == "failed" for r in results):
-        store.finish_ref(ref)
+        store.finish_ref(ref, record)
     return results

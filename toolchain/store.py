@@ -185,10 +185,16 @@ class Store:
         write_durably(pending, json.dumps(record, indent=2, sort_keys=True))
         return True
 
-    def finish_ref(self, name: str) -> None:
-        """The build succeeded: its record becomes the profile's last build (atomic rename)."""
-        os.replace(self.pending_ref_path(name), self.ref_path(name))
-        fsync_dir(self.ref_path(name).parent)
+    def finish_ref(self, name: str, record: dict[str, Any]) -> None:
+        """The build succeeded: its record becomes the profile's last build (written atomically), and its pending
+        roots go, unless a concurrent build of this profile has replaced them with its own meanwhile."""
+        self.write_ref(name, record)
+        pending = self.pending_ref_path(name)
+        try:
+            if json.loads(pending.read_text()) == record:
+                pending.unlink()
+        except (FileNotFoundError, json.JSONDecodeError):  # a concurrent build of the same record removed it
+            pass
 
     def write_ref(self, name: str, record: dict[str, Any]) -> bool:
         """Record a profile's stages; writes nothing when the record is unchanged (a no-op build stays a no-op)."""

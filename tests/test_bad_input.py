@@ -629,7 +629,9 @@ def test_a_signal_mid_stage_removes_its_temp_directory(tmp_path, sig, code):
     profile = write_profile(tmp_path, tiny_profile())
     proc = subprocess.Popen([sys.executable, "-c", _SLOW_STAGE, "build", str(profile), "--store", str(store)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+                            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+                            # as from a terminal: a test run in the background would start it ignoring SIGINT
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.time() + 120
         while not list((store / "tmp").glob("*/partial.bin")) if (store / "tmp").is_dir() else True:

@@ -396,6 +396,7 @@ def _cases() -> list[Case]:
         ("empty-file", raw(b""), ["name: required field is missing"]),
         ("yaml-scalar", raw(b"just words\n"), ["a profile is a YAML mapping"]),
         ("multi-document", raw(b"name: a\n---\nname: b\n"), ["not valid YAML"]),
+        ("unknown-capitalised-key", {"Name": "x"}, ["Name: unknown key"]),
         ("extends-not-a-path", {"extends": 5}, ["extends"]),
         ("extends-missing", {"extends": "nowhere.yaml"}, ["nowhere.yaml", "not found"]),
         # names

@@ -343,7 +343,8 @@ def _format_errors(path: Path | str, err: ValidationError) -> str:
         errors = [e for e in errors if not any(str(p).startswith("literal[") for p in e["loc"])] or errors
     for e in errors:
         # the union member's class name (GatesSpec) is not a YAML key
-        path = [p for p in e["loc"] if not (isinstance(p, str) and p[:1].isupper() and p.isidentifier())]
+        path = [p for p in e["loc"] if not (isinstance(p, str) and p[:1].isupper() and p.endswith("Spec")
+                                            and p.isidentifier())]
         if path[:1] == ["quantize"] and len(path) > 1 and path[1] in METHODS:  # the union's tag: not a YAML key
             del path[1]
         msg = e["msg"].removeprefix("Value error, ")

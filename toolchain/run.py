@@ -142,8 +142,10 @@ def execute(plan: Plan, store: Store, reporter: Reporter, remote: Any = None,
 def _execute(plan: Plan, store: Store, reporter: Reporter, remote: Any, verify: bool = False) -> list[StageResult]:
     ref = ref_name(plan.profile.profile.name, plan.source)
     previous = {s["name"]: s for s in (store.read_ref(ref) or {}).get("stages", [])}
-    # The roots first: what this build commits is reachable from its first stage on, even if it is killed.
-    store.write_ref(ref, ref_record(plan))
+    # The roots first: what this build commits is reachable from its first stage on, even if it is killed; the
+    # last good build's roots stay until this one succeeds (a failed build must not let gc delete them).
+    record = ref_record(plan)
+    pending = store.begin_ref(ref, record)
     results: list[StageResult] = []
     names = {s.key: s.name for s in plan.stages}
     blocked: dict[str, str] = {}  # stage name -> why the stages after it do not run (it failed or was skipped)
@@ -172,4 +174,6 @@ def _execute(plan: Plan, store: Store, reporter: Reporter, remote: Any, verify: 
             reporter.warn(f"{stage.name} failed: {message}")
             results.append(StageResult(stage.name, stage.key, "failed", 0.0, message))
             blocked[stage.name] = f"{stage.name} failed"
+    if pending and not any(r.status == "failed" for r in results):
+        store.finish_ref(ref, record)
     return results

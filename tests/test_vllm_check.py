@@ -1,0 +1,150 @@
+"""The real-vLLM check (toolchain.runtimes.vllm_check, scripts/gpu_vllm.py): reading vLLM's prompt log-probabilities
+into perplexity and top-1 tokens against an independent computation, the verdict's comparisons, the side-by-side
+speed rows, and the deduplicated artifact transfer round trip. The check itself needs vLLM and a GPU."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from collections import namedtuple
+from pathlib import Path
+
+import pytest
+import torch
+
+from toolchain.runtimes import vllm_check as vc
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "scripts"))
+import gpu_vllm  # noqa: E402
+
+Logprob = namedtuple("Logprob", "logprob rank decoded_token")  # the fields of vllm.logprobs.Logprob we read
+
+
+def vllm_like(window: list[int], logits: torch.Tensor) -> list[dict | None]:
+    """What vLLM returns with prompt_logprobs=1: None, then per position the prompt token and the rank-1 token."""
+    lp = torch.log_softmax(logits.double(), -1)
+    out: list[dict | None] = [None]
+    for pos in range(1, len(window)):
+        row = lp[pos - 1]
+        order = torch.argsort(row, descending=True)
+        rank = {int(t): i + 1 for i, t in enumerate(order)}
+        tok, best = window[pos], int(order[0])
+        out.append({tok: Logprob(float(row[tok]), rank[tok], None), best: Logprob(float(row[best]), 1, None)})
+    return out
+
+
+def test_prompt_scores_match_an_independent_log_softmax():
+    g = torch.Generator().manual_seed(0)
+    window = torch.randint(0, 50, (40,), generator=g).tolist()
+    logits = torch.randn(40, 50, generator=g) * 3
+    nll, top1 = vc.prompt_scores(window, vllm_like(window, logits))
+    ref = torch.nn.functional.cross_entropy(logits[:-1].double(), torch.tensor(window[1:]), reduction="none")
+    assert torch.allclose(torch.tensor(nll, dtype=torch.float64), ref, atol=1e-12)
+    assert top1 == logits[:-1].argmax(-1).tolist()
+    assert vc.perplexity(nll) == pytest.approx(math.exp(float(ref.mean())), rel=1e-12)
+
+
+def test_prompt_scores_refuse_what_cannot_be_scored():
+    window = [1, 2, 3]
+    with pytest.raises(ValueError, match="entries for a 3-token window"):
+        vc.prompt_scores(window, [None, {2: Logprob(-1.0, 1, None)}])
+    with pytest.raises(ValueError, match="no log-probability for the prompt token 3"):
+        vc.prompt_scores(window, [None, {2: Logprob(-1.0, 1, None)}, {7: Logprob(-0.1, 1, None)}])
+    with pytest.raises(ValueError, match="non-finite"):
+        vc.prompt_scores(window, [None, {2: Logprob(-1.0, 1, None)}, {3: Logprob(float("nan"), 1, None)}])
+
+
+def test_matching_prefix():
+    assert vc.matching_prefix([1, 2, 3, 4], [1, 2, 9, 4]) == 2
+    assert vc.matching_prefix([1, 2], [1, 2, 3]) == 2
+    assert vc.matching_prefix([], [1]) == 0
+
+
+EXPECT = {"name": "p/compressed-tensors", "rules_load": True,
+          "validation": {"ppl": 20.0, "tokens": 100, "top1_agreement": 0.7}, "greedy": {"tokens": [5, 6, 7]}}
+
+
+def test_verdict_gates_perplexity_at_the_tolerance():
+    base = {"loaded": True, "quantization": "compressed-tensors", "dtype": "bfloat16", "tokens": 100,
+            "greedy": [5, 6, 8], "top1_vs_reference": 0.69}
+    ok = vc.verdict({**base, "ppl": 20.0 * 1.004}, EXPECT)
+    assert ok["ok"] and ok["ppl_ok"] and ok["greedy_matching_prefix"] == 2 and ok["greedy_compared"] == 3
+    assert ok["ppl_rel_diff"] == pytest.approx(0.004)
+    far = vc.verdict({**base, "ppl": 20.0 * 0.994}, EXPECT)
+    assert not far["ok"] and not far["ppl_ok"]
+    fewer = vc.verdict({**base, "ppl": 20.0, "tokens": 99}, EXPECT)  # other windows than ours: not comparable
+    assert not fewer["ok"] and not fewer["tokens_match"]
+
+
+def test_verdict_on_a_refusal_agrees_or_disagrees_with_the_rules():
+    refused = {"loaded": False, "error": "ValueError: no"}
+    assert not vc.verdict(refused, EXPECT)["ok"]  # the rules said it loads: a rule to fix
+    v = vc.verdict(refused, {**EXPECT, "rules_load": False})
+    assert v["ok"] and v["rules_agree"] and v["error"] == "ValueError: no"
+    loaded = vc.verdict({"loaded": True, "ppl": 20.0, "tokens": 100}, {**EXPECT, "rules_load": False})
+    assert not loaded["rules_agree"] and not loaded["ok"]  # loads what the rules refuse: a rule to fix
+
+
+def test_speed_rows_pair_vllm_with_the_builtin_runtime():
+    doc = {"vllm": {"int4-g128": {"quantization": "compressed-tensors", "per_batch": [
+               {"batch_size": 1, "decode_tok_s": 200.0, "ttft_ms": 10.0},
+               {"batch_size": 16, "decode_tok_s": 2400.0, "ttft_ms": 30.0}]}},
+           "builtin": {"modes": {"int4-g128": {"per_batch": [
+               {"batch_size": 1, "decode_tok_s": 300.0, "ttft_ms": 50.0}]}}}}
+    rows = gpu_vllm.speed_rows(doc)
+    assert [(r["batch"], r["ours_over_vllm"]) for r in rows] == [(1, 1.5), (16, None)]
+
+
+def test_artifact_pool_round_trip(tmp_path):
+    """Two artifacts sharing tensors travel as one pool and come back tensor for tensor (sha256 checked)."""
+    from safetensors.torch import load_file, save_file
+
+    g = torch.Generator().manual_seed(0)
+    shared = torch.randn(64, 8, generator=g)
+    arts = {}
+    for i, dtype in enumerate((torch.bfloat16, torch.float8_e4m3fn)):
+        art = tmp_path / f"a{i}"
+        art.mkdir()
+        tensors = {"embed.weight": shared, "q.weight": torch.randn(8, 8, generator=g).to(dtype),
+                   "q.packed": torch.randint(-2**31, 2**31 - 1, (8, 1), generator=g, dtype=torch.int32)}
+        save_file(tensors, str(art / "model.safetensors"), metadata={"format": "pt"})
+        (art / "config.json").write_text(json.dumps({"i": i}))
+        (art / "tokenizer.json").write_text("{}")
+        (art / "manifest.json").write_text("{}")
+        arts[art.name] = tensors
+        gpu_vllm.pool_artifact(art, tmp_path / "prep" / "pool", tmp_path / "prep" / "recipes" / f"{art.name}.json")
+    assert len(list((tmp_path / "prep" / "pool" / "t").iterdir())) == 5  # the shared embedding once
+    assert len(list((tmp_path / "prep" / "pool" / "f").iterdir())) == 3  # tokenizer.json once, no manifest
+    gpu_vllm.rebuild_artifacts(tmp_path / "prep")
+    for name, tensors in arts.items():
+        back = load_file(str(tmp_path / "prep" / "art" / name / "model.safetensors"))
+        assert set(back) == set(tensors)
+        for k, t in tensors.items():
+            assert back[k].dtype == t.dtype and torch.equal(back[k].view(torch.uint8), t.view(torch.uint8))
+        assert json.loads((tmp_path / "prep" / "art" / name / "config.json").read_text()) == {"i": int(name[1])}
+    # a corrupted pool entry is caught by its sha256
+    victim = next((tmp_path / "prep" / "pool" / "t").iterdir())
+    save_file({"t": torch.zeros(1)}, str(victim))
+    with pytest.raises(SystemExit, match="sha256"):
+        gpu_vllm.rebuild_artifacts(tmp_path / "prep")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed (the GPU machine gets it "
+                    "from scripts/gpu_vllm.py bundle / device-install)")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_vllm_loads_a_prepared_artifact():
+    import os
+
+    prep = os.environ.get("TOOLCHAIN_VLLM_PREP")
+    if not prep:
+        pytest.skip("set TOOLCHAIN_VLLM_PREP to a folder made by scripts/gpu_vllm.py prepare (and rebuilt)")
+    expect = json.loads(next((Path(prep) / "expect").glob("*.json")).read_text())
+    res = vc.check_artifact(expect, Path(prep))
+    v = vc.verdict(res, expect)
+    assert v["rules_agree"], v
+    if v["loaded"]:
+        assert v["ppl_ok"] and v["tokens_match"], v

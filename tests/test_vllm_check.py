@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import shutil
 import sys
 from collections import namedtuple
 from pathlib import Path
@@ -125,7 +126,9 @@ def test_artifact_pool_round_trip(tmp_path):
         for k, t in tensors.items():
             assert back[k].dtype == t.dtype and torch.equal(back[k].view(torch.uint8), t.view(torch.uint8))
         assert json.loads((tmp_path / "prep" / "art" / name / "config.json").read_text()) == {"i": int(name[1])}
+    gpu_vllm.rebuild_artifacts(tmp_path / "prep")  # rebuilt ones are not redone
     # a corrupted pool entry is caught by its sha256
+    shutil.rmtree(tmp_path / "prep" / "art")
     victim = next((tmp_path / "prep" / "pool" / "t").iterdir())
     save_file({"t": torch.zeros(1)}, str(victim))
     with pytest.raises(SystemExit, match="sha256"):

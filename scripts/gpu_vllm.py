@@ -178,15 +178,23 @@ def vllm_rules_verdict(qcfg: dict[str, Any], fmt: str, cfg: dict[str, Any], judg
     return None
 
 
-def pool_artifact(art: Path, pool: Path, recipe_path: Path) -> None:
-    """Every tensor of the artifact's safetensors files into pool/t/<sha256>, every other file into pool/f/."""
+def tensor_bytes(t: Any) -> bytes:
+    import torch
+
+    return t.contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+
+
+def pool_artifact(art: Path, pool: Path, recipe_path: Path, min_shared: int = 1 << 20) -> None:
+    """Every tensor of the artifact's safetensors files into pool/t/<sha256>, every other file into pool/f/; a
+    large other file (a GGUF) as segments, where a pooled tensor's bytes appear in it verbatim (the float32
+    embedding of a GGUF is the safetensors one) it refers to that tensor."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
     (pool / "t").mkdir(parents=True, exist_ok=True)
     (pool / "f").mkdir(parents=True, exist_ok=True)
     recipe_path.parent.mkdir(parents=True, exist_ok=True)
-    recipe: dict[str, Any] = {"files": {}, "safetensors": {}}
+    recipe: dict[str, Any] = {"files": {}, "safetensors": {}, "segmented": {}}
     for p in sorted(art.iterdir()):
         if p.name == "manifest.json":
             continue
@@ -196,17 +204,52 @@ def pool_artifact(art: Path, pool: Path, recipe_path: Path) -> None:
                 meta = f.metadata()
                 for name in f.keys():
                     t = f.get_tensor(name)
-                    digest = sha256(t.contiguous().view(-1).view(__import__("torch").uint8).numpy().tobytes())
+                    digest = sha256(tensor_bytes(t))
                     if not (pool / "t" / digest).exists():
                         save_file({"t": t.contiguous()}, str(pool / "t" / digest))
                     tensors[name] = digest
             recipe["safetensors"][p.name] = {"metadata": meta, "tensors": tensors}
+        elif p.stat().st_size > 8 * min_shared:
+            recipe["segmented"][p.name] = segment_file(p.read_bytes(), pool, min_shared)
         else:
             digest = sha256(p.read_bytes())
             if not (pool / "f" / digest).exists():
                 shutil.copyfile(p, pool / "f" / digest)
             recipe["files"][p.name] = digest
     recipe_path.write_text(json.dumps(recipe, indent=1))
+
+
+def segment_file(data: bytes, pool: Path, min_shared: int) -> dict[str, Any]:
+    """A file as [["t", digest] | ["f", digest], ...]: the pooled tensors found in it verbatim, raw bytes between."""
+    from safetensors import safe_open
+
+    hits = []
+    for tp in (pool / "t").iterdir():
+        if tp.stat().st_size < min_shared:
+            continue
+        with safe_open(str(tp), "pt") as f:
+            b = tensor_bytes(f.get_tensor("t"))
+        i = data.find(b[:4096])
+        if i >= 0 and data[i:i + len(b)] == b:
+            hits.append((i, len(b), tp.name))
+    segments, pos = [], 0
+    for i, n, digest in sorted(hits):
+        if i < pos:
+            continue
+        if i > pos:
+            segments.append(["f", put_raw(data[pos:i], pool)])
+        segments.append(["t", digest])
+        pos = i + n
+    if pos < len(data):
+        segments.append(["f", put_raw(data[pos:], pool)])
+    return {"sha256": sha256(data), "segments": segments}
+
+
+def put_raw(b: bytes, pool: Path) -> str:
+    digest = sha256(b)
+    if not (pool / "f" / digest).exists():
+        (pool / "f" / digest).write_bytes(b)
+    return digest
 
 
 # -- here: chunks -----------------------------------------------------------------------------------------------
@@ -217,7 +260,8 @@ def prepared_groups(prep: Path, first: list[str] | None) -> list[list[str]]:
     def files_of(stem: str) -> list[str]:
         recipe = json.loads((prep / "recipes" / f"{stem}.json").read_text())
         pool = [f"pool/f/{d}" for d in recipe["files"].values()] + \
-               [f"pool/t/{d}" for spec in recipe["safetensors"].values() for d in spec["tensors"].values()]
+               [f"pool/t/{d}" for spec in recipe["safetensors"].values() for d in spec["tensors"].values()] + \
+               [f"pool/{kind}/{d}" for spec in recipe.get("segmented", {}).values() for kind, d in spec["segments"]]
         return [f"expect/{stem}.json", f"recipes/{stem}.json", *pool]
 
     everything = sorted(str(p.relative_to(prep)) for p in prep.rglob("*") if p.is_file())
@@ -314,7 +358,6 @@ def cmd_device_install(a: argparse.Namespace) -> int:
 
 def rebuild_artifacts(prep: Path) -> None:
     """Each artifact from the pool, each tensor's sha256 checked against the recipe."""
-    import torch
     from safetensors import safe_open
     from safetensors.torch import save_file
 
@@ -331,11 +374,22 @@ def rebuild_artifacts(prep: Path) -> None:
             for tname, digest in spec["tensors"].items():
                 with safe_open(str(prep / "pool" / "t" / digest), "pt") as f:
                     t = f.get_tensor("t")
-                got = sha256(t.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+                got = sha256(tensor_bytes(t))
                 if got != digest:
                     raise SystemExit(f"{recipe_path.stem}/{name}:{tname}: sha256 {got} != {digest}")
                 tensors[tname] = t
             save_file(tensors, str(out / name), metadata=spec["metadata"])
+        for name, spec in recipe.get("segmented", {}).items():
+            with open(out / name, "wb") as f:
+                for kind, digest in spec["segments"]:
+                    if kind == "f":
+                        f.write((prep / "pool" / "f" / digest).read_bytes())
+                    else:
+                        with safe_open(str(prep / "pool" / "t" / digest), "pt") as t:
+                            f.write(tensor_bytes(t.get_tensor("t")))
+            got = sha256((out / name).read_bytes())
+            if got != spec["sha256"]:
+                raise SystemExit(f"{recipe_path.stem}/{name}: sha256 {got} != {spec['sha256']}")
         (out / ".rebuilt").touch()
         log(f"rebuilt {out.name}: {len(recipe['files'])} files, "
             f"{sum(len(s['tensors']) for s in recipe['safetensors'].values())} tensors, every sha256 checked")

@@ -114,11 +114,17 @@ def test_artifact_pool_round_trip(tmp_path):
         save_file(tensors, str(art / "model.safetensors"), metadata={"format": "pt"})
         (art / "config.json").write_text(json.dumps({"i": i}))
         (art / "tokenizer.json").write_text("{}")
+        if i == 1:  # a GGUF-like file holding the shared tensor's bytes verbatim between headers
+            (art / "model.gguf").write_bytes(b"GGUF" + bytes(range(200)) + shared.numpy().tobytes() + b"tail")
         (art / "manifest.json").write_text("{}")
         arts[art.name] = tensors
-        gpu_vllm.pool_artifact(art, tmp_path / "prep" / "pool", tmp_path / "prep" / "recipes" / f"{art.name}.json")
+        gpu_vllm.pool_artifact(art, tmp_path / "prep" / "pool", tmp_path / "prep" / "recipes" / f"{art.name}.json",
+                               min_shared=256)
     assert len(list((tmp_path / "prep" / "pool" / "t").iterdir())) == 5  # the shared embedding once
-    assert len(list((tmp_path / "prep" / "pool" / "f").iterdir())) == 3  # tokenizer.json once, no manifest
+    # tokenizer.json once, no manifest; the GGUF as its head and tail around the pooled embedding
+    assert len(list((tmp_path / "prep" / "pool" / "f").iterdir())) == 5
+    segments = json.loads((tmp_path / "prep" / "recipes" / "a1.json").read_text())["segmented"]["model.gguf"]
+    assert [k for k, _d in segments["segments"]] == ["f", "t", "f"]
     gpu_vllm.rebuild_artifacts(tmp_path / "prep")
     for name, tensors in arts.items():
         back = load_file(str(tmp_path / "prep" / "art" / name / "model.safetensors"))
@@ -126,6 +132,8 @@ def test_artifact_pool_round_trip(tmp_path):
         for k, t in tensors.items():
             assert back[k].dtype == t.dtype and torch.equal(back[k].view(torch.uint8), t.view(torch.uint8))
         assert json.loads((tmp_path / "prep" / "art" / name / "config.json").read_text()) == {"i": int(name[1])}
+    gguf = (tmp_path / "a1" / "model.gguf").read_bytes()
+    assert (tmp_path / "prep" / "art" / "a1" / "model.gguf").read_bytes() == gguf
     gpu_vllm.rebuild_artifacts(tmp_path / "prep")  # rebuilt ones are not redone
     # a corrupted pool entry is caught by its sha256
     shutil.rmtree(tmp_path / "prep" / "art")

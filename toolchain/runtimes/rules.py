@@ -80,6 +80,9 @@ class NonEmpty:
         return bool(v)
 
 
+NOT_SEEN = "read from source, not seen"
+
+
 @dataclass(frozen=True)
 class Rule:
     id: str
@@ -90,6 +93,9 @@ class Rule:
     fix: str
     source: str
     effect: str = "refuses"  # refuses | degrades (loads, but computes other numbers than we validated)
+    # Whether the runtime itself was seen doing what the rule says: "confirmed on GPU (vLLM x.y, date: what)" from
+    # scripts/gpu_vllm.py's runs (BENCHMARKS.md), else NOT_SEEN.
+    seen: str = NOT_SEEN
 
     def applies(self, fmt: str, facts: dict[str, Any]) -> bool:
         return fmt in self.formats and all(

@@ -38,6 +38,7 @@ sys.path.insert(0, str(REPO))
 RECV = Path("/tmp/vllm-recv")  # device: pieces received so far (outlive the repo copy while the machine is warm)
 WORK = Path("/tmp/vllm-work")  # device: the unpacked bundle and artifacts
 SITE = Path("/tmp/vsite")  # device: vLLM and the wheels, layered on the image's torch by PYTHONPATH
+RESULTS = Path("/tmp/vllm-results")  # device: per-artifact and per-engine documents (combined into $OUT)
 PROMPT = "The capital of France is Paris. The capital of Germany is"
 
 
@@ -409,22 +410,23 @@ def cmd_device_check(a: argparse.Namespace) -> int:
     prep = WORK / "prep"
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
     rows = []
     for e in sorted((prep / "expect").glob("*.json")):
         if a.only and not any(s in json.loads(e.read_text())["name"] for s in a.only):
             continue
-        res = out / f"check-{e.stem}.json"
+        res = RESULTS / f"check-{e.stem}-{a.dtype}.json"  # $OUT brings back 8 files at most: the combined one goes there
         log(f"== {e.stem}")
         t0 = time.perf_counter()
         try:
-            subprocess.run([sys.executable, "-m", "toolchain.runtimes.vllm_check", str(e), str(prep), str(res)],
+            subprocess.run([sys.executable, "-m", "toolchain.runtimes.vllm_check", str(e), str(prep), str(res), a.dtype],
                            env=vllm_env(), timeout=a.timeout, check=False)
         except subprocess.TimeoutExpired:
             log(f"   timed out after {a.timeout} s")
         if res.exists():
             rows.append(json.loads(res.read_text()))
         log(f"   {time.perf_counter() - t0:.0f} s")
-    (out / "vllm_checks.json").write_text(json.dumps(rows, indent=1))
+    (out / f"vllm_checks-{a.dtype}.json").write_text(json.dumps(rows, indent=1))
     print_checks(rows)
     return 0
 
@@ -513,6 +515,7 @@ def vllm_speed(model: str, batches: list[int], input_len: int, output_len: int, 
 def cmd_device_speed(a: argparse.Namespace) -> int:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
     batches = [int(b) for b in a.batch_sizes.split(",")]
     doc: dict[str, Any] = {"settings": {"arch": a.arch, "batch_sizes": batches, "input_len": a.input_len,
                                         "output_len": a.output_len, "iterations": a.iterations}, "vllm": {}}
@@ -522,7 +525,7 @@ def cmd_device_speed(a: argparse.Namespace) -> int:
             t0 = time.perf_counter()
             subprocess.check_call([sys.executable, __file__, "device-write", mode, a.arch, str(ckpt)], env=vllm_env())
             log(f"{mode}: synthetic checkpoint written in {time.perf_counter() - t0:.0f} s")
-        res = out / f"vllm-speed-{mode}.json"
+        res = RESULTS / f"vllm-speed-{mode}.json"
         r = subprocess.run([sys.executable, __file__, "device-vllm-speed", str(ckpt), str(res), a.batch_sizes,
                             str(a.input_len), str(a.output_len), str(a.iterations)], env=vllm_env(), timeout=a.timeout)
         doc["vllm"][mode] = json.loads(res.read_text()) if res.exists() else {"error": f"exit {r.returncode}"}
@@ -531,9 +534,9 @@ def cmd_device_speed(a: argparse.Namespace) -> int:
         subprocess.run([sys.executable, str(REPO / "scripts" / "bench_gpu.py"), "--skip-kernels", "--modes", a.modes,
                         "--batch-sizes", a.batch_sizes, "--input-len", str(a.input_len), "--output-len",
                         str(a.output_len), "--iterations", str(a.iterations), "--eager-tokens", "0",
-                        "--out", str(out / "builtin.json")], env=vllm_env(), timeout=a.timeout, check=False)
-        if (out / "builtin.json").exists():
-            doc["builtin"] = json.loads((out / "builtin.json").read_text())
+                        "--out", str(RESULTS / "builtin.json")], env=vllm_env(), timeout=a.timeout, check=False)
+        if (RESULTS / "builtin.json").exists():
+            doc["builtin"] = json.loads((RESULTS / "builtin.json").read_text())
     (out / "speed.json").write_text(json.dumps(doc, indent=1))
     print_speed(doc)
     return 0
@@ -592,6 +595,7 @@ def main() -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--only", nargs="*")
     p.add_argument("--timeout", type=int, default=150)
+    p.add_argument("--dtype", default="auto", help="vLLM's dtype (auto: bfloat16 for our float32 checkpoints)")
     p = sub.add_parser("device-speed")
     p.add_argument("--out", required=True)
     p.add_argument("--arch", default="llama-2-7b")

@@ -108,7 +108,7 @@ def engine_facts(llm: Any) -> dict[str, Any]:
     return {"quantization": mc.quantization, "dtype": str(mc.dtype).removeprefix("torch.")}
 
 
-def check_artifact(expect: dict[str, Any], base: Path, eager: bool = True) -> dict[str, Any]:
+def check_artifact(expect: dict[str, Any], base: Path, eager: bool = True, dtype: str = "auto") -> dict[str, Any]:
     """Load one artifact in vLLM, generate greedily from the prompt, score the windows. Exceptions at load are the
     refusal (recorded, not raised)."""
     import vllm
@@ -117,7 +117,7 @@ def check_artifact(expect: dict[str, Any], base: Path, eager: bool = True) -> di
 
     model = str(base / expect["model"])
     kw: dict[str, Any] = {"max_model_len": max(len(w) for w in expect["windows"]) + 8, "enforce_eager": eager,
-                          "gpu_memory_utilization": 0.5, "seed": 0, "skip_tokenizer_init": True}
+                          "gpu_memory_utilization": 0.5, "seed": 0, "skip_tokenizer_init": True, "dtype": dtype}
     if expect.get("tokenizer"):
         kw["tokenizer"] = str(base / expect["tokenizer"])
     res: dict[str, Any] = {"name": expect["name"], "vllm": vllm.__version__, "model": expect["model"]}
@@ -150,14 +150,14 @@ def check_artifact(expect: dict[str, Any], base: Path, eager: bool = True) -> di
 
 
 def main(argv: list[str] | None = None) -> int:
-    """python -m toolchain.runtimes.vllm_check EXPECT.json BASE OUT.json: one artifact, one process (vLLM holds
-    the GPU until its process ends)."""
+    """python -m toolchain.runtimes.vllm_check EXPECT.json BASE OUT.json [DTYPE]: one artifact, one process (vLLM
+    holds the GPU until its process ends). DTYPE is vLLM's dtype argument (default auto)."""
     args = argv if argv is not None else sys.argv[1:]
-    if len(args) != 3:
-        print("usage: python -m toolchain.runtimes.vllm_check EXPECT.json BASE_DIR OUT.json", file=sys.stderr)
+    if len(args) not in (3, 4):
+        print("usage: python -m toolchain.runtimes.vllm_check EXPECT.json BASE_DIR OUT.json [DTYPE]", file=sys.stderr)
         return 2
     expect = json.loads(Path(args[0]).read_text())
-    res = check_artifact(expect, Path(args[1]))
+    res = check_artifact(expect, Path(args[1]), dtype=args[3] if len(args) == 4 else "auto")
     res["verdict"] = verdict(res, expect)
     Path(args[2]).write_text(json.dumps(res, indent=1))
     v = res["verdict"]

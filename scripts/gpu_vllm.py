@@ -415,12 +415,12 @@ def cmd_device_check(a: argparse.Namespace) -> int:
     for e in sorted((prep / "expect").glob("*.json")):
         if a.only and not any(s in json.loads(e.read_text())["name"] for s in a.only):
             continue
-        res = RESULTS / f"check-{e.stem}-{a.dtype}.json"  # $OUT brings back 8 files at most: the combined one goes there
+        res = RESULTS / f"check-{e.stem}-{a.dtype}.json"  # $OUT brings back 8 files at most: they are combined
         log(f"== {e.stem}")
         t0 = time.perf_counter()
         try:
-            subprocess.run([sys.executable, "-m", "toolchain.runtimes.vllm_check", str(e), str(prep), str(res), a.dtype],
-                           env=vllm_env(), timeout=a.timeout, check=False)
+            subprocess.run([sys.executable, "-m", "toolchain.runtimes.vllm_check", str(e), str(prep), str(res),
+                            a.dtype], env=vllm_env(), timeout=a.timeout, check=False)
         except subprocess.TimeoutExpired:
             log(f"   timed out after {a.timeout} s")
         if res.exists():

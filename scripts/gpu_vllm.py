@@ -279,7 +279,7 @@ def prepared_groups(prep: Path, first: list[str] | None) -> list[list[str]]:
 def cmd_pack(a: argparse.Namespace) -> int:
     """The bundle's parts, then tars of the prepared folder (the --first artifacts before the rest), cut into
     pieces that fill chunk folders of at most --chunk MiB; c00/index.json lists each stream's pieces in order."""
-    prep = Path(a.prepared).resolve()
+    prep = Path(a.prepared or ".").resolve()
     calls = Path(a.out)
     shutil.rmtree(calls, ignore_errors=True)
     calls.mkdir(parents=True)
@@ -287,7 +287,7 @@ def cmd_pack(a: argparse.Namespace) -> int:
     streams: dict[str, list[Path]] = {}
     for p in bundle:
         streams.setdefault(p.name.rsplit(".part", 1)[0], []).append(p)
-    for i, group in enumerate(prepared_groups(prep, a.first)):
+    for i, group in enumerate(prepared_groups(prep, a.first) if a.prepared else []):
         data = calls.parent / f"prepared-{i}.tar"  # not compressed: packed INT4 codes and floats gain little
         listing = calls.parent / f"prepared-{i}.list"
         listing.write_text("\n".join(group) + "\n")
@@ -526,15 +526,23 @@ def cmd_device_speed(a: argparse.Namespace) -> int:
             subprocess.check_call([sys.executable, __file__, "device-write", mode, a.arch, str(ckpt)], env=vllm_env())
             log(f"{mode}: synthetic checkpoint written in {time.perf_counter() - t0:.0f} s")
         res = RESULTS / f"vllm-speed-{mode}.json"
-        r = subprocess.run([sys.executable, __file__, "device-vllm-speed", str(ckpt), str(res), a.batch_sizes,
-                            str(a.input_len), str(a.output_len), str(a.iterations)], env=vllm_env(), timeout=a.timeout)
-        doc["vllm"][mode] = json.loads(res.read_text()) if res.exists() else {"error": f"exit {r.returncode}"}
+        try:
+            r = subprocess.run([sys.executable, __file__, "device-vllm-speed", str(ckpt), str(res), a.batch_sizes,
+                                str(a.input_len), str(a.output_len), str(a.iterations)], env=vllm_env(),
+                               timeout=a.timeout)
+            why = f"exit {r.returncode}"
+        except subprocess.TimeoutExpired:
+            why = f"timed out after {a.timeout} s"
+        doc["vllm"][mode] = json.loads(res.read_text()) if res.exists() else {"error": why}
         (out / "speed.json").write_text(json.dumps(doc, indent=1))
     if not a.skip_builtin:  # the built-in runtime, timed as scripts/bench_gpu.py times it, in the same call
-        subprocess.run([sys.executable, str(REPO / "scripts" / "bench_gpu.py"), "--skip-kernels", "--modes", a.modes,
-                        "--batch-sizes", a.batch_sizes, "--input-len", str(a.input_len), "--output-len",
-                        str(a.output_len), "--iterations", str(a.iterations), "--eager-tokens", "0",
-                        "--out", str(RESULTS / "builtin.json")], env=vllm_env(), timeout=a.timeout, check=False)
+        try:
+            subprocess.run([sys.executable, str(REPO / "scripts" / "bench_gpu.py"), "--skip-kernels", "--modes",
+                            a.modes, "--batch-sizes", a.batch_sizes, "--input-len", str(a.input_len), "--output-len",
+                            str(a.output_len), "--iterations", str(a.iterations), "--eager-tokens", "0",
+                            "--out", str(RESULTS / "builtin.json")], env=vllm_env(), timeout=2 * a.timeout, check=False)
+        except subprocess.TimeoutExpired:
+            log(f"built-in runtime: timed out after {2 * a.timeout} s (what it wrote is kept)")
         if (RESULTS / "builtin.json").exists():
             doc["builtin"] = json.loads((RESULTS / "builtin.json").read_text())
     (out / "speed.json").write_text(json.dumps(doc, indent=1))
@@ -569,6 +577,18 @@ def print_speed(doc: dict[str, Any]) -> None:
             f"{fmt(r['ours_ttft_ms'], '.1f')} |")
 
 
+def cmd_report(a: argparse.Namespace) -> int:
+    """The tables of BENCHMARKS.md from the JSON documents a device call brought back."""
+    for path in a.docs:
+        doc = json.loads(Path(path).read_text())
+        log(f"\n{path}:")
+        if isinstance(doc, list):
+            print_checks(doc)
+        else:
+            print_speed(doc)
+    return 0
+
+
 # -- main ----------------------------------------------------------------------------------------------------------
 
 def main() -> int:
@@ -584,9 +604,9 @@ def main() -> int:
     p.add_argument("refs", nargs="+")
     p = sub.add_parser("pack")
     p.add_argument("bundle")
-    p.add_argument("prepared")
+    p.add_argument("prepared", nargs="?", help="a folder made by prepare (none: the bundle alone)")
     p.add_argument("--out", required=True)
-    p.add_argument("--chunk", type=float, default=56.0, help="MiB per call")
+    p.add_argument("--chunk", type=float, default=58.0, help="MiB per call (64 with the ~3.6 MiB tree and code)")
     p.add_argument("--first", nargs="*", help="artifact names (substrings) to send before the others")
     p = sub.add_parser("device-receive")
     p.add_argument("dir")
@@ -604,8 +624,10 @@ def main() -> int:
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=64)
     p.add_argument("--iterations", type=int, default=2)
-    p.add_argument("--timeout", type=int, default=240)
+    p.add_argument("--timeout", type=int, default=200, help="seconds per vLLM engine (the built-in: twice)")
     p.add_argument("--skip-builtin", action="store_true")
+    p = sub.add_parser("report")
+    p.add_argument("docs", nargs="+", help="vllm_checks-*.json / speed.json from device calls")
     p = sub.add_parser("device-write")  # internal: one synthetic checkpoint, in its own process
     p.add_argument("mode")
     p.add_argument("arch")
@@ -622,7 +644,7 @@ def main() -> int:
                          int(a.iterations))
         Path(a.out).write_text(json.dumps(doc, indent=1))
         return 0
-    return {"bundle": cmd_bundle, "prepare": cmd_prepare, "pack": cmd_pack, "device-receive": cmd_device_receive,
+    return {"bundle": cmd_bundle, "prepare": cmd_prepare, "report": cmd_report, "pack": cmd_pack, "device-receive": cmd_device_receive,
             "device-install": cmd_device_install, "device-check": cmd_device_check,
             "device-speed": cmd_device_speed}[a.cmd](a)
 

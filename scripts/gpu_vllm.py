@@ -644,7 +644,8 @@ def main() -> int:
                          int(a.iterations))
         Path(a.out).write_text(json.dumps(doc, indent=1))
         return 0
-    return {"bundle": cmd_bundle, "prepare": cmd_prepare, "report": cmd_report, "pack": cmd_pack, "device-receive": cmd_device_receive,
+    return {"bundle": cmd_bundle, "prepare": cmd_prepare, "report": cmd_report, "pack": cmd_pack,
+            "device-receive": cmd_device_receive,
             "device-install": cmd_device_install, "device-check": cmd_device_check,
             "device-speed": cmd_device_speed}[a.cmd](a)
 

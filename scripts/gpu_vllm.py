@@ -112,6 +112,9 @@ def cmd_prepare(a: argparse.Namespace) -> int:
             if not name.startswith("export:") or (only and name != f"export:{only}"):
                 continue
             fmt = name.split(":", 1)[1]
+            if not store.has(key) or not store.has(keys[f"validate:{fmt}"]):
+                log(f"{profile}/{fmt}: not built and validated in {store.root}; skipped")
+                continue
             vman = store.manifest(keys[f"validate:{fmt}"])
             val = vman["info"]["validation"]
             qcfg = next(s["material"]["config"] for s in store.read_ref(profile)["stages"] if s["name"] == "quantize")

@@ -281,20 +281,25 @@ def prepared_groups(prep: Path, first: list[str] | None) -> list[list[str]]:
 
 def cmd_pack(a: argparse.Namespace) -> int:
     """The bundle's parts, then tars of the prepared folder (the --first artifacts before the rest), cut into
-    pieces that fill chunk folders of at most --chunk MiB; c00/index.json lists each stream's pieces in order."""
+    pieces that fill chunk folders of at most --chunk MiB; c00/index-NAME.json lists each stream's pieces in order
+    (the device reads every index-*.json it received: a later pack with another --name adds artifacts)."""
     prep = Path(a.prepared or ".").resolve()
     calls = Path(a.out)
     shutil.rmtree(calls, ignore_errors=True)
     calls.mkdir(parents=True)
-    bundle = sorted(Path(a.bundle).glob("vllm-*.tar.part*"))
+    bundle = sorted(Path(a.bundle).glob("vllm-*.tar.part*")) if a.bundle != "-" else []
     streams: dict[str, list[Path]] = {}
     for p in bundle:
         streams.setdefault(p.name.rsplit(".part", 1)[0], []).append(p)
-    for i, group in enumerate(prepared_groups(prep, a.first) if a.prepared else []):
-        data = calls.parent / f"prepared-{i}.tar"  # not compressed: packed INT4 codes and floats gain little
-        listing = calls.parent / f"prepared-{i}.list"
+    groups = prepared_groups(prep, a.first) if a.prepared else []
+    if a.sent:  # files an earlier pack already carried (the same relative path holds the same bytes: sha256 names)
+        groups = [[f for f in g if not (Path(a.sent) / Path(f).relative_to(prep.name)).exists()] for g in groups]
+    for i, group in enumerate(g for g in groups if g):
+        data = calls.parent / f"{a.name}-{i}.tar"  # not compressed: packed INT4 codes and floats gain little
+        listing = calls.parent / f"{a.name}-{i}.list"
         listing.write_text("\n".join(group) + "\n")
-        subprocess.check_call(["tar", "cf", str(data), "-C", str(prep.parent), "-T", str(listing)])
+        subprocess.check_call(["tar", "cf", str(data), "-C", str(prep.parent), "--transform", f"s,^{prep.name}/,prep/,",
+                               "-T", str(listing)])  # unpacked as prep/ on the device, whatever its name here
         streams[data.name] = [data]
     limit = int(a.chunk * 2**20)
     chunk, room, index = 0, limit, {}
@@ -313,7 +318,7 @@ def cmd_pack(a: argparse.Namespace) -> int:
                     dst.write(src.read(n))
                 index.setdefault(stream, []).append(f"{stream}.{piece:03d}")
                 piece, off, room = piece + 1, off + n, room - n
-    (calls / "c00" / "index.json").write_text(json.dumps(index))
+    (calls / "c00" / f"index-{a.name}.json").write_text(json.dumps(index))
     for d in sorted(calls.iterdir()):
         log(f"{d.name}: {sum(f.stat().st_size for f in d.iterdir()) / 2**20:.1f} MiB "
             f"({', '.join(sorted(f.name for f in d.iterdir()))})")
@@ -334,7 +339,7 @@ def cmd_device_receive(a: argparse.Namespace) -> int:
 def cmd_device_install(a: argparse.Namespace) -> int:
     """Unpack every stream whose pieces have all arrived (once each), install the wheels, rebuild the artifacts
     whose pool entries are there. Safe to run again as more pieces arrive."""
-    index = json.loads((RECV / "index.json").read_text())
+    index = {k: v for p in sorted(RECV.glob("index-*.json")) for k, v in json.loads(p.read_text()).items()}
     WORK.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     for stream, names in index.items():
@@ -606,11 +611,13 @@ def main() -> int:
     p.add_argument("--greedy", type=int, default=32)
     p.add_argument("refs", nargs="+")
     p = sub.add_parser("pack")
-    p.add_argument("bundle")
+    p.add_argument("bundle", help="the bundle folder, or - for none (a later pack)")
     p.add_argument("prepared", nargs="?", help="a folder made by prepare (none: the bundle alone)")
     p.add_argument("--out", required=True)
     p.add_argument("--chunk", type=float, default=58.0, help="MiB per call (64 with the ~3.6 MiB tree and code)")
     p.add_argument("--first", nargs="*", help="artifact names (substrings) to send before the others")
+    p.add_argument("--name", default="prepared", help="stream and index name (a later pack of more artifacts)")
+    p.add_argument("--sent", help="a prepared folder an earlier pack carried: its files are not packed again")
     p = sub.add_parser("device-receive")
     p.add_argument("dir")
     sub.add_parser("device-install")

@@ -159,3 +159,77 @@ def test_vllm_loads_a_prepared_artifact():
     assert v["rules_agree"], v
     if v["loaded"]:
         assert v["ppl_ok"] and v["tokens_match"], v
+
+
+class _FakeVLLM:
+    """A stand-in for the vllm package (LLM, SamplingParams, inputs.TokensPrompt) over a bigram model: the logits
+    after token t are W[t]. It answers generate() as vLLM does (prompt_logprobs with the prompt token and the rank-1
+    token; greedy token_ids), so check_artifact's plumbing runs on the CPU."""
+
+    def __init__(self, vocab: int = 30, seed: int = 0):
+        import types
+
+        self.W = torch.randn(vocab, vocab, generator=torch.Generator().manual_seed(seed)) * 2
+        fake = self
+        self.kwargs: dict = {}
+
+        class SamplingParams:
+            def __init__(self, **kw):
+                self.__dict__.update(kw)
+
+        class LLM:
+            def __init__(self, model, **kw):
+                fake.kwargs = kw
+                if "refuse" in model:
+                    raise ValueError("Unsupported quantization config: bits=4, sym=False")
+                cfg = types.SimpleNamespace(quantization="compressed-tensors", dtype=torch.bfloat16)
+                self.llm_engine = types.SimpleNamespace(model_config=cfg)
+
+            def generate(self, prompts, sp, use_tqdm=False):
+                outs = []
+                for p in prompts:
+                    ids = p["prompt_token_ids"]
+                    lp = vllm_like(ids, fake.W[torch.tensor(ids)]) if getattr(sp, "prompt_logprobs", None) else None
+                    gen = list(ids)
+                    for _ in range(sp.max_tokens):
+                        gen.append(int(fake.W[gen[-1]].argmax()))
+                    outs.append(types.SimpleNamespace(prompt_logprobs=lp, outputs=[
+                        types.SimpleNamespace(token_ids=gen[len(ids):])]))
+                return outs
+
+        self.module = types.ModuleType("vllm")
+        self.module.__version__ = "0.0-fake"
+        self.module.LLM, self.module.SamplingParams = LLM, SamplingParams
+        self.module.inputs = types.ModuleType("vllm.inputs")
+        self.module.inputs.TokensPrompt = dict
+
+
+def test_check_artifact_plumbing_against_a_stand_in_vllm(monkeypatch, tmp_path):
+    fake = _FakeVLLM()
+    monkeypatch.setitem(sys.modules, "vllm", fake.module)
+    monkeypatch.setitem(sys.modules, "vllm.inputs", fake.module.inputs)
+    g = torch.Generator().manual_seed(1)
+    windows = [torch.randint(0, 30, (12,), generator=g).tolist() for _ in range(2)]
+    firsts = [1, 5]  # the second window scores positions 5.. only, as a strided validation would
+    nll = []
+    for w, f in zip(windows, firsts, strict=True):
+        ce = torch.nn.functional.cross_entropy(fake.W[torch.tensor(w[:-1])].double(), torch.tensor(w[1:]),
+                                               reduction="none")
+        nll += ce[f - 1:].tolist()
+    ppl = math.exp(sum(nll) / len(nll))
+    greedy = [3]
+    for _ in range(vc.GREEDY_TOKENS):
+        greedy.append(int(fake.W[greedy[-1]].argmax()))
+    expect = {"name": "x/compressed-tensors", "model": "art/x", "tokenizer": None, "rules_load": True,
+              "validation": {"ppl": ppl, "tokens": len(nll), "top1_agreement": 0.5},
+              "windows": windows, "first_scored": firsts, "ref_top1": [0] * len(nll),
+              "prompt": [3], "greedy": {"tokens": greedy[1:]}}
+    res = vc.check_artifact(expect, tmp_path)
+    assert fake.kwargs["skip_tokenizer_init"] and fake.kwargs["max_model_len"] >= 12
+    assert res["loaded"] and res["tokens"] == len(nll) and res["ppl"] == pytest.approx(ppl, rel=1e-9)
+    assert res["quantization"] == "compressed-tensors" and res["dtype"] == "bfloat16"
+    v = vc.verdict(res, expect)
+    assert v["ok"] and v["greedy_matching_prefix"] == vc.GREEDY_TOKENS
+    refused = vc.check_artifact({**expect, "model": "art/refuse"}, tmp_path)
+    assert not refused["loaded"] and "sym=False" in refused["error"]
+    assert vc.verdict(refused, {**expect, "rules_load": False})["ok"]

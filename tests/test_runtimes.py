@@ -182,6 +182,12 @@ def test_every_rule_cites_a_source_and_names_a_known_runtime_and_format():
     assert len({r.id for r in rules.RULES}) == len(rules.RULES)
 
 
+def test_every_vllm_rule_says_whether_vllm_was_seen_doing_it():
+    for r in rules.RULES:
+        if r.runtime == "vllm":
+            assert r.seen == rules.NOT_SEEN or r.seen.startswith("confirmed on GPU (vLLM "), r.id
+
+
 @pytest.mark.parametrize("runtimes", [["nope"], "vllm", [1]])
 def test_bad_runtimes_value_exits_2(cli, tmp_path, runtimes):
     code, out = _plan_json(cli, tmp_path, tiny_profile(targets=[{"format": "compressed-tensors",

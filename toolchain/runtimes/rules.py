@@ -80,6 +80,9 @@ class NonEmpty:
         return bool(v)
 
 
+NOT_SEEN = "read from source, not seen"
+
+
 @dataclass(frozen=True)
 class Rule:
     id: str
@@ -90,6 +93,9 @@ class Rule:
     fix: str
     source: str
     effect: str = "refuses"  # refuses | degrades (loads, but computes other numbers than we validated)
+    # Whether the runtime itself was seen doing what the rule says: "confirmed on GPU (vLLM x.y, date: what)" from
+    # scripts/gpu_vllm.py's runs (BENCHMARKS.md), else NOT_SEEN.
+    seen: str = NOT_SEEN
 
     def applies(self, fmt: str, facts: dict[str, Any]) -> bool:
         return fmt in self.formats and all(
@@ -101,6 +107,16 @@ INT_METHODS = ("rtn", "gptq", "awq")
 RULES: tuple[Rule, ...] = (
     # vLLM upgrades GPTQ checkpoints to gptq_marlin: GPTQMarlinConfig.TYPE_MAP holds (4, sym) and (8, sym) only;
     # an asymmetric checkpoint is not Marlin-compatible and drops to the legacy fp16-only exllama kernel.
+    # None of the vLLM rules has been seen on a GPU yet (seen: NOT_SEEN): scripts/gpu_vllm.py is ready to load the
+    # artifacts in vLLM 0.23.0, but no device machine was lent when it was to run (issue 30, 2026-12-08).
+    # Read in the vllm 0.23.0 and 0.26.0 wheels (the releases that run on the GPU image's torch 2.11), not seen:
+    # gptq_marlin.py is gone; every `quant_method: gptq` checkpoint goes to AutoGPTQConfig
+    # (quantization/auto_gptq.py: override_quantization_method), whose TYPE_MAP is still {(4, True), (8, True)} and
+    # whose __init__ raises ValueError "Unsupported quantization config: bits=4, sym=False": the symmetric and bits
+    # rules hold, as refusals at load. Its scales are still created in params_dtype (scale-dtype rule holds). Group
+    # sizes: Marlin keeps MARLIN_SUPPORTED_GROUP_SIZES [-1, 32, 64, 128], but 0.23's kernel list also has
+    # TritonW4A16LinearKernel (bf16/fp16, groups -1, 32, 64, 128, 256) and ExllamaLinearKernel (fp16, any group
+    # dividing K), so the group-size rule refuses more than 0.23 does.
     Rule("vllm-gptq-symmetric", "vllm", ("gptq",), {"symmetric": False},
          "vLLM's GPTQ path (gptq_marlin) takes symmetric 4/8-bit weights only (TYPE_MAP {(4, True), (8, True)})",
          "set quantize.symmetric: true",
@@ -176,6 +192,9 @@ RULES: tuple[Rule, ...] = (
          "compressed-tensors checkpoint",
          "declare model_format: pytorch (the exporter does; this fires only if it did not)",
          f"{XINFERENCE} xinference/model/llm/vllm/core.py@7ecec16b (model_format == 'fp8' -> quantization fp8)"),
+    # vllm 0.23.0 and 0.26.0 (wheels read 2026-12-08, not run) still ship quantization/bitsandbytes.py with
+    # BitsAndBytesConfig registered in get_quantization_config: for those releases this rule refuses what they
+    # would load (given the bitsandbytes package). Not changed without a load seen; see issue 30's report.
     # Stock vLLM dropped its in-tree bitsandbytes loader (issue 9's reading of vLLM main; the vLLM copies
     # readable here still carry quantization/bitsandbytes.py, so this is not rechecked against the newest source).
     Rule("vllm-bnb-plugin", "vllm", ("bnb",), {"method": "nf4"},

@@ -19,6 +19,7 @@ from .formats import EXPORTERS
 from .gates import NO_GATES, has_gate
 from .hashing import StatCache, key_of, tree_digest
 from .methods import METHODS
+from .methods.fp8 import check_block_shapes
 from .profile import LoadedProfile
 from .progress import Reporter
 from .sources import ResolvedSource, resolve
@@ -181,6 +182,7 @@ def build_plan(loaded: LoadedProfile, store: Store, reporter: Reporter | None = 
     except (ValueError, KeyError) as e:
         raise InputError(f"source: {e}") from None
     check_group_size(cfg, p.quantize)
+    check_block_shapes(cfg, p.quantize)
     notes: list[str] = []
 
     stages: list[Stage] = [source]

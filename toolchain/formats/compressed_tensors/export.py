@@ -53,9 +53,13 @@ def scheme_for(meta: dict[str, Any], layer_type: str):
     """The compressed-tensors QuantizationScheme that expresses one IR layer, from the layer's own meta."""
     _c, _d, QuantizationArgs, _qc, QuantizationScheme, _s = _ct()
     if layer_type == "float8":
+        block = meta["strategy"] == "block"
         weights = QuantizationArgs(num_bits=8, type="float", symmetric=True, strategy=meta["strategy"],
-                                   dynamic=False, observer=meta.get("observer", "memoryless_minmax"))
-        acts = QuantizationArgs(num_bits=8, type="float", symmetric=True, strategy="token", dynamic=True)
+                                   dynamic=False, observer=meta.get("observer", "memoryless_minmax"),
+                                   block_structure=meta["block_structure"] if block else None)
+        # FP8_BLOCK's activations: dynamic groups of 128 along the input (compressed-tensors quant_scheme.py).
+        acts = QuantizationArgs(num_bits=8, type="float", symmetric=True, strategy="group" if block else "token",
+                                dynamic=True, group_size=meta.get("act_group_size") if block else None)
         return QuantizationScheme(targets=["Linear"], weights=weights, input_activations=acts)
     # Our RTN is what llm-compressor calls a memoryless min-max observer; say so as it does.
     args: dict[str, Any] = {"num_bits": meta["bits"], "type": "int", "symmetric": meta["symmetric"],

@@ -13,6 +13,10 @@ quant_algo (TensorRT-LLM's QuantAlgo) per recipe:
   fp8 per tensor    FP8                        fp8 weight, one float32 scale; activations quantized per tensor at run
                                                time (dynamic) unless the IR carries a calibrated input_scale
   fp8 per channel   FP8_PER_CHANNEL_PER_TOKEN  one scale per output row; activations per token, dynamic
+  fp8 per block     fp8_pb_wo                  float32 scale per 128x128 weight block (weight_scale (out/128,
+                                               in/128)); TensorRT-LLM reads it as FP8_BLOCK_SCALES and quantizes
+                                               activations in dynamic 1x128 groups (tensorrt_llm/_torch/
+                                               model_config.py; ModelOpt's own name is lowercase)
   int4 rtn / awq    W4A16_AWQ                  symmetric codes in [-8, 7], no zero point, float32 scale per (row, group
                                                of 64 or 128), two codes per byte along the OUTPUT dim
 `W4A16_AWQ` names TensorRT-LLM's groupwise INT4 weight-only format, not the algorithm that chose the weights:
@@ -88,7 +92,7 @@ def resolve_dtype(option: str, source_dtype: str) -> str:
 
 def quant_algo(method: str, strategy: str) -> str:
     if method == "fp8":
-        return "FP8_PER_CHANNEL_PER_TOKEN" if strategy == "channel" else "FP8"
+        return {"channel": "FP8_PER_CHANNEL_PER_TOKEN", "block": "fp8_pb_wo"}.get(strategy, "FP8")
     if method in ("rtn", "awq"):
         return "W4A16_AWQ"
     raise ValueError(f"no TensorRT-LLM quant_algo for method {method!r}")
@@ -109,6 +113,10 @@ def check_ckpt(q: Any, cfg: dict[str, Any], options: dict[str, Any]) -> None:
                          f"{cfg.get('model_type')!r} is not supported (use the trtllm target: HF names)")
     if q.method == "fp8" and q.strategy == "tensor":
         raise InputError(LEGACY_FP8_STATIC)
+    if q.method == "fp8" and q.strategy == "block":
+        raise InputError("targets: trtllm-ckpt: block-scaled FP8 (FP8_BLOCK_SCALES) is served by TensorRT-LLM's "
+                         "PyTorch backend from ModelOpt's HF checkpoint; this toolchain does not write it in the "
+                         "legacy trtllm-build layout. Use the trtllm target, or quantize.strategy: channel")
     tp, pp = options.get("tp_size", 1), options.get("pp_size", 1)
     problems = parallel_problems(cfg, q, tp, pp)
     if problems:

@@ -223,6 +223,8 @@ def build_plan(loaded: LoadedProfile, store: Store, reporter: Reporter | None = 
         if "*" not in exporter.methods and p.quantize.method not in exporter.methods:
             raise InputError(f"targets: format {target.format} cannot hold quantize.method {p.quantize.method} "
                              f"(it holds {', '.join(exporter.methods)})")
+        if exporter.plan_check:  # first: a format's own reason is the more precise one
+            exporter.plan_check(p.quantize, cfg, target.options)
         # GPTQ act-order without static groups needs a per-column group index (g_idx) in the checkpoint; a
         # format holds it only if it lists "gptq-g_idx" (compressed-tensors 0.19 has no g_idx).
         if (p.quantize.method == "gptq" and p.quantize.act_order and not p.quantize.static_groups
@@ -230,8 +232,6 @@ def build_plan(loaded: LoadedProfile, store: Store, reporter: Reporter | None = 
             raise InputError(f"targets: format {target.format} cannot hold GPTQ act-order groups (a g_idx per "
                              "input column); set quantize.static_groups: true (act-order with groups in order, "
                              "what compressed-tensors calls actorder: weight) or act_order: false")
-        if exporter.plan_check:
-            exporter.plan_check(p.quantize, cfg, target.options)
         verdicts = check_runtimes(i, target, p.quantize, cfg)
         runtimes[target.label] = verdicts
         export_cfg = target.model_dump(mode="json", exclude={"runtimes"})  # says who loads it, not its bytes

@@ -131,7 +131,12 @@ def quantize_config(loaded: LoadedProfile, cache: StatCache, eval_sha256: str | 
     qcfg = q.model_dump(mode="json")
     if method.key_libs:  # the library itself writes the bytes
         qcfg["quantized_with"] = lib_versions(method.key_libs)
-    if not method.calibrated:
+    kv_calibrated = q.kv_cache == "fp8" and q.calibration is not None
+    if kv_calibrated:  # its samples shape the KV scales (toolchain.quant.kv_cache)
+        from .quant.kv_cache import KV_CALIBRATION
+
+        qcfg["kv_scales"] = KV_CALIBRATION
+    if not method.calibrated and not kv_calibrated:
         for f in CALIBRATION_FIELDS:
             qcfg.pop(f, None)
         return qcfg
@@ -141,6 +146,9 @@ def quantize_config(loaded: LoadedProfile, cache: StatCache, eval_sha256: str | 
         cal["dataset_sha256"] = cache.hash(src.path)
         refuse_eval_text(cal["dataset_sha256"], eval_sha256, str(src.path))
         del cal["dataset"]  # the content is the identity: moving the file does not rebuild
+    if not method.calibrated:
+        qcfg["calibrated_with"] = lib_versions(("transformers", "tokenizers"))
+        return qcfg
     from .quant import device
 
     qcfg["device"] = device.resolve(q.device)  # the device that will run, not `auto`: CPU and CUDA bytes differ

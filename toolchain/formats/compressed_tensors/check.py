@@ -83,9 +83,34 @@ def run_validate(ctx: StageContext) -> dict[str, Any]:
     # Small models keep the decompressed weights for the runner (a 7B's would not fit beside the model).
     kept = {} if fits_in_memory(ctx.model_config, bytes_per_param=4, fraction=0.1) else None
     conformance = weight_conformance(model, ctx.inputs["quantize"], scoring_device(ctx), kept)
+    kv = kv_conformance(model, ctx.inputs["quantize"])
+    if kv is not None:
+        conformance = {**conformance, "kv_scales": kv}
+        if kv["max_abs_err"] != 0:  # judged a failure by finish_validation
+            missing = f"; missing {kv['missing'][0]}" if kv["missing"] else ""
+            conformance.update(max_abs_err=kv["max_abs_err"],
+                               worst_layer=f"the FP8 KV scales (self_attn.k_scale / v_scale{missing})")
     return finish_validation(ctx, "transformers", conformance, hf_logits(model),
                              hf_model_weights(model, scoring_device(ctx), kept),
-                             stream_scoring=not _fp8_activations(ctx))
+                             stream_scoring=not (_fp8_activations(ctx) or kv is not None))
+
+
+def kv_conformance(model, ir_dir: Path) -> dict[str, Any] | None:
+    """The FP8 KV scales as the loader holds them (compressed-tensors' self_attn.k_scale / v_scale, which its
+    attention hook applies to K and V in the forward, as vLLM does in its cache) vs the IR's; None without."""
+    from ...ir import IRReader
+
+    ir = IRReader(ir_dir)
+    names = [n for n in ir.plain_names() if n.endswith((".self_attn.k_scale", ".self_attn.v_scale"))]
+    if not names:
+        return None
+    params = dict(model.named_parameters())
+    missing = [n for n in names if n not in params]
+    err = max((float((params[n].float().reshape(-1) - ir.tensors.get(n).float().reshape(-1)).abs().max())
+               for n in names if n in params), default=0.0)
+    return {"scales": len(names), "missing": missing, "max_abs_err": float("inf") if missing else err,
+            "scored_by": "the loader's forward (K and V cast to E4M3 with these scales by compressed-tensors' "
+                         "attention hook)"}
 
 
 def _fp8_activations(ctx: StageContext) -> bool:

@@ -124,8 +124,13 @@ def write_quantization_config(out_dir, ir: IRReader, schemes: dict[str, Any]) ->
     # `ignore` as resolved module names: loaders match exact names or re: only (vLLM should_ignore_layer,
     # TensorRT-LLM _matches_target), so the profile's shorthand (a bare `down_proj`) would match nothing there.
     ignore = resolved_ignore(ir.config, ir.scheme.get("ignore", []))
+    # Calibrated FP8 KV scales (the IR's self_attn.k_scale / v_scale, written as they are): the kv_cache_scheme
+    # llm-compressor writes, which vLLM requires as float8, strategy tensor, symmetric (compressed_tensors.py).
+    kv = None
+    if any(n.endswith(".self_attn.k_scale") for n in ir.plain_names()):
+        kv = _ct()[2](num_bits=8, type="float", strategy="tensor", dynamic=False, symmetric=True)
     qc = QuantizationConfig(config_groups=groups, quantization_status=QuantizationStatus.COMPRESSED,
-                            format=formats.pop(), ignore=ignore)
+                            format=formats.pop(), ignore=ignore, kv_cache_scheme=kv)
     ModelCompressor(quantization_config=qc).update_config(str(out_dir))
     return json.loads((out_dir / "config.json").read_text())["quantization_config"]
 
@@ -159,5 +164,10 @@ def run(ctx: StageContext) -> dict[str, Any]:
     writer.close(hf_layout=True)
     copy_model_metadata(ir.directory, ctx.out)
     qconfig = write_quantization_config(ctx.out, ir, schemes)
-    return {"format": "compressed-tensors", "layers": len(ir.layers), "roundtrip_max_abs_err": check.max_abs_err,
+    info = {"format": "compressed-tensors", "layers": len(ir.layers), "roundtrip_max_abs_err": check.max_abs_err,
             "roundtrip_arithmetic": check.arithmetic, "quantization_config": qconfig}
+    if ir.scheme.get("kv_cache") == "fp8" and qconfig.get("kv_cache_scheme") is None:
+        info["kv_cache"] = ("not written: compressed-tensors' kv_cache_scheme holds calibrated K/V scales and this "
+                            "IR has none; add a quantize.calibration section")
+        ctx.reporter.info(f"  note: FP8 KV cache {info['kv_cache']}")
+    return info

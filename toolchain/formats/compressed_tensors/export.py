@@ -69,7 +69,10 @@ def scheme_for(meta: dict[str, Any], layer_type: str):
         args["group_size"] = meta["group_size"]
         if meta.get("actorder"):
             args["actorder"] = meta["actorder"]
-    return QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(**args))
+    acts = None
+    if meta.get("activations") == "dynamic-per-token-int8":  # W8A8 INT8 (SmoothQuant): compressed-tensors' W8A8
+        acts = QuantizationArgs(num_bits=8, type="int", symmetric=True, strategy="token", dynamic=True)
+    return QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(**args), input_activations=acts)
 
 
 def compress_layer(q: QuantizedLinear, scheme, device: str = "cpu") -> dict[str, torch.Tensor]:

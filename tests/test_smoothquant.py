@@ -137,3 +137,11 @@ def test_loader_quantizes_activations_as_we_emulate(sq_build):
     assert vllm_int8_activations(loaded, store.object_dir(doc["stages"][1]["key"])) == len(ir.layers)
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, as_vllm, rtol=0, atol=1e-5)
+
+
+def test_trtllm_reading_the_checkpoint_is_refused_at_plan(tmp_path):
+    from conftest import run_cli
+
+    data = tiny_profile(quantize=SQ, targets=[{"format": "compressed-tensors", "runtimes": ["trtllm"]}])
+    r = run_cli("plan", str(write_profile(tmp_path, data)), "--store", str(tmp_path / "s"))
+    assert r.returncode == 2 and "trtllm-ct-int8" in r.stderr, r.stderr

@@ -154,12 +154,12 @@ def quantize_config(loaded: LoadedProfile, cache: StatCache, eval_sha256: str | 
         cal["dataset_sha256"] = cache.hash(src.path)
         refuse_eval_text(cal["dataset_sha256"], eval_sha256, str(src.path))
         del cal["dataset"]  # the content is the identity: moving the file does not rebuild
-    if not method.calibrated:
-        qcfg["calibrated_with"] = lib_versions(("transformers", "tokenizers"))
-        return qcfg
     from .quant import device
 
     qcfg["device"] = device.resolve(q.device)  # the device that will run, not `auto`: CPU and CUDA bytes differ
+    if not method.calibrated:  # only the KV scales are calibrated
+        qcfg["calibrated_with"] = lib_versions(("transformers", "tokenizers"))
+        return qcfg
     qcfg["kernels"] = device.kernel_identity(qcfg["device"], q.method)
     qcfg["method_version"] = method.version
     qcfg["calibrated_with"] = lib_versions(("transformers", "tokenizers"))

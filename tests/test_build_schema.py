@@ -78,3 +78,26 @@ def ci_report(doc: dict, tmp_path: Path) -> str:
 def test_schema_file_is_where_the_readme_says():
     assert "schemas/build.schema.json" in (REPO / "README.md").read_text()
     assert Path(REPO / "schemas" / "build.schema.json").is_file()
+
+
+def test_stage_and_target_names_follow_the_profiles_name_grammar():
+    """Issue 22 item 2: the names a profile accepts for targets are exactly what the schema's stage-name and
+    target-name patterns accept (a `../` target name used to pass the profile and break the schema)."""
+    import re
+
+    from toolchain import profile as prof
+    from toolchain.checks import NAME_BODY, NAME_PATTERN
+    from toolchain.errors import InputError
+
+    stage = SCHEMA["$defs"]["stage"]["properties"]["name"]["pattern"]
+    target = SCHEMA["$defs"]["target"]["properties"]["name"]["pattern"]
+    assert stage == rf"^[a-z]+(:{NAME_BODY})?$" and target == NAME_PATTERN
+    for name in ["int4", "a.b_c-d", "9", "x" * 128, "../../other/repo/manifests/latest", "a/b", ".hidden", "-x",
+                 "x" * 129, "a b", "tag:latest", "é"]:
+        data = tiny_profile(targets=[{"format": "compressed-tensors", "name": name}])
+        try:
+            prof.from_dict(data)
+            accepted = True
+        except InputError:
+            accepted = False
+        assert accepted == bool(re.match(target, name)) == bool(re.match(stage, f"export:{name}")), name

@@ -94,13 +94,16 @@ def test_roots_are_recorded_before_the_first_stage(tmp_path, monkeypatch):
 
     def spy(stage, *args):
         if not seen:
-            seen.append(store.read_ref(ref_name(plan.profile.profile.name, plan.source)))
+            seen.append(store.roots())
         return real(stage, *args)
 
     monkeypatch.setattr(run, "_run_stage", spy)
     run.execute(plan, store, Reporter(quiet=True))
-    assert seen[0] is not None, "no ref when the first stage ran: a gc then would delete its commits"
-    assert [s["key"] for s in seen[0]["stages"]] == [s.key for s in plan.stages]
+    assert seen[0] >= {s.key for s in plan.stages}, "no roots when the first stage ran: a gc would delete its commits"
+    # once it succeeded, its pending roots are the profile's last build
+    ref = store.read_ref(ref_name(plan.profile.profile.name, plan.source))
+    assert [s["key"] for s in ref["stages"]] == [s.key for s in plan.stages]
+    assert not store.pending_ref_path(ref_name(plan.profile.profile.name, plan.source)).exists()
 
 
 def test_synthetic_run_keeps_the_real_builds_roots(tmp_path):
@@ -191,3 +194,30 @@ def test_hf_offline_flag_is_set_before_datasets_is_imported(tmp_path):
 
         pytest.skip("datasets is not installed")
     assert r.stdout.strip() == "True", r.stderr
+
+
+def test_a_failed_build_keeps_the_last_good_builds_roots(cli, tmp_path, monkeypatch):
+    """Issue 22 item 7: a good build, then a build of the same profile whose quantize stage fails at run time,
+    then gc: the good build's artifacts stay, and `plan` still diffs against the good build."""
+    import toolchain.stages.quantize as quantize
+
+    store = str(tmp_path / "store")
+    good = cli("build", str(write_profile(tmp_path, tiny_profile())), "--store", store, "--json", "-q")
+    assert good.exit_code == 0, good.output
+    good_keys = {s["key"] for s in json.loads(good.stdout)["stages"]}
+
+    def fails(ctx):
+        raise RuntimeError("the quantizer fell over")
+
+    monkeypatch.setattr(quantize, "run", fails)
+    changed = tiny_profile(quantize={"method": "rtn", "bits": 4, "group_size": 64, "symmetric": True})
+    bad = cli("build", str(write_profile(tmp_path, changed)), "--store", store, "--json", "-q")
+    assert bad.exit_code == 1 and "the quantizer fell over" in bad.output, bad.output
+    gc = cli("gc", "--store", store, "--json")
+    assert gc.exit_code == 0, gc.output
+    removed = {r["key"] for r in json.loads(gc.stdout)["removed"]}
+    assert not removed & good_keys, "gc deleted the last good build's artifacts after a failed build"
+    assert all(Store(store).has(k) for k in good_keys)
+    monkeypatch.undo()
+    again = cli("build", str(write_profile(tmp_path, tiny_profile())), "--store", store, "--json", "-q")
+    assert {s["status"] for s in json.loads(again.stdout)["stages"]} == {"cached"}

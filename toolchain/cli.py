@@ -5,6 +5,7 @@ Exit codes: 0 ok; 1 a build or a gate failed; 2 bad input (profile, paths, recip
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -22,9 +23,13 @@ STORE_HELP = "Artifact store directory [env TOOLCHAIN_STORE; default ./artifacts
 
 
 def _store(path: str | None):
+    from .checks import check_store_path
     from .store import Store
 
-    return Store(path or os.environ.get("TOOLCHAIN_STORE") or "artifacts")
+    store = Store(path or os.environ.get("TOOLCHAIN_STORE") or "artifacts")
+    check_store_path(store.root, "--store" if path else "TOOLCHAIN_STORE" if os.environ.get("TOOLCHAIN_STORE")
+                     else "--store (default ./artifacts)")
+    return store
 
 
 def _load_profile(profile: str | None, source: str | None):
@@ -83,9 +88,85 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the process is, so it unwinds as Ctrl-C does: a stage's temp directory is removed."""
+
+
+def _on_sigterm(signum: int, _frame: Any) -> None:
+    raise Terminated()
+
+
+class _Guarded(click.Group):
+    """Every command ends with one message, never a traceback. Ours (ToolchainError): its exit code. Anything
+    else: a bug, exit 1, one line naming a log file with the traceback (printed under --debug). Ctrl-C exits
+    130, SIGTERM 143, both after the stage in flight has removed its temp directory. With --json the error is
+    also the JSON document."""
+
+    def main(self, args: Any = None, *rest: Any, **kwargs: Any) -> Any:
+        self._argv = list(sys.argv[1:] if args is None else args)
+        return super().main(args, *rest, **kwargs)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        import signal
+        import threading
+
+        argv = getattr(self, "_argv", [])
+        as_json = "--json" in argv
+        main_thread = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except ToolchainError as e:
+            _fail(e, as_json)
+        except KeyboardInterrupt as e:
+            code, what = (143, "terminated (SIGTERM)") if isinstance(e, Terminated) else (130, "interrupted")
+            if as_json:
+                click.echo(json.dumps({"error": what, "exit_code": code}))
+            click.echo(f"error: {what}; the stage in flight was abandoned and its temporary files removed", err=True)
+            sys.exit(code)
+        except Exception as e:  # not ours: a bug
+            _internal_error(e, as_json, bool(ctx.params.get("debug") or os.environ.get("TOOLCHAIN_DEBUG")))
+        finally:
+            if main_thread:
+                signal.signal(signal.SIGTERM, previous)
+
+
+# A full disk or a permission found mid-way: the machine's state, said as such.
+_MACHINE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+def _internal_error(e: Exception, as_json: bool, debug: bool) -> None:
+    import tempfile
+    import traceback
+
+    trace = traceback.format_exc()
+    first = (str(e).strip().splitlines() or [""])[0]
+    log = None
+    if not debug:
+        try:
+            fd, log = tempfile.mkstemp(prefix="toolchain-error-", suffix=".log")
+            with os.fdopen(fd, "w") as f:
+                f.write(trace)
+        except OSError:
+            debug = True  # nowhere to write it: print it
+    where = "traceback above" if debug else f"traceback in {log}; `toolchain --debug ...` prints it"
+    message = f"internal error: {type(e).__name__}: {first} ({where}; please report it)"
+    if isinstance(e, OSError) and e.errno in _MACHINE_ERRNOS:  # the machine, not a bug: no report asked for
+        message = f"{e.strerror}: {e.filename} (free space or fix the permissions, then rerun; {where})"
+    if as_json:
+        click.echo(json.dumps({"error": message, "exit_code": 1, **({"log": log} if log else {})}))
+    if debug:
+        click.echo(trace, err=True, nl=False)
+    click.echo(f"error: {message}", err=True)
+    sys.exit(1)
+
+
+@click.group(cls=_Guarded, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="toolchain")
-def main() -> None:
+@click.option("--debug", is_flag=True, help="On an internal error, print the traceback (else it goes to a log file).")
+def main(debug: bool) -> None:
     """Build quantized, validated LLM checkpoints from a declarative profile, cached by content hash.
 
     \b
@@ -110,8 +191,11 @@ def main() -> None:
               help="Remote cache: look each stage up in this registry repository before building it, pull hits "
                    "(verified), push what was built. [env TOOLCHAIN_CACHE]")
 @click.option("--insecure", is_flag=True, help="Reach the --cache registry over plain HTTP (localhost registries).")
+@click.option("--verify", is_flag=True,
+              help="Re-hash every cached artifact against its manifest before using it; a corrupt one is discarded "
+                   "and its stage rebuilt.")
 def build(profile: str | None, store_dir: str | None, source: str | None, as_json: bool, quiet: bool,
-          cache: str | None, insecure: bool) -> None:
+          cache: str | None, insecure: bool, verify: bool) -> None:
     """Build PROFILE (default: the SmolLM2 INT4 demo profile): every stage that is not cached.
 
     Exit code 0 when every target is built and passed its gates, 1 when a stage or a gate failed,
@@ -134,8 +218,9 @@ def build(profile: str | None, store_dir: str | None, source: str | None, as_jso
         plan = build_plan(loaded, store, reporter)
         for note in plan.notes:
             reporter.warn(note)
+        _refuse_read_only(plan, store)
         try:
-            results = execute(plan, store, reporter, remote)
+            results = execute(plan, store, reporter, remote, verify=verify)
         finally:
             if remote is not None:
                 remote.close()
@@ -151,6 +236,17 @@ def build(profile: str | None, store_dir: str | None, source: str | None, as_jso
         _print_summary(doc)
     failed = any(s["status"] == "failed" for s in doc["stages"])
     sys.exit(1 if failed else 0)
+
+
+def _refuse_read_only(plan, store) -> None:
+    """A build that will write (a stage to build, a new ref) needs a writable store: said before any work. A
+    fully cached build writes nothing and runs on a read-only store."""
+    from .checks import check_store_writable
+    from .plan import ref_name, ref_record
+
+    if (any(not s.skip_reason and not store.has(s.key) for s in plan.stages)
+            or store.read_ref(ref_name(plan.profile.profile.name, plan.source)) != ref_record(plan)):
+        check_store_writable(store.root)
 
 
 @main.command()
@@ -468,6 +564,10 @@ def inspect(target: str, store_dir: str | None) -> None:
 def gc(store_dir: str | None, dry_run: bool, as_json: bool) -> None:
     """Remove artifacts that no profile's last build references, and leftovers of killed builds."""
     store = _store(store_dir)
+    if not dry_run:
+        from .checks import check_store_writable
+
+        check_store_writable(store.root)
 
     def waiting() -> None:
         console.print("a build is running on this store; gc waits for it to finish")
@@ -480,6 +580,34 @@ def gc(store_dir: str | None, dry_run: bool, as_json: bool) -> None:
     for r in removed:
         console.print(f"{verb} {r['key'][:12]} {r['stage']} ({_fmt_size(r['size'])})")
     console.print(f"{verb} {len(removed)} entries, {_fmt_size(sum(r['size'] for r in removed))}")
+
+
+@main.command(name="verify")
+@click.argument("target", metavar="[KEY|PROFILE]", required=False)
+@click.option("--store", "store_dir", help=STORE_HELP)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
+def verify_cmd(target: str | None, store_dir: str | None, as_json: bool) -> None:
+    """Re-hash every file of the artifacts a profile's last build references (PROFILE: a file or a name), of
+    one artifact (a key prefix), or of the whole store (no argument). Exit 1 naming each file that changed."""
+    from .verify import resolve, verify
+
+    try:
+        store = _store(store_dir)
+        what, keys = resolve(store, target)
+        doc = {"verified": what, **verify(store, keys)}
+    except ToolchainError as e:
+        _fail(e, as_json)
+        return
+    if as_json:
+        click.echo(json.dumps(doc, indent=2))
+    else:
+        for p in doc["problems"]:
+            click.echo(f"{p['problem']}: {p['path']} (stage {p['stage']}, key {p['key'][:12]})", err=True)
+        n = len(doc["problems"])
+        verdict = "all match" if doc["ok"] else f"{n} file{'s do' if n > 1 else ' does'} not match"
+        click.echo(f"verified {what}: {doc['artifacts']} artifacts, {doc['files']} files, "
+                   f"{_fmt_size(doc['bytes'])} in {doc['seconds']:.1f} s: {verdict}")
+    sys.exit(0 if doc["ok"] else 1)
 
 
 @main.command()

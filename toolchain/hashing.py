@@ -6,6 +6,7 @@ is not re-read; any change of those re-hashes it.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -72,7 +73,14 @@ class StatCache:
             return
         from .durable import write_durably
 
-        write_durably(self.path, json.dumps(self._entries, indent=0, sort_keys=True))
+        try:
+            write_durably(self.path, json.dumps(self._entries, indent=0, sort_keys=True))
+        except PermissionError:  # a read-only store: a cache, so the next run hashes again
+            return
+        except OSError as e:
+            if e.errno != errno.EROFS:
+                raise
+            return
         self._dirty = False
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import arch
+from . import arch, checks
 from .errors import InputError
 from .formats import EXPORTERS
 from .gates import NO_GATES, has_gate
@@ -111,6 +111,7 @@ def _dataset_digest(loaded: LoadedProfile, cache: StatCache) -> tuple[Path, str]
     if not path.is_file():
         raise InputError(f"validate.accuracy.dataset: {path} does not exist; give a UTF-8 text file "
                          "(e.g. WikiText-2's wiki.test.raw)")
+    checks.check_eval_file(path)
     from .quant.calibration import check_utf8
 
     check_utf8(path, "validate.accuracy.dataset")
@@ -179,10 +180,23 @@ def _source_key(src: ResolvedSource, cache: StatCache, reporter: Reporter) -> st
         return tree_digest(src.path, cache, on_bytes=t.advance, files=files)
 
 
+def _tokenizer_of(src: ResolvedSource, store: Store, source_key: str) -> tuple[Path | None, bool]:
+    """(directory holding the source's tokenizer, if at hand; whether the source has one at all). A GGUF's
+    tokenizer is at hand once its source stage has converted it."""
+    if src.kind == "synthetic":
+        return None, False
+    if src.kind == "hf":
+        return src.path, checks.has_tokenizer(src.path)
+    built = store.object_dir(source_key)
+    return (built if store.has(source_key) else None), True
+
+
 def build_plan(loaded: LoadedProfile, store: Store, reporter: Reporter | None = None) -> Plan:
     reporter = reporter or Reporter(quiet=True)
     p = loaded.profile
     src = resolve(loaded)
+    checks.check_source_files(src, "source.hub" if p.source.hub else "source.path")
+    checks.check_publish_tags(p)
     cache = StatCache(store.root / "cache" / "stat.json")
     source_key = _source_key(src, cache, reporter)
     dataset = _dataset_digest(loaded, cache)
@@ -193,12 +207,18 @@ def build_plan(loaded: LoadedProfile, store: Store, reporter: Reporter | None = 
     # The converted source's config.json, when built, spares re-parsing a GGUF's metadata on every plan.
     built_config = store.object_dir(source.key) / "config.json"
     cfg = json.loads(built_config.read_text()) if built_config.is_file() else src.model_config()
+    checks.check_architecture(cfg, "source.hub" if p.source.hub else "source.path")
+    if src.kind == "synthetic" and not store.has(source.key):
+        checks.check_synthetic_size(cfg, store.root)  # before anything lists its layers
     try:
         arch.linear_shapes(cfg)
     except (ValueError, KeyError) as e:
         raise InputError(f"source: {e}") from None
     check_group_size(cfg, p.quantize)
     check_block_shapes(cfg, p.quantize)
+    checks.check_something_to_quantize(cfg, p.quantize)
+    checks.check_positions(cfg, p.quantize)
+    tokenizer_dir, tokenized = _tokenizer_of(src, store, source.key)
     notes: list[str] = []
 
     stages: list[Stage] = [source]
@@ -211,6 +231,9 @@ def build_plan(loaded: LoadedProfile, store: Store, reporter: Reporter | None = 
         quant.data["calibration"] = calibration.parse(cal.dataset, loaded.resolve)
         if not store.has(quant.key):  # it will read the text: check it now
             calibration.check_source(quant.data["calibration"], cal.text_field)
+            text = calibration.plan_text(quant.data["calibration"], cal.text_field)
+            if text is not None:
+                checks.check_calibration_tokens(text, cal.dataset, cal.seq_len, tokenizer_dir, tokenized)
 
     acc = p.validate_.accuracy
     reference = None
@@ -227,6 +250,8 @@ def build_plan(loaded: LoadedProfile, store: Store, reporter: Reporter | None = 
         protocol = {"dataset_sha256": dataset[1], "seq_len": acc.seq_len, "stride": acc.stride or acc.seq_len,
                     "max_tokens": acc.max_tokens, "protocol": PROTOCOL, **scoring}
         reference = Stage("reference", protocol, {"source": source.key}, REFERENCE, data={"dataset": dataset[0]})
+        if src.kind != "synthetic" and not store.has(reference.key):  # it will score the text: long enough?
+            checks.check_eval_tokens(dataset[0], tokenizer_dir)
         if src.kind == "synthetic":
             reference.skip_reason = "synthetic weights: accuracy is meaningless, gates skipped"
             notes.append("ACCURACY GATES SKIPPED: the source is synthetic (random weights). Only the reload "

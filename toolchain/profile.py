@@ -14,6 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .checks import NAME_HINT, NAME_PATTERN, check_name
 from .errors import InputError
 from .methods import DEFAULT, METHODS, QuantizeSpec
 from .methods.rtn import RTNSpec
@@ -91,6 +92,12 @@ class TargetSpec(Strict):
         return {"format": fmt, "name": data.get("name"), "options": checked.model_dump(mode="json"),
                 "runtimes": _check_runtimes(fmt, data.get("runtimes"))}
 
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str | None) -> str | None:
+        # It names stages, store paths and the OCI tag a publish pushes to (`<tag>-<name>`).
+        return v if v is None else check_name(v, "target name")
+
     @property
     def label(self) -> str:
         return self.name or self.format
@@ -112,9 +119,10 @@ def _check_runtimes(fmt: str, runtimes: Any) -> Any:
 
 
 class GatesSpec(Strict):
-    max_ppl_increase_pct: float | None = None
-    max_kl: float | None = None
-    min_top1_agreement: float | None = Field(default=None, ge=0, le=1)
+    # A NaN limit compares False with every metric, so it would pass every build: limits are finite, in range.
+    max_ppl_increase_pct: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+    max_kl: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+    min_top1_agreement: float | None = Field(default=None, ge=0, le=1, allow_inf_nan=False)
 
 
 class AccuracySpec(Strict):
@@ -139,8 +147,8 @@ class AccuracySpec(Strict):
 class SpeedGatesSpec(Strict):
     """Applied to every batch size measured: the smallest batch binds decode tok/s, the largest binds TTFT."""
 
-    min_decode_tok_s: float | None = Field(default=None, gt=0)
-    max_ttft_ms: float | None = Field(default=None, gt=0)
+    min_decode_tok_s: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    max_ttft_ms: float | None = Field(default=None, gt=0, allow_inf_nan=False)
 
 
 class SpeedSpec(Strict):
@@ -187,11 +195,19 @@ class PublishSpec(Strict):
 
 
 class Profile(Strict):
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    name: str = Field(pattern=NAME_PATTERN)  # a file name in the store: refs/<name>.json
     description: str | None = None
     source: SourceSpec
     quantize: QuantizeSpec = RTNSpec()
     targets: tuple[TargetSpec, ...] = (TargetSpec(format="compressed-tensors"),)
+
+    @field_validator("targets")
+    @classmethod
+    def _some_target(cls, v: tuple[TargetSpec, ...]) -> tuple[TargetSpec, ...]:
+        if not v:
+            raise ValueError("an empty list builds nothing; list at least one format, e.g. "
+                             "targets: [compressed-tensors] (or leave `targets` out for that default)")
+        return v
 
     @model_validator(mode="after")
     def _unique_target_labels(self) -> Profile:
@@ -255,16 +271,55 @@ def _deep_merge(base: dict, over: dict) -> dict:
     return out
 
 
+def _refuse_duplicate_keys(text: str, path: Path) -> None:
+    """A key given twice in one mapping is refused with its YAML path (YAML takes the last one silently: a typo
+    in a build recipe would be a silently wrong artifact)."""
+    root = yaml.compose(text, Loader=yaml.SafeLoader)
+    seen_nodes: set[int] = set()
+
+    def walk(node: Any, where: str) -> None:
+        if id(node) in seen_nodes:  # an alias: walked where it was defined
+            return
+        seen_nodes.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            lines: dict[str, int] = {}
+            for key_node, value in node.value:
+                key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
+                here = f"{where}.{key}" if where else str(key)
+                if key is not None and key != "<<":
+                    line = key_node.start_mark.line + 1
+                    if key in lines:
+                        raise InputError(f"{path}: {here}: the key appears twice (lines {lines[key]} and {line}); "
+                                         "keep one: YAML would silently take the last")
+                    lines[key] = line
+                walk(value, here)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                walk(item, f"{where}.{i}" if where else str(i))
+
+    walk(root, "")
+
+
 def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict:
     if path in chain:
         raise InputError(f"{path}: `extends` forms a cycle: {' -> '.join(map(str, (*chain, path)))}")
-    if not path.is_file():
+    try:
+        found = path.is_file()
+    except OSError as e:  # a name too long, a symlink loop
+        raise InputError(f"profile {path}: {e.strerror}; give the path of a YAML profile") from None
+    if not found:
         where = f" (extended by {chain[-1]})" if chain else ""
         raise InputError(f"profile {path} not found{where}; give the path of a YAML profile, "
                          "e.g. profiles/smollm2-int4.yaml")
+    raw = path.read_bytes()
     try:
-        with open(path) as f:
-            data = yaml.safe_load(f) or {}
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path}: a profile is UTF-8 text, and byte {e.start} is not ({e.reason}); is it the "
+                         "profile (a YAML file)? convert it, e.g. `iconv -f latin1 -t utf-8`") from None
+    try:
+        _refuse_duplicate_keys(text, path)
+        data = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
         raise InputError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(data, dict):
@@ -281,8 +336,15 @@ def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict:
 
 def _format_errors(path: Path | str, err: ValidationError) -> str:
     lines = [f"{path}: the profile is not valid:"]
-    for e in err.errors():
-        path = list(e["loc"])
+    errors = err.errors()
+    # A union (gates: {...} | none) reports every alternative; the literal's "should be 'none'" only adds noise
+    # beside the mapping's own error.
+    if len(errors) > 1:
+        errors = [e for e in errors if not any(str(p).startswith("literal[") for p in e["loc"])] or errors
+    for e in errors:
+        # the union member's class name (GatesSpec) is not a YAML key
+        path = [p for p in e["loc"] if not (isinstance(p, str) and p[:1].isupper() and p.endswith("Spec")
+                                            and p.isidentifier())]
         if path[:1] == ["quantize"] and len(path) > 1 and path[1] in METHODS:  # the union's tag: not a YAML key
             del path[1]
         msg = e["msg"].removeprefix("Value error, ")
@@ -295,6 +357,9 @@ def _format_errors(path: Path | str, err: ValidationError) -> str:
             msg = "unknown key; check its spelling against the profile reference in README.md"
         elif e["type"] == "missing":
             msg = "required field is missing"
+        elif e["type"] == "string_pattern_mismatch" and e["ctx"].get("pattern") == NAME_PATTERN:
+            shown = str(e.get("input"))
+            msg = f"{shown[:57] + '...' if len(shown) > 60 else shown!r} (length {len(shown)}): use {NAME_HINT}"
         elif e["type"] == "literal_error":
             msg = f"{msg} (got {e.get('input')!r})"
         lines.append(f"  {loc}: {msg}")

@@ -75,12 +75,17 @@ def _stored_result(stage: Stage, store: Store, t0: float, reason: str) -> StageR
 
 
 def _run_stage(stage: Stage, plan: Plan, store: Store, reporter: Reporter, previous: dict | None,
-               remote: Any = None) -> StageResult:
+               remote: Any = None, verify: bool = False) -> StageResult:
     t0 = time.perf_counter()
     if stage.skip_reason:
         return StageResult(stage.name, stage.key, "skipped", 0.0, stage.skip_reason)
     if store.has(stage.key):
-        return _stored_result(stage, store, t0, "cached")
+        from .verify import intact
+
+        # --verify: a hit is used only when every file re-hashes to its manifest; a corrupt one is discarded
+        # (atomically, under its lock) and the stage builds again below.
+        if not verify or intact(store, stage.key, reporter.warn):
+            return _stored_result(stage, store, t0, "cached, verified" if verify else "cached")
     reason = explain(stage, previous, store)
 
     def waiting() -> None:
@@ -122,7 +127,8 @@ def _run_stage(stage: Stage, plan: Plan, store: Store, reporter: Reporter, previ
                        manifest["reason"], manifest["size"], info)
 
 
-def execute(plan: Plan, store: Store, reporter: Reporter, remote: Any = None) -> list[StageResult]:
+def execute(plan: Plan, store: Store, reporter: Reporter, remote: Any = None,
+            verify: bool = False) -> list[StageResult]:
     """Run every stage in order. A failing shared stage (source, quantize, reference) stops the build; a
     failing target stage fails that target only (the stages that take it as input or run after it are skipped)
     and the others go on."""
@@ -130,14 +136,16 @@ def execute(plan: Plan, store: Store, reporter: Reporter, remote: Any = None) ->
         reporter.info("  `toolchain gc` is running on this store; waiting for it")
 
     with store.building(on_wait=waiting):
-        return _execute(plan, store, reporter, remote)
+        return _execute(plan, store, reporter, remote, verify)
 
 
-def _execute(plan: Plan, store: Store, reporter: Reporter, remote: Any) -> list[StageResult]:
+def _execute(plan: Plan, store: Store, reporter: Reporter, remote: Any, verify: bool = False) -> list[StageResult]:
     ref = ref_name(plan.profile.profile.name, plan.source)
     previous = {s["name"]: s for s in (store.read_ref(ref) or {}).get("stages", [])}
-    # The roots first: what this build commits is reachable from its first stage on, even if it is killed.
-    store.write_ref(ref, ref_record(plan))
+    # The roots first: what this build commits is reachable from its first stage on, even if it is killed; the
+    # last good build's roots stay until this one succeeds (a failed build must not let gc delete them).
+    record = ref_record(plan)
+    pending = store.begin_ref(ref, record)
     results: list[StageResult] = []
     names = {s.key: s.name for s in plan.stages}
     blocked: dict[str, str] = {}  # stage name -> why the stages after it do not run (it failed or was skipped)
@@ -150,7 +158,7 @@ def _execute(plan: Plan, store: Store, reporter: Reporter, remote: Any) -> list[
             continue
         target = stage.target
         try:
-            results.append(_run_stage(stage, plan, store, reporter, previous.get(stage.name), remote))
+            results.append(_run_stage(stage, plan, store, reporter, previous.get(stage.name), remote, verify))
             if remote is not None and store.has(stage.key):  # built now, or before the cache was configured:
                 remote.push(stage.key, store)  # shared unless the registry has it (one HEAD)
             if target is not None and results[-1].status == "failed":  # a failed gate stops what follows it
@@ -166,4 +174,6 @@ def _execute(plan: Plan, store: Store, reporter: Reporter, remote: Any) -> list[
             reporter.warn(f"{stage.name} failed: {message}")
             results.append(StageResult(stage.name, stage.key, "failed", 0.0, message))
             blocked[stage.name] = f"{stage.name} failed"
+    if pending and not any(r.status == "failed" for r in results):
+        store.finish_ref(ref, record)
     return results

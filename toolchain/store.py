@@ -5,9 +5,11 @@ Layout under the store root:
   tmp/<key>.<rand>/        an artifact being built; renamed into objects/ only when complete
   locks/<key>.lock         one builder per key; a second build of the same key waits, then reuses
   locks/store.lock         builds hold it shared, `gc` exclusive: gc never runs beside a build
-  refs/<profile>.json      what the last build of each profile produced (gc roots, and `plan`'s "what changed"),
-                           written before the build's first stage; `<profile>@synthetic-<arch>.json` for
-                           `--source synthetic` builds, so they never replace the real build's roots
+  refs/<profile>.json      what the last successful build of each profile produced (gc roots, and `plan`'s "what
+                           changed"); `<profile>@synthetic-<arch>.json` for `--source synthetic` builds, so they
+                           never replace the real build's roots
+  refs/<profile>.pending   a build's roots, written before its first stage and renamed over <profile>.json when
+                           no stage failed: a failed build never drops the last good build's roots
   cache/stat.json          stat signature -> sha256 of source files
 
 A directory under objects/ is complete by construction: rename is atomic and happens after every file and
@@ -17,6 +19,7 @@ the manifest are fsynced. A killed build leaves only a tmp/ directory, which the
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -55,8 +58,15 @@ def _flock(path: Path, mode: int, on_wait: Any = None) -> Iterator[None]:
     """An fcntl lock on `path`: LOCK_SH for builds, LOCK_EX for gc. Released when the process dies."""
     import fcntl
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:  # a read-only store: flock works on a read-only descriptor too
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:  # every build creates it: no build ever ran here, nothing to wait for
+            yield
+            return
     try:
         try:
             fcntl.flock(fd, mode | fcntl.LOCK_NB)
@@ -160,6 +170,32 @@ class Store:
         except (FileNotFoundError, json.JSONDecodeError):
             return None
 
+    def pending_ref_path(self, name: str) -> Path:
+        return self.root / "refs" / f"{name}.pending"  # not *.json: never read as a last build
+
+    def begin_ref(self, name: str, record: dict[str, Any]) -> bool:
+        """A build's roots, recorded before its first stage beside (not over) the last good build's: both stay
+        gc roots until `finish_ref`. False (nothing written) when the record is the last build's already."""
+        pending = self.pending_ref_path(name)
+        if self.read_ref(name) == record:
+            if pending.exists():  # left by a failed build: its partial artifacts are no root any more
+                with contextlib.suppress(OSError):  # a read-only store: a cached build still runs
+                    pending.unlink()
+            return False
+        write_durably(pending, json.dumps(record, indent=2, sort_keys=True))
+        return True
+
+    def finish_ref(self, name: str, record: dict[str, Any]) -> None:
+        """The build succeeded: its record becomes the profile's last build (written atomically), and its pending
+        roots go, unless a concurrent build of this profile has replaced them with its own meanwhile."""
+        self.write_ref(name, record)
+        pending = self.pending_ref_path(name)
+        try:
+            if json.loads(pending.read_text()) == record:
+                pending.unlink()
+        except (FileNotFoundError, json.JSONDecodeError):  # a concurrent build of the same record removed it
+            pass
+
     def write_ref(self, name: str, record: dict[str, Any]) -> bool:
         """Record a profile's stages; writes nothing when the record is unchanged (a no-op build stays a no-op)."""
         if self.read_ref(name) == record:
@@ -181,7 +217,7 @@ class Store:
     def roots(self) -> set[str]:
         keys: set[str] = set()
         refs = self.root / "refs"
-        for ref in refs.glob("*.json") if refs.is_dir() else []:
+        for ref in [*refs.glob("*.json"), *refs.glob("*.pending")] if refs.is_dir() else []:
             try:
                 keys.update(s["key"] for s in json.loads(ref.read_text()).get("stages", []))
             except (json.JSONDecodeError, KeyError, TypeError):

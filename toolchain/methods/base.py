@@ -42,6 +42,13 @@ class QuantizeBase(BaseModel):
     # Where calibrated methods compute: auto = CUDA when available.
     device: str = "auto"
 
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, device: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda|cuda:[0-9]+", device):
+            raise ValueError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N (e.g. cuda:0)")
+        return device
+
     @field_validator("ignore")
     @classmethod
     def _ignore_patterns_compile(cls, ignore: tuple[str, ...]) -> tuple[str, ...]:

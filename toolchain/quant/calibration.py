@@ -91,6 +91,11 @@ def check_source(src: CalibrationSource, text_field: str) -> None:
         _hf_dataset(src.label[3:])
 
 
+def plan_text(src: CalibrationSource, text_field: str) -> str | None:
+    """The text a file source gives (what `read_text` reads), for plan-time checks; None for hf and random."""
+    return read_text(src, text_field, 0) if src.kind == "file" else None
+
+
 # -- reading and tokenizing ---------------------------------------------------------------------------------
 
 def read_text(src: CalibrationSource, text_field: str, min_chars: int) -> str:

@@ -4,6 +4,10 @@
   the file on each attempt, so a retry never holds a copy in memory.
 - A 401 is answered once with the registry's own challenge (Basic, or Bearer through its token realm); the
   token is cached per scope. A 401/403/404/413 that remains becomes a RegistryError naming the fix.
+- Credentials (Basic, a ready or a fetched bearer token) go only to the registry's own scheme://host:port: an
+  upload Location or a redirect elsewhere gets none, and a 401 from there is an error, never answered. A
+  fetched token is sent only for the scope it was issued for; a password never goes to a plain-HTTP realm of
+  an HTTPS registry. Request paths are built by reference.api_path, so they never leave /v2/<repo>/.
 - Blobs go up in PATCH chunks read from the file as they are sent (memory independent of the file size); the
   upload's location is saved after every chunk, so a push stopped between chunks (Ctrl-C or SIGTERM let the
   chunk in flight finish) resumes from what the registry holds. A chunk cut in the middle (SIGKILL, a dropped
@@ -33,6 +37,7 @@ import httpx
 
 from .auth import Credentials, parse_challenge
 from .errors import IntegrityError, RegistryError, UploadInterrupted
+from .reference import api_path
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 MANIFEST_ACCEPT = ", ".join([OCI_MANIFEST, "application/vnd.oci.image.index.v1+json",
@@ -49,6 +54,12 @@ def upload_state_dir() -> Path:
     base = os.environ.get("TOOLCHAIN_UPLOAD_STATE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "toolchain", "uploads")
     return Path(base)
+
+
+def origin(url: str | httpx.URL) -> tuple[str, str, int | None]:
+    """scheme, host, port (the scheme's default made explicit): the only place credentials may go."""
+    u = httpx.URL(url)
+    return u.scheme, u.host, u.port or {"http": 80, "https": 443}.get(u.scheme)
 
 
 def _file_range(path: Path, start: int, end: int, on_bytes: Callable[[int], None] | None) -> Iterator[bytes]:
@@ -72,6 +83,7 @@ class RegistryClient:
                  sleep: Callable[[float], None] = time.sleep):
         self.host = host
         self.base = f"{'http' if insecure else 'https'}://{host}"
+        self.origin = origin(self.base)
         self.credentials = credentials or Credentials()
         self.retries = retries if retries is not None else int(os.environ.get("TOOLCHAIN_REGISTRY_RETRIES", "5"))
         self._sleep = sleep
@@ -117,6 +129,9 @@ class RegistryClient:
         query = {"service": params.get("service", ""), "scope": params.get("scope") or scope}
         headers = {}
         if self.credentials.username and self.credentials.password:
+            if httpx.URL(params["realm"]).scheme != "https" and self.origin[0] == "https":
+                raise RegistryError(f"{self.host}: token service {params['realm']} is not HTTPS: the password "
+                                    "would cross the network in clear text; refused")
             headers["Authorization"] = self.credentials.basic_header()
         try:
             r = self._http.get(params["realm"] + "?" + urlencode({k: v for k, v in query.items() if v}),
@@ -157,12 +172,17 @@ class RegistryClient:
                 body: Callable[[], Any] | None = None, stream: bool = False, what: str = "") -> httpx.Response:
         """One API call with auth and retries. `body` makes fresh content per attempt (a file is re-read)."""
         url = self._url(path)
+        # Credentials go only to the registry's own scheme, host and port: never to an upload Location or a
+        # redirect elsewhere (httpx drops Authorization on a cross-origin redirect; the 401 check below sees
+        # the final URL).
+        own = origin(url) == self.origin
         challenged = False
         delay = 0.5
         attempt = 0
         while True:
             attempt += 1
-            req = self._http.build_request(method, url, headers={**(headers or {}), **self._auth_header(scope)},
+            auth = self._auth_header(scope) if own else {}
+            req = self._http.build_request(method, url, headers={**(headers or {}), **auth},
                                            content=body() if body else None)
             try:
                 resp = self._http.send(req, stream=stream)
@@ -179,6 +199,12 @@ class RegistryClient:
                 self._sleep(delay)
                 delay = min(delay * 2, 16.0)
                 continue
+            if resp.status_code == 401 and (not own or origin(resp.url) != self.origin):
+                resp.close()
+                raise RegistryError(
+                    f"{self.host}: {resp.url.scheme}://{resp.url.netloc.decode()} asked for credentials (HTTP 401) "
+                    f"during {what or method}; credentials are sent only to {self.base}, never to another host. "
+                    "Fix: configure the registry to answer uploads and blobs on its own address")
             if resp.status_code == 401 and not challenged:
                 challenged = True
                 resp.close()
@@ -217,7 +243,7 @@ class RegistryClient:
     # -- blobs ---------------------------------------------------------------------------------------
     def blob_exists(self, repo: str, digest: str) -> bool:
         scope = f"repository:{repo}:pull"
-        r = self.request("HEAD", f"/v2/{repo}/blobs/{digest}", scope=scope, what=f"blob {digest[:19]}")
+        r = self.request("HEAD", api_path(repo, "blobs", digest), scope=scope, what=f"blob {digest[:19]}")
         if r.status_code == 404:
             return False
         self.check(r, (200,), scope, f"blob {digest[:19]}")
@@ -239,7 +265,7 @@ class RegistryClient:
         chunk = chunk_bytes()
         while location is None or offset < size:
             if location is None:
-                r = self.check(self.request("POST", f"/v2/{repo}/blobs/uploads/", scope=scope,
+                r = self.check(self.request("POST", api_path(repo, "blobs", "uploads/"), scope=scope,
                                             headers={"Content-Length": "0"}, what=f"start upload to {repo}"),
                                (202,), scope, f"start upload to {repo}")
                 location, offset = self._location(r), 0
@@ -312,7 +338,7 @@ class RegistryClient:
         if self.blob_exists(repo, digest):
             return
         scope = f"repository:{repo}:pull,push"
-        r = self.check(self.request("POST", f"/v2/{repo}/blobs/uploads/", scope=scope,
+        r = self.check(self.request("POST", api_path(repo, "blobs", "uploads/"), scope=scope,
                                     headers={"Content-Length": "0"}, what=f"start upload to {repo}"),
                        (202,), scope, f"start upload to {repo}")
         location = self._location(r)
@@ -325,7 +351,7 @@ class RegistryClient:
                       on_bytes: Callable[[int], None] | None = None) -> None:
         """Stream a blob into `out`, hashing as it goes; IntegrityError unless digest and size match."""
         scope = f"repository:{repo}:pull"
-        r = self.check(self.request("GET", f"/v2/{repo}/blobs/{digest}", scope=scope, stream=True,
+        r = self.check(self.request("GET", api_path(repo, "blobs", digest), scope=scope, stream=True,
                                     what=f"blob {digest[:19]}"), (200,), scope, f"blob {digest}")
         h = hashlib.sha256()
         n = 0
@@ -351,7 +377,7 @@ class RegistryClient:
     # -- manifests -----------------------------------------------------------------------------------
     def put_manifest(self, repo: str, ref: str, body: bytes, media_type: str = OCI_MANIFEST) -> str:
         scope = f"repository:{repo}:pull,push"
-        self.check(self.request("PUT", f"/v2/{repo}/manifests/{ref}", scope=scope, body=lambda: body,
+        self.check(self.request("PUT", api_path(repo, "manifests", ref), scope=scope, body=lambda: body,
                                 headers={"Content-Type": media_type}, what=f"manifest {repo}:{ref}"),
                    (201,), scope, f"manifest {repo}:{ref}")
         return "sha256:" + hashlib.sha256(body).hexdigest()
@@ -359,7 +385,7 @@ class RegistryClient:
     def manifest_digest(self, repo: str, ref: str) -> str | None:
         """The digest of repo:ref, or None when it does not exist (HEAD: no body transferred)."""
         scope = f"repository:{repo}:pull"
-        r = self.request("HEAD", f"/v2/{repo}/manifests/{ref}", scope=scope, headers={"Accept": MANIFEST_ACCEPT},
+        r = self.request("HEAD", api_path(repo, "manifests", ref), scope=scope, headers={"Accept": MANIFEST_ACCEPT},
                          what=f"manifest {repo}:{ref}")
         if r.status_code == 404:
             return None
@@ -369,7 +395,7 @@ class RegistryClient:
     def get_manifest(self, repo: str, ref: str) -> tuple[bytes, str]:
         """The manifest's exact bytes and their digest; a pinned digest is checked against them."""
         scope = f"repository:{repo}:pull"
-        r = self.check(self.request("GET", f"/v2/{repo}/manifests/{ref}", scope=scope,
+        r = self.check(self.request("GET", api_path(repo, "manifests", ref), scope=scope,
                                     headers={"Accept": MANIFEST_ACCEPT}, what=f"manifest {repo}:{ref}"),
                        (200,), scope, f"manifest {repo}:{ref}")
         body = r.content

@@ -156,7 +156,11 @@ def destination(to: str, label: str, n_targets: int) -> Reference:
     targets and no placeholder, the label is appended (`:int4` -> `:int4-gguf`) so they never overwrite."""
     from .reference import parse_reference
 
-    ref = parse_reference(to.replace("{target}", label), need_tag=True)
-    if n_targets > 1 and "{target}" not in to:
-        ref = ref.with_tag(f"{ref.tag}-{label}")
+    try:
+        ref = parse_reference(to.replace("{target}", label), need_tag=True)
+        if n_targets > 1 and "{target}" not in to:
+            ref = ref.with_tag(f"{ref.tag}-{label}")
+    except InputError as e:
+        raise InputError(f"target {label!r} cannot be published to {to}: {e}. Fix: name the target with letters, "
+                         "digits, . _ - only") from None
     return ref

@@ -19,12 +19,51 @@ DIGEST_RE = re.compile(r"^sha256:[a-f0-9]{64}$")
 HOST_RE = re.compile(r"^[A-Za-z0-9.-]+(?::[0-9]{1,5})?$|^\[[0-9a-fA-F:]+\](?::[0-9]{1,5})?$")
 
 
+def check_repository(repo: str) -> str:
+    if not isinstance(repo, str) or not REPO_RE.match(repo):
+        raise InputError(f"repository {repo!r} is not valid (lowercase letters, digits, . _ - and /; no empty or "
+                         "'..' component)")
+    return repo
+
+
+def check_ref(ref: str) -> str:
+    """A tag or a sha256 digest: nothing that a URL could normalize out of its repository (`..`, `/`)."""
+    if not isinstance(ref, str) or not (TAG_RE.match(ref) or DIGEST_RE.match(ref)):
+        raise InputError(f"tag {ref!r} is not valid (letters, digits, . _ -, not starting with . or -; at most "
+                         "128) and not a sha256: digest")
+    return ref
+
+
+def api_path(repo: str, kind: str, ref: str) -> str:
+    """/v2/<repo>/<kind>/<ref>, built only from names the OCI grammar accepts: a request never leaves the
+    repository it names, whatever a caller passes (defence in depth behind the profile's own checks)."""
+    check_repository(repo)
+    if kind == "blobs" and ref == "uploads/":
+        return f"/v2/{repo}/blobs/uploads/"
+    if kind == "blobs" and not (isinstance(ref, str) and DIGEST_RE.match(ref)):
+        raise InputError(f"blob digest {ref!r} is not sha256: and 64 lowercase hex digits")
+    if kind not in ("blobs", "manifests"):
+        raise ValueError(f"unknown API kind {kind!r}")
+    return f"/v2/{repo}/{kind}/{check_ref(ref)}"
+
+
 @dataclass(frozen=True)
 class Reference:
     host: str
     repository: str
     tag: str | None = None
     digest: str | None = None
+
+    def __post_init__(self) -> None:
+        # Every Reference, however made (parse_reference, with_tag), holds only names the grammar accepts.
+        if not HOST_RE.match(self.host):
+            raise InputError(f"{self.host!r} is not a registry host[:port]")
+        check_repository(self.repository)
+        if self.tag is not None and not TAG_RE.match(self.tag):
+            raise InputError(f"tag {self.tag!r} is not valid (letters, digits, . _ -, not starting with . or -; "
+                             "at most 128)")
+        if self.digest is not None and not DIGEST_RE.match(self.digest):
+            raise InputError(f"digest {self.digest!r} is not sha256: and 64 lowercase hex digits")
 
     @property
     def ref(self) -> str:

@@ -1,10 +1,12 @@
 """Push a set of files as one ModelPack artifact; pull one back into a directory, verified and contained.
 
-Pull refuses, before writing anything: a layer without `org.cncf.model.filepath`, an absolute path, a `..`
-component, a path given twice or both as a file and a directory, a media type we do not unpack, and any
-destination whose existing parent is a symlink (it could point outside DIR). Every blob is downloaded into a
-staging directory inside DIR and checked against its digest; only when all are verified are the files renamed
-into place (each rename atomic), so an interrupted or refused pull leaves DIR as it was.
+Pull refuses, before writing anything: a layer without `org.cncf.model.filepath`, an absolute path (`/`, `\\`,
+a drive letter), a backslash, a `..`, `.` or empty component, a path given twice or both as a file and a
+directory, a media type we do not unpack, DIR itself a symlink or a file, and any destination whose existing
+component is a symlink (it could point outside DIR), a file where a directory is needed or a directory where a
+file is. Every blob is downloaded into a staging directory inside DIR and checked against its digest; only when
+all are verified are the files renamed into place (each rename atomic), so an interrupted or refused pull leaves
+DIR as it was, and removes DIR again when the pull created it.
 """
 
 from __future__ import annotations
@@ -155,14 +157,32 @@ def _check_no_symlink(dest: Path, rel: PurePosixPath) -> Path:
     return cur
 
 
+def check_destination(dest: Path, entries: list[tuple[PurePosixPath, dict[str, Any]]]) -> None:
+    """Everything that can be judged before a byte is written: DIR is a real directory (or can be made one),
+    and no file of the artifact meets a symlink, a file where it needs a directory, or a directory where it
+    needs a file."""
+    if dest.is_symlink():
+        raise IntegrityError(f"{dest} is a symlink: refused; give a real directory")
+    existing = next((p for p in (dest, *dest.parents) if p.exists() or p.is_symlink()), None)
+    if existing is not None and not existing.is_dir():
+        raise IntegrityError(f"{existing} is not a directory: refused; give a directory to pull into")
+    for rel, _layer in entries:
+        final = _check_no_symlink(dest, rel)
+        for parent in list(PurePosixPath(rel).parents)[:-1]:
+            p = dest / str(parent)
+            if p.exists() and not p.is_dir():
+                raise IntegrityError(f"{p} is a file where the artifact needs a directory (for {rel}): refused")
+        if final.is_dir():
+            raise IntegrityError(f"{final} is a directory; the artifact has a file there: refused")
+
+
 def pull(client: RegistryClient, ref: Reference, dest: Path, reporter: Reporter) -> dict[str, Any]:
     doc, digest, config = read_manifest(client, ref)
     entries = plan_pull(doc)
-    if dest.is_symlink():
-        raise IntegrityError(f"{dest} is a symlink: refused; give a real directory")
+    check_destination(dest, entries)
+    # What this pull creates (DIR and missing parents) it removes again when the pull is refused or fails.
+    created = next((p for p in reversed((dest, *dest.parents)) if not p.exists()), None)
     dest.mkdir(parents=True, exist_ok=True)
-    for rel, _layer in entries:
-        _check_no_symlink(dest, rel)
     staging = Path(tempfile.mkdtemp(prefix=".toolchain-pull-", dir=dest))
     try:
         total = sum(int(la["size"]) for _p, la in entries)
@@ -174,15 +194,18 @@ def pull(client: RegistryClient, ref: Reference, dest: Path, reporter: Reporter)
                     client.download_blob(ref.repository, layer["digest"], int(layer["size"]), f, task.advance)
                     f.flush()
                     os.fsync(f.fileno())
+        check_destination(dest, entries)  # again: DIR may have changed while the blobs came down
         for rel, _layer in entries:  # every blob verified: move them into place
             final = _check_no_symlink(dest, rel)
             final.parent.mkdir(parents=True, exist_ok=True)
             _check_no_symlink(dest, rel)
-            if final.is_dir():
-                raise IntegrityError(f"{final} is a directory; the artifact has a file there: refused")
             os.replace(staging / str(rel), final)
-    finally:
+    except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
+        raise
+    shutil.rmtree(staging, ignore_errors=True)
     return {"digest": digest, "reference": f"oci://{ref.host}/{ref.repository}@{digest}", "directory": str(dest),
             "files": [{"path": str(p), "digest": la["digest"], "size": int(la["size"])} for p, la in entries],
             "annotations": doc.get("annotations") or {}, "config": config}

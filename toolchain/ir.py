@@ -85,8 +85,6 @@ class QuantizedLinear:
         if self.type == "float8":
             scale = self.scale.to(torch.float32)
             if self.meta.get("strategy") == "block":
-                from .quant.fp8 import expand_block_scale
-
                 scale = expand_block_scale(scale, self.shape, tuple(self.meta["block_structure"]))
             return (self.weight_fp8.to(torch.float32) * scale).to(dtype)
         if self.type == "nf4":
@@ -121,6 +119,12 @@ class QuantizedLinear:
             absmax = self.extras["nested_quant_map"].float()[absmax.long()] * nested + self.extras["nested_offset"]
         per_value = absmax.float().repeat_interleave(bs)[:n]
         return (self.extras["quant_map"].float()[index] * per_value).reshape(self.shape)
+
+
+def expand_block_scale(scale: torch.Tensor, shape: tuple[int, int] | torch.Size,
+                       block: tuple[int, int] = (128, 128)) -> torch.Tensor:
+    """A (blocks_out, blocks_in) scale spread over the (out, in) weight it scales (FP8 block: 128x128)."""
+    return scale.repeat_interleave(block[0], 0).repeat_interleave(block[1], 1)[: shape[0], : shape[1]]
 
 
 def scale_is_grouped(scale: torch.Tensor) -> bool:

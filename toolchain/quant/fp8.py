@@ -6,13 +6,16 @@ from __future__ import annotations
 
 import torch
 
-from ..ir import QuantizedLinear
+from ..ir import QuantizedLinear, expand_block_scale
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448
 # DeepSeek-V3 / Qwen3-FP8's blocks, the only ones vLLM's CUTLASS/DeepGEMM kernels, TensorRT-LLM's
 # FP8_BLOCK_SCALES and compressed-tensors' FP8_BLOCK preset use.
 BLOCK = (128, 128)
+
+
+__all__ = ["BLOCK", "FP8", "FP8_MAX", "block_amax", "expand_block_scale", "quantize_fp8"]
 
 
 def block_amax(wf: torch.Tensor, block: tuple[int, int] = BLOCK) -> torch.Tensor:
@@ -38,8 +41,3 @@ def quantize_fp8(w: torch.Tensor, strategy: str, scale_dtype: torch.dtype) -> Qu
         meta.update(block_structure=list(BLOCK), activations="dynamic-per-token-group", act_group_size=BLOCK[1])
     return QuantizedLinear("float8", tuple(w.shape), scale, weight_fp8=q, meta=meta)
 
-
-def expand_block_scale(scale: torch.Tensor, shape: tuple[int, int] | torch.Size,
-                       block: tuple[int, int] = BLOCK) -> torch.Tensor:
-    """A (blocks_out, blocks_in) scale spread over the (out, in) weight it scales."""
-    return scale.repeat_interleave(block[0], 0).repeat_interleave(block[1], 1)[: shape[0], : shape[1]]

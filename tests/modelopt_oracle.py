@@ -61,7 +61,9 @@ def build_model(ir):
 
 def quant_config(ir, mtq):
     s = ir.scheme
-    if s["method"] == "fp8":
+    if s["method"] == "fp8" and s["strategy"] == "block":
+        cfg = copy.deepcopy(mtq.FP8_2D_BLOCKWISE_WEIGHT_ONLY_CFG)
+    elif s["method"] == "fp8":
         cfg = copy.deepcopy(mtq.FP8_PER_CHANNEL_PER_TOKEN_CFG if s["strategy"] == "channel" else mtq.FP8_DEFAULT_CFG)
         static = any("input_scale" in ir.layer(n).extras for n in ir.layers)
         if s["strategy"] != "channel" and not static:
@@ -93,6 +95,9 @@ def run_job(job: dict) -> None:
             m.input_quantizer.disable()
             continue
         q = ir.layer(name)
+        if q.type == "float8" and q.meta["strategy"] == "block":  # one amax per 128x128 block, row-major
+            set_amax(m.weight_quantizer, amax_for(q.scale, 448.0))
+            continue
         if q.type == "float8":
             set_amax(m.weight_quantizer, amax_for(q.scale, 448.0).reshape(-1, 1) if q.scale.numel() > 1
                      else amax_for(q.scale, 448.0).reshape(()))

@@ -91,7 +91,7 @@ def test_extends_cycle(cli, tmp_path):
 
 def test_impossible_recipe_fp8_groups(cli, tmp_path):
     data = tiny_profile(quantize={"method": "fp8", "strategy": "group", "group_size": 32})
-    check_exit2(cli, tmp_path, write_profile(tmp_path, data), "fp8 weights use strategy channel or tensor")
+    check_exit2(cli, tmp_path, write_profile(tmp_path, data), "fp8 weights use strategy channel, tensor or block")
 
 
 def test_impossible_recipe_bits(cli, tmp_path):
@@ -724,3 +724,28 @@ def test_a_full_disk_mid_build_is_said_as_such(cli, tmp_path, monkeypatch):
     assert "No space left on device" in result.output and "tiny@synthetic-llama-tiny.pending" in result.output
     assert "free space" in result.output and "please report" not in result.output
     assert "Traceback" not in result.output
+
+
+SMOOTHQUANT = {"method": "smoothquant", "calibration": {"dataset": "random", "samples": 2, "seq_len": 16}}
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("smoothquant_alpha", "half"), ("smoothquant_alpha", 1.5), ("smoothquant_alpha", -0.1),
+    ("smoothquant_alpha", float("nan")), ("smoothquant_grid", "many"), ("smoothquant_grid", 1),
+    ("smoothquant_grid", 1000), ("smoothquant_grid", float("nan")), ("bits", 4), ("symmetric", False),
+])
+def test_smoothquant_fields(cli, tmp_path, field, value):
+    data = tiny_profile(quantize={**SMOOTHQUANT, field: value})
+    own = field.startswith("smoothquant_")  # the recipe checks (bits, strategy) say "quantize: smoothquant is W8A8"
+    check_exit2(cli, tmp_path, write_profile(tmp_path, data), f"quantize.{field}" if own else "smoothquant is W8A8")
+
+
+def test_smoothquant_needs_calibration(cli, tmp_path):
+    data = tiny_profile(quantize={"method": "smoothquant"})
+    check_exit2(cli, tmp_path, write_profile(tmp_path, data), "quantize", "calibration")
+
+
+@pytest.mark.parametrize("value", ["blocks", 128, float("nan")])
+def test_fp8_strategy_block_values(cli, tmp_path, value):
+    data = tiny_profile(quantize={"method": "fp8", "strategy": value})
+    check_exit2(cli, tmp_path, write_profile(tmp_path, data), "quantize.strategy")

@@ -232,7 +232,8 @@ INT4 = {"method": "rtn", "bits": 4, "group_size": 64, "symmetric": True}
     ({**INT4, "group_size": 128}, [{"format": "trtllm-ckpt", "tp_size": 2}], "64 per rank"),
     (INT4, [{"format": "trtllm-ckpt", "tp_size": 3}], "tp_size values that work for this model and recipe: 1, 2"),
     ({"method": "fp8", "strategy": "tensor"}, ["trtllm-ckpt"], "static activation scales"),
-    ({"method": "gptq", "calibration": {"dataset": "random"}}, ["trtllm"], "cannot hold quantize.method gptq"),
+    ({"method": "gptq", "group_size": 64, "static_groups": False, "calibration": {"dataset": "random"}}, ["trtllm"],
+     "no per-column group index (g_idx)"),
 ])
 def test_plan_refuses_what_the_format_cannot_hold(tmp_path, cli, quantize, targets, expect):
     out = plan_error(tmp_path, cli, quantize=quantize, targets=targets)

@@ -30,7 +30,7 @@ FUSED = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gat
 
 def tiny_config(dtype: str = "float16", **over: Any) -> dict[str, Any]:
     cfg = arch.synthetic_config("llama-tiny", None, dtype)
-    cfg.update(head_dim=32, rope_parameters={"rope_type": "default", "rope_theta": 50000.0}, **over)
+    cfg.update({"head_dim": 32, "rope_parameters": {"rope_type": "default", "rope_theta": 50000.0}, **over})
     cfg.pop("rope_theta", None)
     return cfg
 

@@ -39,6 +39,10 @@ ARCHS: dict[str, dict[str, Any]] = {
     "llama-tiny": {**_LLAMA_BASE, "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2,
                    "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 1024,
                    "max_position_embeddings": 2048, "rope_theta": 10000.0},
+    # The same in whole 128x128 blocks (k/v_proj 128 rows: head_dim 64): block-scaled FP8 needs them.
+    "llama-tiny-b128": {**_LLAMA_BASE, "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2,
+                        "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 1024,
+                        "max_position_embeddings": 2048, "rope_theta": 10000.0},
 }
 
 LLAMA_LIKE = {"llama", "mistral", "qwen2", "qwen3"}

@@ -13,6 +13,8 @@ Per quantized linear `<name>` (weights are (out, in), as in torch):
                           w = (codes - zero) * scale[:, g_idx]
   float (type "float8"):  <name>.weight float8_e4m3fn (out, in)
                           <name>.scale  (out, 1) per channel or (1,) per tensor;  w = weight * scale
+                          strategy "block": <name>.scale (ceil(out/b0), ceil(in/b1)) for the blocks
+                          meta.block_structure [b0, b1] (128x128); w = weight * scale[row // b0, col // b1]
   nf4 (type "nf4"):       bitsandbytes' own NF4 tensors (toolchain.quant.nf4), over the flattened weight:
                           <name>.codes  uint8 (ceil(out*in/2), 1)  two 4-bit level indices per byte, first high
                           <name>.scale  absmax per block of meta.blocksize values: float32 (n_blocks,), or with
@@ -81,7 +83,10 @@ class QuantizedLinear:
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         if self.type == "float8":
-            return (self.weight_fp8.to(torch.float32) * self.scale.to(torch.float32)).to(dtype)
+            scale = self.scale.to(torch.float32)
+            if self.meta.get("strategy") == "block":
+                scale = expand_block_scale(scale, self.shape, tuple(self.meta["block_structure"]))
+            return (self.weight_fp8.to(torch.float32) * scale).to(dtype)
         if self.type == "nf4":
             return self._dequantize_nf4().to(getattr(torch, self.meta["dtype"])).to(dtype)
         out_f, in_f = self.shape
@@ -114,6 +119,12 @@ class QuantizedLinear:
             absmax = self.extras["nested_quant_map"].float()[absmax.long()] * nested + self.extras["nested_offset"]
         per_value = absmax.float().repeat_interleave(bs)[:n]
         return (self.extras["quant_map"].float()[index] * per_value).reshape(self.shape)
+
+
+def expand_block_scale(scale: torch.Tensor, shape: tuple[int, int] | torch.Size,
+                       block: tuple[int, int] = (128, 128)) -> torch.Tensor:
+    """A (blocks_out, blocks_in) scale spread over the (out, in) weight it scales (FP8 block: 128x128)."""
+    return scale.repeat_interleave(block[0], 0).repeat_interleave(block[1], 1)[: shape[0], : shape[1]]
 
 
 def scale_is_grouped(scale: torch.Tensor) -> bool:

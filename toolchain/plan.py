@@ -19,6 +19,7 @@ from .formats import EXPORTERS
 from .gates import NO_GATES, has_gate
 from .hashing import StatCache, key_of, tree_digest
 from .methods import METHODS
+from .methods.fp8 import check_block_shapes
 from .profile import LoadedProfile
 from .progress import Reporter
 from .sources import ResolvedSource, resolve
@@ -117,6 +118,15 @@ def _dataset_digest(loaded: LoadedProfile, cache: StatCache) -> tuple[Path, str]
     return path, cache.hash(path)
 
 
+# Formats whose exporters write the IR's calibrated FP8 KV scales (self_attn.k_scale / v_scale).
+KV_SCALE_FORMATS = ("compressed-tensors", "trtllm", "trtllm-ckpt")
+
+
+def kv_calibrated(q: Any) -> bool:
+    """quantize.kv_cache: fp8 with a calibration section: K/V scales are calibrated into the IR."""
+    return q.kv_cache == "fp8" and q.calibration is not None
+
+
 # What only calibrated methods read; the others leave it out of the key.
 CALIBRATION_FIELDS = ("calibration", "device")
 
@@ -131,7 +141,11 @@ def quantize_config(loaded: LoadedProfile, cache: StatCache, eval_sha256: str | 
     qcfg = q.model_dump(mode="json")
     if method.key_libs:  # the library itself writes the bytes
         qcfg["quantized_with"] = lib_versions(method.key_libs)
-    if not method.calibrated:
+    if kv_calibrated(q):  # its samples shape the KV scales (toolchain.quant.kv_cache)
+        from .quant.kv_cache import KV_CALIBRATION
+
+        qcfg["kv_scales"] = KV_CALIBRATION
+    if not method.calibrated and not kv_calibrated(q):
         for f in CALIBRATION_FIELDS:
             qcfg.pop(f, None)
         return qcfg
@@ -144,6 +158,9 @@ def quantize_config(loaded: LoadedProfile, cache: StatCache, eval_sha256: str | 
     from .quant import device
 
     qcfg["device"] = device.resolve(q.device)  # the device that will run, not `auto`: CPU and CUDA bytes differ
+    if not method.calibrated:  # only the KV scales are calibrated
+        qcfg["calibrated_with"] = lib_versions(("transformers", "tokenizers"))
+        return qcfg
     qcfg["kernels"] = device.kernel_identity(qcfg["device"], q.method)
     qcfg["method_version"] = method.version
     qcfg["calibrated_with"] = lib_versions(("transformers", "tokenizers"))
@@ -198,6 +215,7 @@ def build_plan(loaded: LoadedProfile, store: Store, reporter: Reporter | None = 
     except (ValueError, KeyError) as e:
         raise InputError(f"source: {e}") from None
     check_group_size(cfg, p.quantize)
+    check_block_shapes(cfg, p.quantize)
     checks.check_something_to_quantize(cfg, p.quantize)
     checks.check_positions(cfg, p.quantize)
     tokenizer_dir, tokenized = _tokenizer_of(src, store, source.key)
@@ -246,6 +264,13 @@ def build_plan(loaded: LoadedProfile, store: Store, reporter: Reporter | None = 
         if "*" not in exporter.methods and p.quantize.method not in exporter.methods:
             raise InputError(f"targets: format {target.format} cannot hold quantize.method {p.quantize.method} "
                              f"(it holds {', '.join(exporter.methods)})")
+        fmt_of = target.options.get("of", target.format) if target.format == "xinference" else target.format
+        if kv_calibrated(p.quantize) and fmt_of not in KV_SCALE_FORMATS:
+            raise InputError(f"targets: format {target.label} has no FP8 KV cache, and the calibrated KV scales "
+                             f"(quantize.kv_cache: fp8 with calibration) would be written into it as stray tensors; "
+                             f"drop that target or quantize.kv_cache (formats with one: {', '.join(KV_SCALE_FORMATS)})")
+        if exporter.plan_check:  # first: a format's own reason is the more precise one
+            exporter.plan_check(p.quantize, cfg, target.options)
         # GPTQ act-order without static groups needs a per-column group index (g_idx) in the checkpoint; a
         # format holds it only if it lists "gptq-g_idx" (compressed-tensors 0.19 has no g_idx).
         if (p.quantize.method == "gptq" and p.quantize.act_order and not p.quantize.static_groups
@@ -253,8 +278,6 @@ def build_plan(loaded: LoadedProfile, store: Store, reporter: Reporter | None = 
             raise InputError(f"targets: format {target.format} cannot hold GPTQ act-order groups (a g_idx per "
                              "input column); set quantize.static_groups: true (act-order with groups in order, "
                              "what compressed-tensors calls actorder: weight) or act_order: false")
-        if exporter.plan_check:
-            exporter.plan_check(p.quantize, cfg, target.options)
         verdicts = check_runtimes(i, target, p.quantize, cfg)
         runtimes[target.label] = verdicts
         export_cfg = target.model_dump(mode="json", exclude={"runtimes"})  # says who loads it, not its bytes
@@ -285,6 +308,8 @@ def build_plan(loaded: LoadedProfile, store: Store, reporter: Reporter | None = 
             notes += engine_notes
         if p.validate_.speed is not None:
             speed = speed_stage(target.label, target.format, p.validate_.speed, export.key)
+            if speed.config["runtime"] == "builtin" and speed.skip_reason is None and builtin_lacks(p.quantize):
+                speed.skip_reason = f"speed not measured: {builtin_lacks(p.quantize)}"
             speed.after = passed
             stages.append(speed)
     from .stages.publish import publish_stages
@@ -308,6 +333,15 @@ def check_runtimes(index: int, target: Any, q: Any, cfg: dict[str, Any]) -> list
     if verdicts and not any(v["loads"] for v in verdicts):  # an artifact nothing it is for would load
         raise InputError(rules.refusal_message(f"[{index}] ({target.label})", target.format, verdicts[0], False))
     return verdicts
+
+
+def builtin_lacks(q: Any) -> str | None:
+    """Schemes the built-in runtime has no GEMM for yet: timing them would time something else."""
+    if q.method == "fp8" and q.strategy == "block":
+        return "the built-in runtime has no block-scaled FP8 GEMM (128x128 weight scales, 1x128 activation groups) yet"
+    if q.method == "smoothquant":
+        return "the built-in runtime has no INT8 x INT8 GEMM for W8A8 yet"
+    return None
 
 
 def speed_stage(label: str, fmt: str, spec: Any, export_key: str) -> Stage:

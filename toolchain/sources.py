@@ -85,6 +85,7 @@ def resolve(loaded: LoadedProfile) -> ResolvedSource:
         return ResolvedSource("synthetic", f"synthetic:{s.arch} (seed {s.seed})", synthetic=s.model_dump())
     if src.hub is not None:
         path = resolve_hub(src.hub, src.revision)
+        prequantized(read_config_json(path / "config.json"), "source.hub")
         return ResolvedSource("hf", f"{src.hub}@{src.revision}", path=path)
     path = loaded.resolve(src.path)
     if path.is_file() and path.suffix == ".gguf":
@@ -95,10 +96,29 @@ def resolve(loaded: LoadedProfile) -> ResolvedSource:
         if not any(path.glob("*.safetensors")):
             raise InputError(f"source.path: {path} has no *.safetensors weights (only safetensors are read; "
                              "convert .bin weights with transformers' save_pretrained first)")
+        prequantized(read_config_json(path / "config.json"), "source.path")
         return ResolvedSource("hf", str(path), path=path)
     if not path.exists():
         raise InputError(f"source.path: {path} does not exist; give an HF model directory or a .gguf file")
     raise InputError(f"source.path: {path} is neither a directory nor a .gguf file")
+
+
+def prequantized(cfg: dict[str, Any], where: str) -> str | None:
+    """A source that is already quantized: "fp8-block" for FP8 with 128x128 block scales (DeepSeek-V3, Qwen3-FP8:
+    `quantization_config {quant_method: fp8, weight_block_size: [128, 128]}`, tensors `weight` e4m3 and
+    `weight_scale_inv` float32 per block), which the source stage dequantizes; None for a float checkpoint. Any
+    other quantized checkpoint is refused: its packed tensors are not weights."""
+    qc = cfg.get("quantization_config")
+    if not qc:
+        return None
+    method = qc.get("quant_method") if isinstance(qc, dict) else None
+    if (method == "fp8" and qc.get("weight_block_size") == [128, 128] and qc.get("fmt", "e4m3") == "e4m3"
+            and qc.get("activation_scheme", "dynamic") == "dynamic"):
+        return "fp8-block"
+    raise InputError(f"{where}: the checkpoint is already quantized (config.json quantization_config quant_method "
+                     f"{method!r}); the sources read are float checkpoints and FP8 checkpoints with 128x128 block "
+                     "scales (quant_method fp8, weight_block_size [128, 128], e4m3, dynamic activations). Point it "
+                     "at the original float model")
 
 
 def gguf_llama_config(path: Path) -> dict[str, Any]:

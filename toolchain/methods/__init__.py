@@ -13,10 +13,10 @@ from typing import Annotated, Any
 
 from pydantic import BeforeValidator, Discriminator, Tag
 
-from . import awq, fp8, gptq, nf4, none, rtn
+from . import awq, fp8, gptq, nf4, none, rtn, smoothquant
 from .base import CalibrationSpec, Method, QuantizeBase
 
-METHODS: dict[str, Method] = {m.METHOD.name: m.METHOD for m in (none, rtn, fp8, gptq, awq, nf4)}
+METHODS: dict[str, Method] = {m.METHOD.name: m.METHOD for m in (none, rtn, fp8, gptq, awq, nf4, smoothquant)}
 DEFAULT = "rtn"
 
 

@@ -160,6 +160,13 @@ RULES: tuple[Rule, ...] = (
          "use the trtllm target (ModelOpt W4A16_AWQ, symmetric) for TensorRT-LLM, or method: fp8 with strategy: "
          "channel",
          f"{TRTLLM} tensorrt_llm/models/quant_config_utils.py@21156a7a (_quant_config_from_config_group)"),
+    # ... and it never reads weights.type: an 8-bit per-channel group is FP8_PER_CHANNEL_PER_TOKEN, so int8
+    # codes would be taken for E4M3 bytes.
+    Rule("trtllm-ct-int8", "trtllm", ("compressed-tensors",), {"method": "smoothquant"},
+         "TensorRT-LLM's compressed-tensors reader maps every 8-bit per-channel group to FP8_PER_CHANNEL_PER_TOKEN "
+         "without reading weights.type, so a W8A8 INT8 checkpoint's int8 codes would be read as FP8",
+         "serve W8A8 INT8 with vLLM or SGLang, or use method: fp8 for TensorRT-LLM",
+         f"{TRTLLM} tensorrt_llm/models/quant_config_utils.py@21156a7a (_quant_config_from_config_group)"),
     Rule("trtllm-ct-fp8-per-tensor", "trtllm", ("compressed-tensors",), {"method": "fp8", "strategy": "tensor"},
          "TensorRT-LLM's compressed-tensors reader takes FP8 weights per channel (with per-token activations) or "
          "per block only, not per tensor",

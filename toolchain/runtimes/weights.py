@@ -108,10 +108,16 @@ def load_linear(get, has, name: str, shape: tuple[int, int], scheme: dict[str, A
         return Linear("int4", shape, packed, scale, zero, group)
     weight = get(f"{name}.weight")
     if weight.dtype == torch.float8_e4m3fn:
-        scale = get(f"{name}.weight_scale").to(torch.float32).reshape(-1, 1)
+        scale = get(f"{name}.weight_scale")
+        if scale.dim() == 2 and scale.shape[1] > 1:
+            raise BuildError(f"{name}: block-scaled FP8 (weight_scale {tuple(scale.shape)}) is not run by the "
+                             "built-in runtime")
+        scale = scale.to(torch.float32).reshape(-1, 1)
         if scale.numel() == 1:
             scale = scale.expand(shape[0], 1).contiguous()
         return Linear("fp8", shape, weight, scale)
+    if not weight.is_floating_point():
+        raise BuildError(f"{name}: {weight.dtype} weights (W8A8 INT8) are not run by the built-in runtime")
     return Linear("dense", shape, weight)
 
 

@@ -58,8 +58,30 @@ def run(ctx: StageContext) -> dict[str, Any]:
             else:
                 writer.add_plain(name, t)
             task.advance()
+    kv = add_kv_scales(ctx, src_dir, writer)
     writer.close(src_dir)
-    return {"quantized_layers": n_quantized, "plain_tensors": len(names) - n_quantized}
+    return {"quantized_layers": n_quantized, "plain_tensors": len(names) - n_quantized, **kv}
+
+
+def add_kv_scales(ctx: StageContext, src_dir, writer: IRWriter) -> dict[str, Any]:
+    """quantize.kv_cache: fp8 with a calibration section: per-layer K/V scales calibrated on its samples
+    (toolchain.quant.kv_cache), kept in the IR as model.layers.i.self_attn.k_scale / v_scale."""
+    q = ctx.config
+    if q.get("kv_cache") != "fp8" or not q.get("calibration"):
+        return {}
+    from ..quant import calibration, kv_cache
+    from ..validate.streamed import pick_device
+
+    spec = SimpleNamespace(**q["calibration"])
+    ids, info = calibration.token_ids(ctx.data["calibration"], spec.text_field, spec.samples, spec.seq_len,
+                                      spec.seed, calibration.load_tokenizer(src_dir), ctx.model_config["vocab_size"])
+    reader = TensorReader(src_dir)
+    device = q.get("device", "auto")
+    scales = kv_cache.calibrate(ctx.model_config, reader.get, ids, str(pick_device(device)), ctx.reporter)
+    for name, t in scales.items():
+        writer.add_plain(name, t)
+    return {"kv_cache": {"scales": "calibrated", "how": kv_cache.KV_CALIBRATION,
+                         "samples": f"{spec.samples} x {spec.seq_len} ({info.get('sampling', '')})"}}
 
 
 def _to_cpu(q):
@@ -117,8 +139,9 @@ def run_calibrated(ctx: StageContext, src_dir) -> dict[str, Any]:
         if e.name == "toolchain.quant.awq":
             raise MissingToolError("quantize.method awq: toolchain.quant.awq is not in this checkout") from None
         raise
+    kv = add_kv_scales(ctx, src_dir, writer[0])
     writer[0].close(src_dir)
-    return {**info, "calibration": cal_info}
+    return {**info, "calibration": cal_info, **kv}
 
 
 def _source_dtype(src_dir) -> torch.dtype:

@@ -1,6 +1,7 @@
 """The source stage: make the model an HF safetensors directory the rest of the pipeline can read lazily.
 
-- hf: nothing to copy; the artifact records the directory (its content hash is already in the key).
+- hf: nothing to copy; the artifact records the directory (its content hash is already in the key). An FP8
+  block-scaled checkpoint (toolchain.sources.prequantized) is dequantized into the store instead, tensor by tensor.
 - gguf: dequantize through transformers' GGUF loader and save as safetensors, with tokenizer and chat template.
 - synthetic: random weights of a named shape, written tensor by tensor (memory: one tensor), seeded per tensor.
 """
@@ -12,7 +13,7 @@ import zlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import MissingToolError
+from ..errors import BuildError, MissingToolError
 
 if TYPE_CHECKING:  # (the benchmarks synthesize models on a bare GPU box, without the pipeline's imports)
     from ..progress import Reporter
@@ -28,6 +29,11 @@ def model_dir(manifest: dict[str, Any], artifact_dir: Path) -> Path:
 def run(ctx: StageContext) -> dict[str, Any]:
     src = ctx.data["source"]
     if src.kind == "hf":
+        from ..sources import prequantized, read_config_json
+
+        if prequantized(read_config_json(src.path / "config.json"), "source") == "fp8-block":
+            n = dequantize_fp8_block(src.path, ctx.out, ctx.reporter)
+            return {"label": src.label, "converted_from": "fp8-block", "dequantized_layers": n}
         return {"external_path": str(src.path), "label": src.label}
     if src.kind == "gguf":
         convert_gguf(src.path, ctx.out, ctx)
@@ -58,6 +64,45 @@ def convert_gguf(path: Path, out: Path, ctx: StageContext) -> None:
         if isinstance(token_id, int):
             setattr(tok, f"{role}_token", tok.convert_ids_to_tokens(token_id))
     tok.save_pretrained(out)
+
+
+def dequantize_fp8_block(src: Path, out: Path, reporter: Reporter) -> int:
+    """An FP8 block-scaled checkpoint as float weights: w = e4m3 * weight_scale_inv[row // 128, col // 128] in
+    float32, rounded once to the config's dtype (what DeepSeek-V3's weight_dequant and vLLM's block dequantization
+    compute; `weight_scale_inv` is the multiplier, despite its name). One tensor in memory at a time."""
+    import shutil
+
+    import torch
+
+    from ..ir import ShardWriter, TensorReader
+    from ..quant.fp8 import expand_block_scale
+    from ..sources import TOKENIZER_FILES, read_config_json
+
+    cfg = read_config_json(src / "config.json")
+    dtype = getattr(torch, cfg.get("torch_dtype") or cfg.get("dtype") or "bfloat16")
+    reader = TensorReader(src)
+    writer = ShardWriter(out, prefix="model")
+    n = 0
+    with reporter.task("dequantizing the FP8 block-scaled source", total=len(reader.keys())) as task:
+        for name in reader.keys():
+            task.advance()
+            if name.endswith(".weight_scale_inv"):
+                continue
+            t = reader.get(name)
+            scale_name = name.removesuffix(".weight") + ".weight_scale_inv"
+            if t.dtype == torch.float8_e4m3fn:
+                if scale_name not in reader:
+                    raise BuildError(f"source: {name} is FP8 without a {scale_name}")
+                t = (t.float() * expand_block_scale(reader.get(scale_name).float(), t.shape)).to(dtype)
+                n += 1
+            writer.add(name, t)
+    writer.close(hf_layout=True)
+    del cfg["quantization_config"]
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    for f in TOKENIZER_FILES:
+        if (src / f).is_file():
+            shutil.copy2(src / f, out / f)
+    return n
 
 
 def synthesize(cfg: dict[str, Any], seed: int, out: Path, reporter: Reporter, device: str = "cpu") -> None:

@@ -53,9 +53,13 @@ def scheme_for(meta: dict[str, Any], layer_type: str):
     """The compressed-tensors QuantizationScheme that expresses one IR layer, from the layer's own meta."""
     _c, _d, QuantizationArgs, _qc, QuantizationScheme, _s = _ct()
     if layer_type == "float8":
+        block = meta["strategy"] == "block"
         weights = QuantizationArgs(num_bits=8, type="float", symmetric=True, strategy=meta["strategy"],
-                                   dynamic=False, observer=meta.get("observer", "memoryless_minmax"))
-        acts = QuantizationArgs(num_bits=8, type="float", symmetric=True, strategy="token", dynamic=True)
+                                   dynamic=False, observer=meta.get("observer", "memoryless_minmax"),
+                                   block_structure=meta["block_structure"] if block else None)
+        # FP8_BLOCK's activations: dynamic groups of 128 along the input (compressed-tensors quant_scheme.py).
+        acts = QuantizationArgs(num_bits=8, type="float", symmetric=True, strategy="group" if block else "token",
+                                dynamic=True, group_size=meta.get("act_group_size") if block else None)
         return QuantizationScheme(targets=["Linear"], weights=weights, input_activations=acts)
     # Our RTN is what llm-compressor calls a memoryless min-max observer; say so as it does.
     args: dict[str, Any] = {"num_bits": meta["bits"], "type": "int", "symmetric": meta["symmetric"],
@@ -65,7 +69,10 @@ def scheme_for(meta: dict[str, Any], layer_type: str):
         args["group_size"] = meta["group_size"]
         if meta.get("actorder"):
             args["actorder"] = meta["actorder"]
-    return QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(**args))
+    acts = None
+    if meta.get("activations") == "dynamic-per-token-int8":  # W8A8 INT8 (SmoothQuant): compressed-tensors' W8A8
+        acts = QuantizationArgs(num_bits=8, type="int", symmetric=True, strategy="token", dynamic=True)
+    return QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(**args), input_activations=acts)
 
 
 def compress_layer(q: QuantizedLinear, scheme, device: str = "cpu") -> dict[str, torch.Tensor]:
@@ -120,8 +127,13 @@ def write_quantization_config(out_dir, ir: IRReader, schemes: dict[str, Any]) ->
     # `ignore` as resolved module names: loaders match exact names or re: only (vLLM should_ignore_layer,
     # TensorRT-LLM _matches_target), so the profile's shorthand (a bare `down_proj`) would match nothing there.
     ignore = resolved_ignore(ir.config, ir.scheme.get("ignore", []))
+    # Calibrated FP8 KV scales (the IR's self_attn.k_scale / v_scale, written as they are): the kv_cache_scheme
+    # llm-compressor writes, which vLLM requires as float8, strategy tensor, symmetric (compressed_tensors.py).
+    kv = None
+    if any(n.endswith(".self_attn.k_scale") for n in ir.plain_names()):
+        kv = _ct()[2](num_bits=8, type="float", strategy="tensor", dynamic=False, symmetric=True)
     qc = QuantizationConfig(config_groups=groups, quantization_status=QuantizationStatus.COMPRESSED,
-                            format=formats.pop(), ignore=ignore)
+                            format=formats.pop(), ignore=ignore, kv_cache_scheme=kv)
     ModelCompressor(quantization_config=qc).update_config(str(out_dir))
     return json.loads((out_dir / "config.json").read_text())["quantization_config"]
 
@@ -155,5 +167,10 @@ def run(ctx: StageContext) -> dict[str, Any]:
     writer.close(hf_layout=True)
     copy_model_metadata(ir.directory, ctx.out)
     qconfig = write_quantization_config(ctx.out, ir, schemes)
-    return {"format": "compressed-tensors", "layers": len(ir.layers), "roundtrip_max_abs_err": check.max_abs_err,
+    info = {"format": "compressed-tensors", "layers": len(ir.layers), "roundtrip_max_abs_err": check.max_abs_err,
             "roundtrip_arithmetic": check.arithmetic, "quantization_config": qconfig}
+    if ir.scheme.get("kv_cache") == "fp8" and qconfig.get("kv_cache_scheme") is None:
+        info["kv_cache"] = ("not written: compressed-tensors' kv_cache_scheme holds calibrated K/V scales and this "
+                            "IR has none; add a quantize.calibration section")
+        ctx.reporter.info(f"  note: FP8 KV cache {info['kv_cache']}")
+    return info

@@ -19,13 +19,14 @@ def plan_check(quantize_spec: Any, model_config: dict[str, Any], options: dict[s
                          "trtllm, which keeps it")
 
 
+
 FORMATS = (FormatSpec(
     "compressed-tensors",
     # 2: `ignore` written as resolved module names
     export=StageCode("2", ("torch", "safetensors", "compressed-tensors"),
                      "toolchain.formats.compressed_tensors.export:run"),
     validator="toolchain.formats.compressed_tensors.check:run_validate",
-    methods=("rtn", "fp8", "gptq", "awq"),
+    methods=("rtn", "fp8", "gptq", "awq", "smoothquant"),
     notes="vLLM, SGLang, TensorRT-LLM (PyTorch backend), transformers",
     runtimes={"vllm": "LLM(model=dir)", "sglang": "--model-path dir",
               "trtllm": "LLM(model=dir) / trtllm-serve", "transformers": "from_pretrained(dir)"},

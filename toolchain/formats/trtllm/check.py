@@ -79,6 +79,10 @@ def _int4(codes: torch.Tensor, scale: torch.Tensor) -> Linear:
 
 def _fp8(weight: torch.Tensor, scale: torch.Tensor) -> Linear:
     s = scale.float()
+    if s.dim() == 2:  # fp8_pb_wo: one scale per 128x128 block
+        from ...quant.fp8 import expand_block_scale
+
+        return Linear("fp8", weight.float() * expand_block_scale(s, weight.shape), s, codes=weight)
     dense = weight.float() * (s.reshape(-1, 1) if s.numel() > 1 else s.reshape(()))
     return Linear("fp8", dense, s, codes=weight)
 
@@ -117,7 +121,7 @@ def read_hf(directory: Path) -> Decoded:
                 raise BuildError(f"{key}: groups of {lin.codes.shape[1] // s.shape[1]} columns, "
                                  f"hf_quant_config says {hq.get('group_size')}")
         elif w.dtype == FP8:
-            expect = "FP8_PER_CHANNEL_PER_TOKEN" if s.dim() == 1 else "FP8"
+            expect = {1: "FP8_PER_CHANNEL_PER_TOKEN", 2: "fp8_pb_wo"}.get(s.dim(), "FP8")
             if algo != expect:
                 raise BuildError(f"{key}: FP8 weight with a {tuple(s.shape)} scale under quant_algo {algo}")
             lin = _fp8(w, s)
@@ -448,7 +452,7 @@ def _input_hook(dec: Decoded, lin: Linear, emulate: bool):
         if lin.input_scale is not None:
             act = ("static", lin.input_scale)
         else:
-            act = ("token",) if dec.quant_algo == "FP8_PER_CHANNEL_PER_TOKEN" else ("tensor",)
+            act = {"FP8_PER_CHANNEL_PER_TOKEN": ("token",), "fp8_pb_wo": ("group",)}.get(dec.quant_algo, ("tensor",))
     if pqs is None and act is None:
         return None
 
@@ -459,6 +463,9 @@ def _input_hook(dec: Decoded, lin: Linear, emulate: bool):
         if act is not None:
             if act[0] == "static":
                 x = fake_fp8(x, act[1])
+            elif act[0] == "group":  # FP8_BLOCK_SCALES: dynamic scales per 1x128 group of each token
+                g = x.unflatten(-1, (-1, 128))
+                x = fake_fp8(g, (g.abs().amax(dim=-1, keepdim=True) / FP8_MAX).clamp(min=1e-12)).flatten(-2)
             else:
                 amax = x.abs().amax(dim=-1, keepdim=True) if act[0] == "token" else x.abs().amax()
                 x = fake_fp8(x, (amax / FP8_MAX).clamp(min=1e-12))
@@ -485,7 +492,9 @@ def logits_fn(model) -> LogitsFn:
 
 def describe(dec: Decoded) -> str:
     emulated = ["INT4 scales in " + str(dec.dtype).removeprefix("torch.")] if dec.quant_algo == "W4A16_AWQ" else []
-    if dec.quant_algo.startswith("FP8"):
+    if dec.quant_algo == "fp8_pb_wo":
+        emulated.append("FP8 activations per 1x128 group")
+    elif dec.quant_algo.startswith("FP8"):
         emulated.append("FP8 activations " + ("per token" if "PER_TOKEN" in dec.quant_algo else "per tensor"))
     if dec.kv:
         emulated.append("FP8 KV cache")

@@ -180,6 +180,8 @@ def hf_layer(name: str, q: QuantizedLinear, dtype: torch.dtype) -> tuple[dict[st
         per_tensor = q.scale.numel() == 1
         out = {"weight": q.weight_fp8,
                "weight_scale": q.scale.float().reshape(()) if per_tensor else q.scale.float().reshape(-1)}
+        if q.meta.get("strategy") == "block":  # (out/128, in/128), as ModelOpt writes fp8_pb_wo
+            out["weight_scale"] = q.scale.float()
         if "input_scale" in q.extras:
             out["input_scale"] = q.extras["input_scale"].float().reshape(())
         return out, None

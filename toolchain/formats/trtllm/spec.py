@@ -13,7 +13,11 @@ quant_algo (TensorRT-LLM's QuantAlgo) per recipe:
   fp8 per tensor    FP8                        fp8 weight, one float32 scale; activations quantized per tensor at run
                                                time (dynamic) unless the IR carries a calibrated input_scale
   fp8 per channel   FP8_PER_CHANNEL_PER_TOKEN  one scale per output row; activations per token, dynamic
-  int4 rtn / awq    W4A16_AWQ                  symmetric codes in [-8, 7], no zero point, float32 scale per (row, group
+  fp8 per block     fp8_pb_wo                  float32 scale per 128x128 weight block (weight_scale (out/128,
+                                               in/128)); TensorRT-LLM reads it as FP8_BLOCK_SCALES and quantizes
+                                               activations in dynamic 1x128 groups (tensorrt_llm/_torch/
+                                               model_config.py; ModelOpt's own name is lowercase)
+  int4 rtn/awq/gptq W4A16_AWQ                  symmetric codes in [-8, 7], no zero point, float32 scale per (row, group
                                                of 64 or 128), two codes per byte along the OUTPUT dim
 `W4A16_AWQ` names TensorRT-LLM's groupwise INT4 weight-only format, not the algorithm that chose the weights:
 ModelOpt itself writes it for INT4_BLOCKWISE_WEIGHT_ONLY_CFG (max calibration, no AWQ search), and TensorRT-LLM has
@@ -33,6 +37,9 @@ from ...stage import StageCode
 from ..base import FormatSpec
 
 FP8_MAX = 448.0
+# Methods written as groupwise symmetric INT4 (W4A16): GPTQ with static groups has RTN's layout (no g_idx).
+INT4_METHODS = ("rtn", "awq", "gptq")
+GPTQ_LOADER = "NVIDIA/TensorRT-LLM tensorrt_llm/models/llama/convert.py@0afa06ab load_weights_from_gptq"
 # TensorRT-LLM's groupwise INT4 kernels (CUTLASS fpA_intB, FINEGRAINED_SCALE_ONLY) take these group sizes only.
 GROUP_SIZES = (64, 128)
 # Linears that TensorRT-LLM fuses (one GEMM per group): they share an input, and in the legacy layout one tensor.
@@ -88,8 +95,8 @@ def resolve_dtype(option: str, source_dtype: str) -> str:
 
 def quant_algo(method: str, strategy: str) -> str:
     if method == "fp8":
-        return "FP8_PER_CHANNEL_PER_TOKEN" if strategy == "channel" else "FP8"
-    if method in ("rtn", "awq"):
+        return {"channel": "FP8_PER_CHANNEL_PER_TOKEN", "block": "fp8_pb_wo"}.get(strategy, "FP8")
+    if method in INT4_METHODS:
         return "W4A16_AWQ"
     raise ValueError(f"no TensorRT-LLM quant_algo for method {method!r}")
 
@@ -109,6 +116,10 @@ def check_ckpt(q: Any, cfg: dict[str, Any], options: dict[str, Any]) -> None:
                          f"{cfg.get('model_type')!r} is not supported (use the trtllm target: HF names)")
     if q.method == "fp8" and q.strategy == "tensor":
         raise InputError(LEGACY_FP8_STATIC)
+    if q.method == "fp8" and q.strategy == "block":
+        raise InputError("targets: trtllm-ckpt: block-scaled FP8 (FP8_BLOCK_SCALES) is served by TensorRT-LLM's "
+                         "PyTorch backend from ModelOpt's HF checkpoint; this toolchain does not write it in the "
+                         "legacy trtllm-build layout. Use the trtllm target, or quantize.strategy: channel")
     tp, pp = options.get("tp_size", 1), options.get("pp_size", 1)
     problems = parallel_problems(cfg, q, tp, pp)
     if problems:
@@ -119,7 +130,12 @@ def check_ckpt(q: Any, cfg: dict[str, Any], options: dict[str, Any]) -> None:
 
 
 def _check_recipe(q: Any, cfg: dict[str, Any], fmt: str) -> None:
-    if q.method in ("rtn", "awq"):
+    if q.method == "gptq" and q.act_order and not q.static_groups and q.strategy == "group":
+        raise InputError(f"targets: {fmt} cannot hold GPTQ act-order groups: TensorRT-LLM's groupwise INT4 "
+                         "(W4A16_AWQ, and its GPTQ path W4A16_GPTQ, which reads only qweight/qzeros/scales: "
+                         f"{GPTQ_LOADER}) has no per-column group index (g_idx). Set quantize.static_groups: true "
+                         "(act-order with groups in column order: the same layout as RTN) or act_order: false")
+    if q.method in INT4_METHODS:
         if q.bits != 4:
             raise InputError(f"targets: {fmt} exports INT4 (W4A16) or FP8 weights; INT{q.bits} weight-only is not "
                              "supported: set quantize.bits: 4 or quantize.method: fp8")
@@ -158,7 +174,7 @@ def parallel_problems(cfg: dict[str, Any], q: Any, tp: int, pp: int) -> list[str
             out.append(f"{what} {n} is not divisible by tp_size {tp}")
     if cfg["num_hidden_layers"] % pp:
         out.append(f"num_hidden_layers {cfg['num_hidden_layers']} is not divisible by pp_size {pp}")
-    if q.method in ("rtn", "awq") and q.strategy == "group" and q.group_size:
+    if q.method in INT4_METHODS and q.strategy == "group" and q.group_size:
         for name, _o, in_f in arch.linear_shapes(cfg):
             if arch.is_ignored(name, q.ignore) or not name.endswith(("o_proj", "down_proj")):
                 continue
@@ -189,7 +205,7 @@ FORMATS = (
         export=StageCode("1", ("torch", "safetensors"), "toolchain.formats.trtllm.export:run_hf"),
         validator="toolchain.formats.trtllm.check:run_validate_hf",
         options=HFOptions,
-        methods=("rtn", "awq", "fp8"),
+        methods=("rtn", "awq", "gptq", "fp8"),
         notes="TensorRT-LLM >= 1.0 PyTorch backend (LLM(model=dir), trtllm-serve): ModelOpt's HF checkpoint",
         runtimes={"trtllm": "LLM(model=dir) / trtllm-serve (hf_quant_config.json)"},
         plan_check=check_hf,
@@ -199,7 +215,7 @@ FORMATS = (
         export=StageCode("1", ("torch", "safetensors"), "toolchain.formats.trtllm.export:run_ckpt"),
         validator="toolchain.formats.trtllm.check:run_validate_ckpt",
         options=CkptOptions,
-        methods=("rtn", "awq", "fp8"),
+        methods=("rtn", "awq", "gptq", "fp8"),
         notes="trtllm-build (TensorRT-LLM <= 1.2): the legacy checkpoint, rank{N}.safetensors",
         runtimes={"trtllm-build": "trtllm-build --checkpoint_dir dir"},
         plan_check=check_ckpt,

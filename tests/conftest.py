@@ -73,6 +73,25 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 600) -> subpro
                           timeout=timeout, env={**os.environ, **(env or {})})
 
 
+def build_shared_stages(profile: dict, store_dir: Path) -> dict[str, Path]:
+    """Build only a profile's shared stages (source, quantize, reference), in process, and return each one's
+    directory by stage name: what a test that needs a source or an IR builds (a profile with no target is refused)."""
+    import dataclasses
+
+    from toolchain.plan import build_plan
+    from toolchain.profile import from_dict
+    from toolchain.progress import Reporter
+    from toolchain.run import execute
+    from toolchain.store import Store
+
+    store = Store(store_dir)
+    plan = build_plan(from_dict(profile), store, Reporter(quiet=True))
+    shared = dataclasses.replace(plan, stages=[s for s in plan.stages if s.target is None])
+    results = execute(shared, store, Reporter(quiet=True))
+    assert all(r.status != "failed" for r in results), results
+    return {s.name: store.object_dir(s.key) for s in shared.stages if store.has(s.key)}
+
+
 def build_json(*args: str) -> dict:
     r = run_cli("build", *args, "--json")
     assert r.stdout, r.stderr

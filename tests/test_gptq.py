@@ -13,6 +13,7 @@ import torch
 from conftest import (
     WIKITEXT,
     build_json,
+    build_shared_stages,
     needs_shakespeare,
     needs_smollm2,
     needs_wikitext,
@@ -211,10 +212,7 @@ def test_triton_sweep_matches_the_torch_loop(monkeypatch, symmetric, in_f, gs, a
 def tiny_source(tmp_path_factory) -> Path:
     """llama-tiny's random weights as an HF directory (through the source stage)."""
     tmp = tmp_path_factory.mktemp("tiny-src")
-    profile = write_profile(tmp, tiny_profile(quantize={"method": "none"}, targets=[]))
-    build_json(str(profile), "--store", str(tmp / "store"))
-    store = Store(tmp / "store")
-    return store.object_dir(next(k for k in store.keys() if store.manifest(k)["stage"] == "source"))
+    return build_shared_stages(tiny_profile(quantize={"method": "none"}, targets=["gguf"]), tmp / "store")["source"]
 
 
 class _Collect:

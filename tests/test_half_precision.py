@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import REPO, WIKITEXT, have, run_cli, write_profile
+from conftest import REPO, WIKITEXT, build_shared_stages, have, run_cli, write_profile
 
 DTYPES = ("bfloat16", "float16")
 RECIPES = {
@@ -108,15 +108,10 @@ def test_half_precision_source_builds_every_target(builds, dtype, recipe, label,
 
 
 def _tiny_ir(tmp_path: Path, dtype: str, quantize: dict) -> Path:
-    """The IR of a tiny synthetic model in `dtype`, built by the pipeline (no target)."""
-    from toolchain.store import Store
-
+    """The IR of a tiny synthetic model in `dtype`, built by the pipeline (its shared stages only)."""
     profile = {"name": "ir", "source": {"synthetic": {"arch": "llama-tiny", "seed": 0, "dtype": dtype}},
-               "quantize": quantize, "targets": []}
-    r = run_cli("build", str(write_profile(tmp_path, profile)), "--store", str(tmp_path / "s"), "--json")
-    assert r.returncode == 0, r.stderr[-3000:]
-    key = next(s["key"] for s in json.loads(r.stdout)["stages"] if s["name"] == "quantize")
-    return Store(tmp_path / "s").object_dir(key)
+               "quantize": quantize, "targets": ["gguf"]}  # a target is required; only the shared stages build
+    return build_shared_stages(profile, tmp_path / "s")["quantize"]
 
 
 def test_compressed_tensors_decompression_is_the_scale_dtype_product(tmp_path):

@@ -8,7 +8,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import needs_smollm2, needs_wikitext, run_cli, smol_profile, tiny_profile, write_profile
+from conftest import (
+    build_shared_stages,
+    needs_smollm2,
+    needs_wikitext,
+    run_cli,
+    smol_profile,
+    tiny_profile,
+    write_profile,
+)
 
 from toolchain.ir import TensorReader
 from toolchain.progress import Reporter
@@ -27,12 +35,7 @@ def _ppl(logits_fn, ids: torch.Tensor, seq_len: int, stride: int) -> float:
 
 
 def _source(tmp_path: Path, profile: dict) -> Path:
-    from toolchain.store import Store
-
-    r = run_cli("build", str(write_profile(tmp_path, profile)), "--store", str(tmp_path / "s"), "--json")
-    assert r.returncode == 0, r.stderr[-2000:]
-    key = next(s["key"] for s in json.loads(r.stdout)["stages"] if s["name"] == "source")
-    return Store(tmp_path / "s").object_dir(key)
+    return build_shared_stages(profile, tmp_path / "s")["source"]
 
 
 @needs_smollm2
@@ -45,7 +48,7 @@ def test_streamed_equals_whole_model_on_smollm2(tmp_path):
     from toolchain.validate.accuracy import hf_logits, load_hf_model, streamed_logits_fn, tokenize
     from toolchain.validate.streamed import StreamedModel
 
-    src = _source(tmp_path, smol_profile(targets=[], validate={}))
+    src = _source(tmp_path, smol_profile(validate={}))
     ids, _tok = tokenize(src, WIKITEXT, 768)
     whole = _ppl(hf_logits(load_hf_model(src)), ids, 256, 192)
     model = StreamedModel(json.loads((src / "config.json").read_text()), TensorReader(src).get, "cpu", "auto")
@@ -57,15 +60,11 @@ def test_streamed_equals_whole_model_on_smollm2(tmp_path):
 def test_export_fidelity_is_zero_for_the_ir_and_large_for_a_wrong_file(tmp_path):
     """Same runner, same windows: our IR against itself gives KL exactly 0; a file with one layer's weights off
     by 2x fails the gate, on random weights, where perplexity says nothing."""
-    from toolchain.store import Store
     from toolchain.validate.fidelity import MAX_KL, export_fidelity, fidelity_ids, ir_weights
 
-    profile = tiny_profile(targets=[])
+    profile = tiny_profile()
     profile["source"]["synthetic"]["dtype"] = "bfloat16"
-    r = run_cli("build", str(write_profile(tmp_path, profile)), "--store", str(tmp_path / "s"), "--json")
-    assert r.returncode == 0, r.stderr[-2000:]
-    key = next(s["key"] for s in json.loads(r.stdout)["stages"] if s["name"] == "quantize")
-    ir_dir = Store(tmp_path / "s").object_dir(key)
+    ir_dir = build_shared_stages(profile, tmp_path / "s")["quantize"]
     cfg = json.loads((ir_dir / "config.json").read_text())
     ours = ir_weights(ir_dir)
     ids = fidelity_ids(cfg["vocab_size"], None)

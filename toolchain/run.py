@@ -98,9 +98,8 @@ def _run_stage(stage: Stage, plan: Plan, store: Store, reporter: Reporter, previ
             input_manifests={r: store.manifest(k) for r, k in stage.inputs.items() if store.has(k)},
             reporter=reporter, model_config=plan.model_config, profile_name=plan.profile.profile.name, store=store,
         )
-        reporter.info(f"[bold]{stage.name}[/] ({reason})")
         try:
-            with PeakRSS() as rss:
+            with reporter.running(stage.name, reason), PeakRSS() as rss:
                 info = load_entry(stage.code.runner)(ctx) or {}
         except BaseException:
             import shutil
@@ -122,6 +121,15 @@ def _run_stage(stage: Stage, plan: Plan, store: Store, reporter: Reporter, previ
                        manifest["reason"], manifest["size"], info)
 
 
+def _announced(stages: list[Stage], results: list[StageResult], reporter: Reporter) -> Any:
+    """Yields each stage; once the loop body has run for it (whatever path it took), prints its end line."""
+    for stage in stages:
+        before = len(results)
+        yield stage
+        for r in results[before:]:
+            reporter.finished(r.name, r.status, r.seconds, r.reason if r.status in ("failed", "skipped") else "")
+
+
 def execute(plan: Plan, store: Store, reporter: Reporter, remote: Any = None) -> list[StageResult]:
     """Run every stage in order. A failing shared stage (source, quantize, reference) stops the build; a
     failing target stage fails that target only (the stages that take it as input or run after it are skipped)
@@ -141,7 +149,7 @@ def _execute(plan: Plan, store: Store, reporter: Reporter, remote: Any) -> list[
     results: list[StageResult] = []
     names = {s.key: s.name for s in plan.stages}
     blocked: dict[str, str] = {}  # stage name -> why the stages after it do not run (it failed or was skipped)
-    for stage in plan.stages:
+    for stage in _announced(plan.stages, results, reporter):
         upstream = [names[k] for k in stage.inputs.values() if k in names] + list(stage.after)
         why = next((blocked[n] for n in upstream if n in blocked), None)
         if why is not None:

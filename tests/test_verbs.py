@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 from conftest import run_cli, tiny_profile, write_profile
@@ -76,3 +77,62 @@ def test_inspect_ambiguous_prefix_lists_the_candidates(store2):
     assert one.returncode == 0 and json.loads(one.stdout)["key"] == keys[0]
     none = run_cli("inspect", "zz", "--store", str(store2 / "store"))
     assert none.returncode == 2 and "no artifact" in none.stderr
+
+
+def test_export_hard_links_verifies_and_refuses_a_used_directory(store2):
+    st = str(store2 / "store")
+    r = run_cli("export", "tiny", str(store2 / "out"), "--store", st, "--json")
+    assert r.returncode == 0, r.stderr
+    (doc,) = json.loads(r.stdout)
+    row = next(x for x in ls(store2) if x["profile"] == "tiny")
+    assert doc["key"] == row["key"] and doc["verified"] and doc["linked"] == doc["files"] > 0
+    manifest = json.loads((store2 / "out" / "toolchain-manifest.json").read_text())
+    for f in manifest["files"]:
+        assert os.path.samefile(store2 / "out" / f["path"], os.path.join(row["path"], f["path"]))
+    r = run_cli("export", row["key"][:10], str(store2 / "copied"), "--store", st, "--copy", "--json")
+    (doc,) = json.loads(r.stdout)
+    assert doc["copied"] == doc["files"] and not os.path.samefile(
+        store2 / "copied" / manifest["files"][0]["path"], os.path.join(row["path"], manifest["files"][0]["path"]))
+    r = run_cli("export", "tiny", str(store2 / "out"), "--store", st)
+    assert r.returncode == 2 and "new or empty directory" in r.stderr
+    bad = next(x for x in ls(store2) if x["profile"] == "tiny-fp8")  # damage one file of the store copy
+    f = json.loads((Path(bad["path"]) / "manifest.json").read_text())["files"][0]
+    with open(Path(bad["path"]) / f["path"], "r+b") as fh:
+        fh.seek(0)
+        byte = fh.read(1)
+        fh.seek(0)
+        fh.write(bytes([byte[0] ^ 1]))
+    r = run_cli("export", bad["key"], str(store2 / "damaged"), "--store", st)
+    assert r.returncode == 1 and "the store copy is damaged" in r.stderr, r.stderr
+
+
+def test_build_force_rebuilds_only_the_stage_asked(store2):
+    st = str(store2 / "store")
+    r = run_cli("build", str(store2 / "tiny.yaml"), "--store", st, "--force", "quantize", "--json", "-q")
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert {s["name"]: s["status"] for s in doc["stages"]} == {
+        "source": "cached", "quantize": "built", "export:compressed-tensors": "cached",
+        "validate:compressed-tensors": "cached"}
+    r = run_cli("build", str(store2 / "tiny.yaml"), "--store", st, "--force", "nosuch")
+    assert r.returncode == 2 and "--force nosuch: no such stage" in r.stderr and "quantize" in r.stderr
+
+
+def test_rm_respects_roots_and_removes_a_build_but_not_what_others_share(store2):
+    st = str(store2 / "store")
+    row = next(x for x in ls(store2) if x["profile"] == "tiny")
+    r = run_cli("rm", row["key"][:12], "--store", st)
+    assert r.returncode == 2 and "a gc root" in r.stderr and "--force" in r.stderr
+    dry = json.loads(run_cli("rm", "tiny-fp8", "--store", st, "--dry-run", "--json").stdout)
+    assert len([x for x in dry["removed"] if "key" in x]) == 3 and len(ls(store2, "--all")) == 7
+    shared = Store(st).manifest(row["stages"]["export:compressed-tensors"])["inputs"]
+    r = run_cli("rm", str(store2 / "fp8.yaml"), "--store", st, "--json")
+    assert r.returncode == 0, r.stderr
+    removed = json.loads(r.stdout)["removed"]
+    assert {x["stage"] for x in removed if "key" in x} == {"quantize", "export:compressed-tensors",
+                                                           "validate:compressed-tensors"}
+    assert [x["profile"] for x in ls(store2)] == ["tiny"] and len(ls(store2, "--all")) == 4
+    assert all(Store(st).has(k) for k in shared.values())
+    r = run_cli("rm", row["key"][:12], "--store", st, "--force")
+    assert r.returncode == 0 and not os.path.exists(row["path"])
+    assert ls(store2)[0]["status"] == "incomplete"

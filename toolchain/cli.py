@@ -110,14 +110,21 @@ def main() -> None:
               help="Remote cache: look each stage up in this registry repository before building it, pull hits "
                    "(verified), push what was built. [env TOOLCHAIN_CACHE]")
 @click.option("--insecure", is_flag=True, help="Reach the --cache registry over plain HTTP (localhost registries).")
+@click.option("--force", "force", is_flag=False, flag_value="*", default=None, metavar="[STAGE]",
+              help="Rebuild despite the cache (a suspected bad artifact): every stage, or only STAGE (e.g. "
+                   "quantize, export, export:gguf; comma-separated). The old artifact is replaced, never pulled "
+                   "from --cache.")
 def build(profile: str | None, store_dir: str | None, source: str | None, as_json: bool, quiet: bool,
-          cache: str | None, insecure: bool) -> None:
+          cache: str | None, insecure: bool, force: str | None) -> None:
     """Build PROFILE (default: the SmolLM2 INT4 demo profile): every stage that is not cached.
 
     Exit code 0 when every target is built and passed its gates, 1 when a stage or a gate failed,
     2 for bad input.
     """
     t0 = time.perf_counter()
+    if force is not None and profile is None and force != "*" and (force.endswith((".yaml", ".yml"))
+                                                                   or Path(force).is_file()):
+        profile, force = force, "*"  # `build --force PROFILE`: the flag took the profile as its STAGE
     reporter = Reporter(quiet=quiet)  # with --json, progress still goes to stderr: CI logs show the stages
     try:
         from .plan import build_plan
@@ -134,8 +141,13 @@ def build(profile: str | None, store_dir: str | None, source: str | None, as_jso
         plan = build_plan(loaded, store, reporter)
         for note in plan.notes:
             reporter.warn(note)
+        stages = tuple(x.strip() for x in force.split(",")) if force else ()
+        known = {s.name for s in plan.stages} | {s.name.split(":")[0] for s in plan.stages} | {"*"}
+        if any(x not in known for x in stages):
+            raise InputError(f"--force {force}: no such stage; this profile's stages are "
+                             f"{', '.join(s.name for s in plan.stages)}")
         try:
-            results = execute(plan, store, reporter, remote)
+            results = execute(plan, store, reporter, remote, force=stages)
         finally:
             if remote is not None:
                 remote.close()
@@ -511,6 +523,73 @@ def inspect(target: str, store_dir: str | None) -> None:
         _fail(e, False)
         return
     click.echo((store.object_dir(key) / "manifest.json").read_text())
+
+
+@main.command(name="rm")
+@click.argument("target", metavar="KEY|PROFILE")
+@click.option("--store", "store_dir", help=STORE_HELP)
+@click.option("--force", is_flag=True,
+              help="Remove an artifact that a profile's last build records (a gc root); that build then "
+                   "rebuilds it.")
+@click.option("--dry-run", is_flag=True, help="Only list what would be removed.")
+@click.option("--json", "as_json", is_flag=True, help="Print what was removed as JSON on stdout.")
+def rm_cmd(target: str, store_dir: str | None, force: bool, dry_run: bool, as_json: bool) -> None:
+    """Remove a build or an artifact from the store.
+
+    \b
+    PROFILE (a YAML or a profile name): its build record and the artifacts only it reaches; what other
+    profiles share (e.g. the source) stays.
+    KEY (or a unique prefix): that artifact; refused for one a profile's last build records, unless --force.
+    Waits for running builds (the store's lock, as gc). Exit 2 for an unknown or ambiguous TARGET.
+    """
+    from .verbs import remove
+
+    store = _store(store_dir)
+    try:
+        removed = remove(store, target, force=force, dry_run=dry_run,
+                         on_wait=lambda: console.print("a build is running on this store; rm waits for it"))
+    except ToolchainError as e:
+        _fail(e, as_json)
+        return
+    if as_json:
+        click.echo(json.dumps({"dry_run": dry_run, "removed": removed}, indent=2))
+        return
+    verb = "would remove" if dry_run else "removed"
+    for r in removed:
+        out.print(f"{verb} build record {r['ref']}" if "ref" in r
+                  else f"{verb} {r['key'][:12]} {r['stage']} ({_fmt_size(r['size'])})")
+    arts = [r for r in removed if "key" in r]
+    out.print(f"{verb} {len(arts)} artifacts, {_fmt_size(sum(r['size'] for r in arts))}")
+
+
+@main.command(name="export")
+@click.argument("target", metavar="KEY|PROFILE")
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.option("--store", "store_dir", help=STORE_HELP)
+@click.option("--copy", is_flag=True,
+              help="Copy every file. By default files are hard-linked where the file system allows (no space "
+                   "used; editing an exported file in place would then edit the store's copy).")
+@click.option("--json", "as_json", is_flag=True, help="Print what was written as JSON on stdout.")
+def export_cmd(target: str, directory: str, store_dir: str | None, copy: bool, as_json: bool) -> None:
+    """Copy an artifact out of the store into DIRECTORY (new or empty), each file verified by its sha256.
+
+    KEY (or a unique prefix): that artifact's files. PROFILE: the exported checkpoint of each target of its
+    last build (in DIRECTORY/<target> when there are several). The manifest comes along as
+    toolchain-manifest.json. Exit 1 if a file does not match its manifest, 2 for bad input.
+    """
+    from .verbs import export
+
+    try:
+        docs = export(_store(store_dir), target, directory, copy=copy)
+    except ToolchainError as e:
+        _fail(e, as_json)
+        return
+    if as_json:
+        click.echo(json.dumps(docs, indent=2))
+        return
+    for d in docs:
+        out.print(f"exported {d['key'][:12]} {d['stage']} -> {d['dir']} ({d['files']} files, "
+                  f"{_fmt_size(d['size'])}, {d['linked']} hard-linked, {d['copied']} copied, sha256 verified)")
 
 
 @main.command()

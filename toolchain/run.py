@@ -130,7 +130,24 @@ def _announced(stages: list[Stage], results: list[StageResult], reporter: Report
             reporter.finished(r.name, r.status, r.seconds, r.reason if r.status in ("failed", "skipped") else "")
 
 
-def execute(plan: Plan, store: Store, reporter: Reporter, remote: Any = None) -> list[StageResult]:
+def forced(stages: list[Stage], force: tuple[str, ...]) -> set[str]:
+    """`build --force [STAGE]`: "*" is every stage; `export` is every export:*; else the stage's own name."""
+    return {s.name for s in stages if "*" in force or s.name in force or s.name.split(":")[0] in force}
+
+
+def _evict(store: Store, key: str) -> None:
+    """Take a finished artifact out of the store (under its lock) so that the stage runs again."""
+    import shutil
+
+    with store.lock(key):
+        if store.has(key):
+            doomed = store.object_dir(key).with_name(f".gc-{key}-{time.time_ns()}")
+            os.rename(store.object_dir(key), doomed)
+            shutil.rmtree(doomed)
+
+
+def execute(plan: Plan, store: Store, reporter: Reporter, remote: Any = None,
+            force: tuple[str, ...] = ()) -> list[StageResult]:
     """Run every stage in order. A failing shared stage (source, quantize, reference) stops the build; a
     failing target stage fails that target only (the stages that take it as input or run after it are skipped)
     and the others go on."""
@@ -138,10 +155,15 @@ def execute(plan: Plan, store: Store, reporter: Reporter, remote: Any = None) ->
         reporter.info("  `toolchain gc` is running on this store; waiting for it")
 
     with store.building(on_wait=waiting):
-        return _execute(plan, store, reporter, remote)
+        rebuild = forced(plan.stages, force)
+        for stage in plan.stages:
+            if stage.name in rebuild and not stage.skip_reason:
+                _evict(store, stage.key)
+        return _execute(plan, store, reporter, remote, rebuild)
 
 
-def _execute(plan: Plan, store: Store, reporter: Reporter, remote: Any) -> list[StageResult]:
+def _execute(plan: Plan, store: Store, reporter: Reporter, remote: Any,
+             rebuild: set[str] = frozenset()) -> list[StageResult]:
     ref = ref_name(plan.profile.profile.name, plan.source)
     previous = {s["name"]: s for s in (store.read_ref(ref) or {}).get("stages", [])}
     # The roots first: what this build commits is reachable from its first stage on, even if it is killed.
@@ -158,7 +180,8 @@ def _execute(plan: Plan, store: Store, reporter: Reporter, remote: Any) -> list[
             continue
         target = stage.target
         try:
-            results.append(_run_stage(stage, plan, store, reporter, previous.get(stage.name), remote))
+            results.append(_run_stage(stage, plan, store, reporter, previous.get(stage.name),
+                                      None if stage.name in rebuild else remote))  # --force: not from the cache
             if remote is not None and store.has(stage.key):  # built now, or before the cache was configured:
                 remote.push(stage.key, store)  # shared unless the registry has it (one HEAD)
             if target is not None and results[-1].status == "failed":  # a failed gate stops what follows it

@@ -42,7 +42,7 @@ def _load_profile(profile: str | None, source: str | None):
         data["source"] = {"synthetic": {"arch": arch}}
     else:
         data["source"] = {"path": str(Path(source).resolve())}
-    return prof.from_dict(data, loaded.path, loaded.base_dir)
+    return prof.from_dict(data, loaded.path, loaded.base_dir, loaded.origins)
 
 
 def _fail(e: ToolchainError, as_json: bool) -> None:
@@ -193,7 +193,9 @@ def plan(profile: str | None, store_dir: str | None, source: str | None, as_json
             status = "cached" if reason == "cached" else "build"
         stages.append({"name": s.name, "key": s.key, "status": status, "reason": reason,
                        "inputs": {r: k[:12] for r, k in s.inputs.items()}})
+    recipe = loaded.profile.quantize.model_dump(mode="json")
     doc = {"profile": loaded.profile.name, "source": p.source.label, "notes": p.notes, "stages": stages,
+           "quantize": {"preset": loaded.preset, "recipe": recipe},
            "targets": [{"name": t.label, "format": t.format, "runtimes": p.runtimes.get(t.label, [])}
                        for t in loaded.profile.targets]}
     if as_json:
@@ -211,6 +213,10 @@ def plan(profile: str | None, store_dir: str | None, source: str | None, as_json
         inputs = ", ".join(f"{r}:{k}" for r, k in s["inputs"].items())
         table.add_row(s["name"], s["key"][:12], inputs, f"[{colour}]{s['status']}[/]", s["reason"])
     out.print(table)
+    from .presets import describe
+
+    out.print(f"[bold]quantize[/]: {describe(recipe)}"
+              + (f" (preset {loaded.preset})" if loaded.preset else ""), soft_wrap=True)
     _print_runtimes(doc["targets"])
 
 

@@ -599,6 +599,49 @@ def export_cmd(target: str, directory: str, store_dir: str | None, copy: bool, a
 
 
 @main.command()
+@click.argument("profiles", nargs=-1, metavar="[PROFILE]...")
+@click.option("--store", "store_dir", help=STORE_HELP)
+@click.option("-o", "--output", "html_path", metavar="FILE.html",
+              help="Write the HTML report here [default report.html unless only --markdown or --json is given].")
+@click.option("--markdown", "md_path", metavar="FILE.md",
+              help="Also write the report as Markdown (`-` for stdout), e.g. for $GITHUB_STEP_SUMMARY.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report's data as JSON on stdout instead.")
+def report(profiles: tuple[str, ...], store_dir: str | None, html_path: str | None, md_path: str | None,
+           as_json: bool) -> None:
+    """Report builds from the store: one self-contained HTML file (inline SVG charts, opens offline) and/or
+    Markdown with the same content.
+
+    \b
+    PROFILE: YAML files or profile names (default: every build in the store), side by side in one table and
+    one chart. Per build: each target's gates with values and thresholds, perplexity / KL / top-1 against the
+    reference, per-layer weight error where recorded, speed per batch size with the bandwidth roofline, which
+    runtimes load each artifact and why not, and the provenance (keys, versions, card, dataset protocol).
+    """
+    from .report import collect
+    from .report import html as html_report
+    from .report import markdown as md_report
+
+    try:
+        doc = collect(_store(store_dir), list(profiles) or None)
+    except ToolchainError as e:
+        _fail(e, as_json)
+        return
+    if as_json:
+        click.echo(json.dumps(_finite(doc), indent=2))
+        return
+    if md_path == "-":
+        click.echo(md_report.render(doc), nl=False)
+    elif md_path:
+        Path(md_path).write_text(md_report.render(doc))
+        out.print(f"wrote {md_path}", soft_wrap=True)
+    if html_path or not md_path:
+        html_path = html_path or "report.html"
+        Path(html_path).write_text(html_report.render(doc))
+        if md_path != "-":
+            out.print(f"wrote {html_path}", soft_wrap=True)
+
+
+@main.command()
 @click.option("--store", "store_dir", help=STORE_HELP)
 @click.option("--dry-run", is_flag=True, help="Only list what would be removed.")
 @click.option("--json", "as_json", is_flag=True)

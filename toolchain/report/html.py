@@ -119,7 +119,7 @@ def _speed(t: dict[str, Any], ref: str) -> str:
         return f'<p class="muted">Speed: {escape(str(sp.get("failed") or sp))}</p>'
     card = sp.get("card") or {}
     copy = sp.get("copy_bandwidth_gbs")
-    rows, bars, roof = [], [], []
+    rows, bars = [], []
     for b in sp["per_batch"]:
         if b.get("skipped"):
             rows.append([str(b["batch_size"]), escape(b["skipped"])] + [""] * 6)
@@ -128,22 +128,22 @@ def _speed(t: dict[str, Any], ref: str) -> str:
         rows.append([str(b["batch_size"]), _fmt(b["decode_tok_s"], "{:.1f}"), _fmt(b["prefill_tok_s"], "{:.0f}"),
                      _fmt(b["ttft_ms"], "{:.1f}"), _fmt(b["itl_ms_p50"], "{:.2f}"), _fmt(b["itl_ms_p99"], "{:.2f}"),
                      _fmt(b.get("effective_bandwidth_gbs"), "{:.0f}"), _fmt(ceiling, "{:.0f}")])
-        bars.append({"label": f"batch {b['batch_size']}", "value": b["decode_tok_s"]})
-        roof.append({"label": f"batch {b['batch_size']}: roofline", "value": ceiling})
+        bars.append({"label": f"batch {b['batch_size']}", "value": b["decode_tok_s"], "mark": ceiling,
+                     "colour": PALETTE[0]})
     head = (f"<p>{escape(sp.get('runtime', ''))} {escape(sp.get('runtime_version') or '')} on "
             f"{escape(card.get('name', '?'))}, copy bandwidth {_fmt(copy, '{:.0f}')} GB/s; "
             f"{_status(sp.get('status') or t['speed_status']['status'] or '')}</p>")
     table = _table(["batch", "decode tok/s", "prefill tok/s", "TTFT ms", "ITL p50 ms", "ITL p99 ms",
                     "GB/s", "roofline tok/s"], rows, "speed")
-    chart = hbar(f"{t['name']}: decode tokens/s per batch size (dashed: bandwidth roofline)", bars, "{:.1f}",
-                 [r for r in roof if r["value"] is not None], f"chart-speed-{ref}-{t['name']}") if bars else ""
+    chart = hbar(f"{t['name']}: decode tokens/s per batch size (dashed: the copy-bandwidth roofline)", bars,
+                 "{:.0f}", None, f"chart-speed-{ref}-{t['name']}") if bars else ""
     return head + table + chart
 
 
 def _layers(errors: list[dict[str, Any]], name: str, chart_id: str) -> str:
     if not errors:
         return ""
-    rows = [{"label": e["layer"], "value": float(e["rel_err"])} for e in errors]
+    rows = [{"label": e["layer"], "value": float(e["rel_err"]), "colour": PALETTE[2]} for e in errors]
     return hbar(f"{name}: largest per-layer relative weight error", rows, "{:.3g}", None, chart_id)
 
 

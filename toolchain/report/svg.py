@@ -13,10 +13,12 @@ PALETTE = ("#1565c0", "#ef6c00", "#6a1b9a", "#00838f", "#ad1457", "#558b2f", "#4
 
 def hbar(title: str, rows: list[dict[str, Any]], fmt: str = "{:.3g}", lines: list[dict[str, Any]] | None = None,
          chart_id: str = "") -> str:
-    """rows: {label, value, colour?, note?}; lines: {label, value, colour?} drawn across every bar (a reference, a
-    gate). The scale starts at 0 and ends past the largest value or line."""
+    """rows: {label, value, colour?, note?, mark?}; `mark` is a dashed tick in that row only (a roofline). lines:
+    {label, value, colour?} drawn across every bar (a reference). The scale starts at 0 and ends past the largest
+    value, mark or line."""
     lines = [x for x in (lines or []) if x.get("value") is not None]
-    values = [r["value"] for r in rows if r.get("value") is not None] + [x["value"] for x in lines]
+    values = [r["value"] for r in rows if r.get("value") is not None] + [x["value"] for x in lines] + \
+        [r["mark"] for r in rows if r.get("mark") is not None]
     top = max([v for v in values if v > 0] or [1.0]) * 1.08
     height = TOP + ROW_H * len(rows) + 34
     width = LABEL_W + BAR_W + VALUE_W
@@ -40,6 +42,12 @@ def hbar(title: str, rows: list[dict[str, Any]], fmt: str = "{:.3g}", lines: lis
         parts.append(f'<rect class="bar" x="{x0}" y="{y + 3}" width="{w:.1f}" height="{ROW_H - 6}" '
                      f'fill="{colour}" data-label="{escape(r["label"])}" data-value="{r["value"]!r}"/>')
         parts.append(f'<text x="{x0 + w + 4:.1f}" y="{y + 15}">{escape(fmt.format(r["value"]))}</text>')
+        if r.get("mark") is not None:
+            mx = x(r["mark"])
+            parts.append(f'<line class="mark" x1="{mx:.1f}" y1="{y + 1}" x2="{mx:.1f}" y2="{y + ROW_H - 1}" '
+                         f'stroke="{COLOURS["ref"]}" stroke-width="2" stroke-dasharray="3,2"/>')
+            parts.append(f'<text x="{mx - 4:.1f}" y="{y + 15}" text-anchor="end" fill="{COLOURS["ref"]}">'
+                         f'{escape(fmt.format(r["mark"]))}</text>')
     bottom = TOP + ROW_H * len(rows)
     for j, ln in enumerate(lines):
         lx = x(ln["value"])

@@ -201,3 +201,34 @@ def test_ci_example_runs_the_report(tmp_path):
                        cwd=tmp_path, capture_output=True, text=True, env={**os.environ, **env})
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "report.html").stat().st_size > 0 and "## int4" in (tmp_path / "report-full.md").read_text()
+
+
+def test_quantize_records_per_layer_error_checked_in_float64(tmp_path):
+    """The per-layer error the report charts: the quantize stage's figure for each layer against numpy float64
+    arithmetic on the IR's codes and scales and the source's weights (asymmetric INT4 groups of 32)."""
+    import numpy as np
+    from conftest import tiny_profile, write_profile
+
+    from toolchain.ir import IRReader, TensorReader
+
+    profile = write_profile(tmp_path, tiny_profile(quantize={"method": "rtn", "bits": 4, "group_size": 32,
+                                                             "symmetric": False}))
+    doc = json.loads(run_cli("build", str(profile), "--store", str(tmp_path / "st"), "--json", "-q").stdout)
+    store = Store(tmp_path / "st")
+    src, q = (next(s["key"] for s in doc["stages"] if s["name"] == n) for n in ("source", "quantize"))
+    errors = {e["layer"]: e["rel_err"] for e in store.manifest(q)["info"]["layer_errors"]}
+    ir, weights = IRReader(store.object_dir(q)), TensorReader(store.object_dir(src))
+    assert set(errors) == set(ir.layers) and len(errors) == 14
+    for name in ir.layers:
+        t = ir.tensors
+        codes = t.get(f"{name}.codes").double().numpy()
+        scale, zero = t.get(f"{name}.scale").double().numpy(), t.get(f"{name}.zero").double().numpy()
+        g = np.arange(codes.shape[1]) // 32
+        w_hat = (codes - zero[:, g]) * scale[:, g]
+        w = weights.get(f"{name}.weight").double().numpy()
+        want = np.linalg.norm(w_hat - w) / np.linalg.norm(w)
+        assert errors[name] == pytest.approx(want, rel=1e-5), name
+        assert 0.01 < want < 0.5  # INT4 on random weights: a real, non-zero error
+    md = run_cli("report", "--store", str(tmp_path / "st"), "--markdown", "-").stdout
+    worst = max(errors, key=errors.get)
+    assert "largest per-layer relative weight error" in md and f"| {worst} | {errors[worst]:.3g} |" in md

@@ -101,3 +101,20 @@ def test_heartbeat_lines_and_third_party_bars_become_our_lines(tmp_path):
     assert log.splitlines()[-1] == "reference: built in 2.4 s"
     r = sh(f"{shlex.quote(sys.executable)} -c {shlex.quote(PROBE)} q > probe.log 2>&1", tmp_path, env)
     assert r.returncode == 0 and (tmp_path / "probe.log").read_text() == ""
+
+
+def test_help_shows_every_new_command_and_option(cli):
+    top = cli("--help").output
+    for command in ("rm", "export", "report", "ls", "inspect"):
+        assert f"  {command} " in top, top
+    expected = {"build": ["--force [STAGE]", "--json", "-q, --quiet"],
+                "ls": ["--all", "--profile", "--format", "--failed", "--json"],
+                "rm": ["KEY|PROFILE", "--force", "--dry-run", "--json"],
+                "export": ["KEY|PROFILE DIRECTORY", "--copy", "--json"],
+                "report": ["[PROFILE]...", "-o, --output FILE.html", "--markdown FILE.md", "--json"],
+                "plan": ["--json"]}
+    for command, options in expected.items():
+        r = cli(command, "--help")
+        assert r.exit_code == 0
+        for option in options:
+            assert option in r.output, (command, option, r.output)

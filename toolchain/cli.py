@@ -93,6 +93,8 @@ def main() -> None:
       toolchain plan profiles/smollm2-int4.yaml     what would run, what is cached, and why
       toolchain build profiles/smollm2-int4.yaml    run it (a second run is a no-op)
       toolchain ls / inspect KEY / gc --dry-run     look after the artifact store
+      toolchain rm KEY|PROFILE / export KEY|PROFILE DIR   remove a build, copy one out (verified)
+      toolchain report PROFILE... -o report.html    gates, accuracy, speed, runtimes: HTML and Markdown
       toolchain doctor                              which backends are installed
     """
     _quiet_libraries()

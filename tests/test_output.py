@@ -56,6 +56,8 @@ def test_results_go_to_stdout_through_pipes(built):
     assert "plan for tiny" in plan and "cached" in plan and "\x1b" not in plan
     r = sh(f"{TC} build profile.yaml --store store --json | jq -e .ok", built)
     assert r.returncode == 0 and r.stdout.strip() == "true", r.stderr
+    r = sh(f"{TC} build missing.yaml --store store --json 2>/dev/null | jq -e .ok", built)
+    assert r.returncode != 0 and r.stdout.strip() == "false"  # an error document says ok: false too
     r = sh(f"{TC} build profile.yaml --store store --json 2>/dev/null | jq -r '.targets[0].verdict'", built)
     assert r.stdout.strip() == "pass", r.stderr
     r = sh(f"{TC} ls --store store | grep tiny", built)

@@ -47,7 +47,7 @@ def _load_profile(profile: str | None, source: str | None):
 
 def _fail(e: ToolchainError, as_json: bool) -> None:
     if as_json:
-        click.echo(json.dumps({"error": str(e), "exit_code": e.exit_code}))
+        click.echo(json.dumps({"ok": False, "error": str(e), "exit_code": e.exit_code}))
     # Plain text, not rich: an error must not be re-wrapped, so it can be searched and copied whole.
     click.echo(f"error: {e}", err=True)
     sys.exit(e.exit_code)

@@ -118,6 +118,20 @@ def test_build_force_rebuilds_only_the_stage_asked(store2):
     assert r.returncode == 2 and "--force nosuch: no such stage" in r.stderr and "quantize" in r.stderr
 
 
+def test_rm_waits_for_a_running_build(store2):
+    import subprocess
+    import sys
+    import time
+
+    with Store(store2 / "store").building():  # a build holds the store (shared); rm needs it alone
+        proc = subprocess.Popen([sys.executable, "-m", "toolchain", "rm", "tiny", "--dry-run", "--store",
+                                 str(store2 / "store")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        time.sleep(3)
+        assert proc.poll() is None, proc.communicate()
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and "rm waits for it" in err and "would remove" in out, err
+
+
 def test_rm_respects_roots_and_removes_a_build_but_not_what_others_share(store2):
     st = str(store2 / "store")
     row = next(x for x in ls(store2) if x["profile"] == "tiny")

@@ -114,6 +114,7 @@ def test_build_force_rebuilds_only_the_stage_asked(store2):
     assert {s["name"]: s["status"] for s in doc["stages"]} == {
         "source": "cached", "quantize": "built", "export:compressed-tensors": "cached",
         "validate:compressed-tensors": "cached"}
+    assert Store(st).manifest(doc["stages"][1]["key"])["reason"] == "forced (--force)"
     r = run_cli("build", str(store2 / "tiny.yaml"), "--store", st, "--force", "nosuch")
     assert r.returncode == 2 and "--force nosuch: no such stage" in r.stderr and "quantize" in r.stderr
 

@@ -75,13 +75,13 @@ def _stored_result(stage: Stage, store: Store, t0: float, reason: str) -> StageR
 
 
 def _run_stage(stage: Stage, plan: Plan, store: Store, reporter: Reporter, previous: dict | None,
-               remote: Any = None) -> StageResult:
+               remote: Any = None, forced: bool = False) -> StageResult:
     t0 = time.perf_counter()
     if stage.skip_reason:
         return StageResult(stage.name, stage.key, "skipped", 0.0, stage.skip_reason)
     if store.has(stage.key):
         return _stored_result(stage, store, t0, "cached")
-    reason = explain(stage, previous, store)
+    reason = "forced (--force)" if forced else explain(stage, previous, store)
 
     def waiting() -> None:
         reporter.info(f"  {stage.name}: another build holds {stage.key[:12]}; waiting for it")
@@ -181,7 +181,8 @@ def _execute(plan: Plan, store: Store, reporter: Reporter, remote: Any,
         target = stage.target
         try:
             results.append(_run_stage(stage, plan, store, reporter, previous.get(stage.name),
-                                      None if stage.name in rebuild else remote))  # --force: not from the cache
+                                      None if stage.name in rebuild else remote,  # --force: not from the cache
+                                      stage.name in rebuild))
             if remote is not None and store.has(stage.key):  # built now, or before the cache was configured:
                 remote.push(stage.key, store)  # shared unless the registry has it (one HEAD)
             if target is not None and results[-1].status == "failed":  # a failed gate stops what follows it

@@ -749,3 +749,19 @@ def test_smoothquant_needs_calibration(cli, tmp_path):
 def test_fp8_strategy_block_values(cli, tmp_path, value):
     data = tiny_profile(quantize={"method": "fp8", "strategy": value})
     check_exit2(cli, tmp_path, write_profile(tmp_path, data), "quantize.strategy")
+
+
+@pytest.mark.parametrize("preset, text", [
+    (4, "quantize.preset: a preset name"),  # wrong type
+    (float("nan"), "quantize.preset: a preset name"),  # NaN
+    ("W3A16", "quantize.preset: unknown preset 'W3A16'; known: W4A16"),  # out of range: no such preset
+    ("W8A8", "quantize.preset: W8A8: integer activations"),  # a scheme with no method here
+])
+def test_bad_preset(cli, tmp_path, preset, text):
+    data = tiny_profile(quantize={"preset": preset})
+    check_exit2(cli, tmp_path, write_profile(tmp_path, data), text)
+
+
+def test_preset_with_a_conflicting_field(cli, tmp_path):
+    data = tiny_profile(quantize={"preset": "W4A16", "group_size": 64})
+    check_exit2(cli, tmp_path, write_profile(tmp_path, data), "quantize.group_size: 64 conflicts with preset W4A16")

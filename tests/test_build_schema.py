@@ -25,13 +25,24 @@ def test_schema_accepts_real_build_and_error_output(tmp_path):
     assert r.returncode == 0, r.stderr
     doc = json.loads(r.stdout)
     validate(doc)
+    assert doc["ok"] is True and doc["exit_code"] == 0 and doc["targets"][0]["verdict"] == "pass"
     cached = json.loads(run_cli("build", str(profile), "--store", str(tmp_path / "store"), "--json", "-q").stdout)
     validate(cached)
+    assert cached["targets"][0]["verdict"] == "pass"  # never "cached": the verdict is the gates'
     bad = write_profile(tmp_path, {"name": "x", "source": {"path": str(tmp_path / "missing.gguf")}}, "bad.yaml")
     err = run_cli("build", str(bad), "--store", str(tmp_path / "store"), "--json", "-q")
     assert err.returncode == 2
     validate(json.loads(err.stdout))
 
+    for field, value in (("verdict", "cached"), ("verdict", "built by a concurrent build")):
+        wrong = copy.deepcopy(doc)
+        wrong["targets"][0][field] = value
+        with pytest.raises(jsonschema.ValidationError):
+            validate(wrong)
+    wrong = copy.deepcopy(doc)
+    del wrong["ok"]
+    with pytest.raises(jsonschema.ValidationError):
+        validate(wrong)
     broken = copy.deepcopy(doc)
     broken["stages"][0]["status"] = "maybe"
     with pytest.raises(jsonschema.ValidationError):

@@ -71,7 +71,7 @@ def test_ls_inspect_gc(tmp_path, cli):
     write_profile(tmp_path, tiny_profile(quantize={"method": "fp8"}))
     doc = build_json(str(profile), "--store", str(store))
     assert doc["targets"][0]["status"] == "built"
-    listed = json.loads(cli("ls", "--store", str(store), "--json").stdout)
+    listed = json.loads(cli("ls", "--all", "--store", str(store), "--json").stdout)
     assert len(listed) == 7  # source shared; two quantize/export/validate
     key = doc["stages"][1]["key"]
     manifest = json.loads(cli("inspect", key[:10], "--store", str(store)).stdout)

@@ -541,8 +541,8 @@ def test_llama_bench_stand_in_times_a_gguf_target_and_its_gate_fails(tmp_path):
     # cached on the same card: not re-timed; the printed summary shows the figures and the failed gate
     r = run_cli("build", str(write_profile(tmp_path, data)), "--store", str(tmp_path / "st"), env=env)
     assert r.returncode == 1
-    assert "speed (failed) by llama-bench" in r.stderr and "decode 118.9 tok/s" in r.stderr, r.stderr
-    assert "batch   4: llama-bench times one sequence" in r.stderr and "speed gate failed" in r.stderr
+    assert "speed (failed) by llama-bench" in r.stdout and "decode 118.9 tok/s" in r.stdout, r.stdout
+    assert "batch   4: llama-bench times one sequence" in r.stdout and "speed gate failed" in r.stdout
 
 
 VLLM_STAND_IN = """

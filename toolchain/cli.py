@@ -17,7 +17,7 @@ from typing import Any
 import click
 
 from .errors import InputError, ToolchainError
-from .progress import Reporter, console
+from .progress import Reporter, console, out
 
 STORE_HELP = "Artifact store directory [env TOOLCHAIN_STORE; default ./artifacts]."
 
@@ -47,12 +47,12 @@ def _load_profile(profile: str | None, source: str | None):
         data["source"] = {"synthetic": {"arch": arch}}
     else:
         data["source"] = {"path": str(Path(source).resolve())}
-    return prof.from_dict(data, loaded.path, loaded.base_dir)
+    return prof.from_dict(data, loaded.path, loaded.base_dir, loaded.origins)
 
 
 def _fail(e: ToolchainError, as_json: bool) -> None:
     if as_json:
-        click.echo(json.dumps({"error": str(e), "exit_code": e.exit_code}))
+        click.echo(json.dumps({"ok": False, "error": str(e), "exit_code": e.exit_code}))
     # Plain text, not rich: an error must not be re-wrapped, so it can be searched and copied whole.
     click.echo(f"error: {e}", err=True)
     sys.exit(e.exit_code)
@@ -174,6 +174,8 @@ def main(debug: bool) -> None:
       toolchain plan profiles/smollm2-int4.yaml     what would run, what is cached, and why
       toolchain build profiles/smollm2-int4.yaml    run it (a second run is a no-op)
       toolchain ls / inspect KEY / gc --dry-run     look after the artifact store
+      toolchain rm KEY|PROFILE / export KEY|PROFILE DIR   remove a build, copy one out (verified)
+      toolchain report PROFILE... -o report.html    gates, accuracy, speed, runtimes: HTML and Markdown
       toolchain doctor                              which backends are installed
     """
     _quiet_libraries()
@@ -194,14 +196,21 @@ def main(debug: bool) -> None:
 @click.option("--verify", is_flag=True,
               help="Re-hash every cached artifact against its manifest before using it; a corrupt one is discarded "
                    "and its stage rebuilt.")
+@click.option("--force", "force", is_flag=False, flag_value="*", default=None, metavar="[STAGE]",
+              help="Rebuild despite the cache (a suspected bad artifact): every stage, or only STAGE (e.g. "
+                   "quantize, export, export:gguf; comma-separated). The old artifact is replaced, never pulled "
+                   "from --cache.")
 def build(profile: str | None, store_dir: str | None, source: str | None, as_json: bool, quiet: bool,
-          cache: str | None, insecure: bool, verify: bool) -> None:
+          cache: str | None, insecure: bool, verify: bool, force: str | None) -> None:
     """Build PROFILE (default: the SmolLM2 INT4 demo profile): every stage that is not cached.
 
     Exit code 0 when every target is built and passed its gates, 1 when a stage or a gate failed,
     2 for bad input.
     """
     t0 = time.perf_counter()
+    if force is not None and profile is None and force != "*" and (force.endswith((".yaml", ".yml"))
+                                                                   or Path(force).is_file()):
+        profile, force = force, "*"  # `build --force PROFILE`: the flag took the profile as its STAGE
     reporter = Reporter(quiet=quiet)  # with --json, progress still goes to stderr: CI logs show the stages
     try:
         from .plan import build_plan
@@ -218,9 +227,14 @@ def build(profile: str | None, store_dir: str | None, source: str | None, as_jso
         plan = build_plan(loaded, store, reporter)
         for note in plan.notes:
             reporter.warn(note)
-        _refuse_read_only(plan, store)
+        stages = tuple(x.strip() for x in force.split(",")) if force else ()
+        known = {s.name for s in plan.stages} | {s.name.split(":")[0] for s in plan.stages} | {"*"}
+        if any(x not in known for x in stages):
+            raise InputError(f"--force {force}: no such stage; this profile's stages are "
+                             f"{', '.join(s.name for s in plan.stages)}")
+        _refuse_read_only(plan, store, rewrites=bool(stages))
         try:
-            results = execute(plan, store, reporter, remote, verify=verify)
+            results = execute(plan, store, reporter, remote, verify=verify, force=stages)
         finally:
             if remote is not None:
                 remote.close()
@@ -234,17 +248,16 @@ def build(profile: str | None, store_dir: str | None, source: str | None, as_jso
         click.echo(json.dumps(_finite(doc), indent=2))
     elif not quiet:
         _print_summary(doc)
-    failed = any(s["status"] == "failed" for s in doc["stages"])
-    sys.exit(1 if failed else 0)
+    sys.exit(doc["exit_code"])
 
 
-def _refuse_read_only(plan, store) -> None:
-    """A build that will write (a stage to build, a new ref) needs a writable store: said before any work. A
-    fully cached build writes nothing and runs on a read-only store."""
+def _refuse_read_only(plan, store, rewrites: bool = False) -> None:
+    """A build that will write (a stage to build or to force, a new ref) needs a writable store: said before any
+    work. A fully cached build writes nothing and runs on a read-only store."""
     from .checks import check_store_writable
     from .plan import ref_name, ref_record
 
-    if (any(not s.skip_reason and not store.has(s.key) for s in plan.stages)
+    if (rewrites or any(not s.skip_reason and not store.has(s.key) for s in plan.stages)
             or store.read_ref(ref_name(plan.profile.profile.name, plan.source)) != ref_record(plan)):
         check_store_writable(store.root)
 
@@ -278,7 +291,9 @@ def plan(profile: str | None, store_dir: str | None, source: str | None, as_json
             status = "cached" if reason == "cached" else "build"
         stages.append({"name": s.name, "key": s.key, "status": status, "reason": reason,
                        "inputs": {r: k[:12] for r, k in s.inputs.items()}})
+    recipe = loaded.profile.quantize.model_dump(mode="json")
     doc = {"profile": loaded.profile.name, "source": p.source.label, "notes": p.notes, "stages": stages,
+           "quantize": {"preset": loaded.preset, "recipe": recipe},
            "targets": [{"name": t.label, "format": t.format, "runtimes": p.runtimes.get(t.label, [])}
                        for t in loaded.profile.targets]}
     if as_json:
@@ -295,7 +310,11 @@ def plan(profile: str | None, store_dir: str | None, source: str | None, as_json
         colour = {"cached": "green", "build": "yellow", "skipped": "dim"}[s["status"]]
         inputs = ", ".join(f"{r}:{k}" for r, k in s["inputs"].items())
         table.add_row(s["name"], s["key"][:12], inputs, f"[{colour}]{s['status']}[/]", s["reason"])
-    console.print(table)
+    out.print(table)
+    from .presets import describe
+
+    out.print(f"[bold]quantize[/]: {describe(recipe)}"
+              + (f" (preset {loaded.preset})" if loaded.preset else ""), soft_wrap=True)
     _print_runtimes(doc["targets"])
 
 
@@ -304,14 +323,21 @@ def _print_runtimes(targets: list[dict[str, Any]]) -> None:
     from rich.markup import escape
 
     for t in targets:
-        console.print(f"[bold]{t['name']}[/] ({t['format']}): runtimes")
+        out.print(f"[bold]{t['name']}[/] ({t['format']}): runtimes")
         for v in t["runtimes"]:
             verdict = "[green]loads it[/]" if v["loads"] else "[bold red]will NOT load it[/]"
-            console.print(f"  {v['runtime']} {escape(v['version'])}: {verdict}", soft_wrap=True)
+            out.print(f"  {v['runtime']} {escape(v['version'])}: {verdict}", soft_wrap=True)
             for r in v["rules"]:
                 head = "why" if r["effect"] == "refuses" else "caveat"
-                console.print(escape(f"    {head}: {r['says']}; fix: {r['fix']} [rule {r['id']}: {r['source']}]"),
+                out.print(escape(f"    {head}: {r['says']}; fix: {r['fix']} [rule {r['id']}: {r['source']}]"),
                               soft_wrap=True)
+
+
+def _verdict(status: str, val: Any) -> str:
+    """pass / fail / skipped, whatever the cache did: a cached validation that passed is a pass."""
+    if status == "failed":
+        return "fail"
+    return "skipped" if val is None or val.status == "skipped" else "pass"
 
 
 def _document(plan, store, results, seconds: float) -> dict[str, Any]:
@@ -334,7 +360,10 @@ def _document(plan, store, results, seconds: float) -> dict[str, Any]:
             if val else None,
             "conformance": val.info.get("conformance") if val else None,
             "checked_by": (val.info.get("model_json") or {}).get("checked_by") if val else None,
-            "verdict": val.reason if val else None,  # "all gates passed", "no gates (...)", "gate failed: ..."
+            "verdict": _verdict(status, val),
+            # the gates' words ("all gates passed", "gate failed: ..."), kept in the manifest for a cached one
+            "verdict_reason": (store.manifest(val.key).get("reason", val.reason) if store.has(val.key)
+                               else val.reason) if val else "no validate stage",
             "export_fidelity": val.info.get("export_fidelity") if val else None,
             "engine": {"path": str(store.object_dir(engine.key)), "status": engine.status, "reason": engine.reason}
             if engine else None,
@@ -343,7 +372,10 @@ def _document(plan, store, results, seconds: float) -> dict[str, Any]:
             "runtimes": plan.runtimes.get(t.label, []),
             "speed": {"status": speed.status, "reason": speed.reason, **speed.info.get("speed", {})} if speed else None,
         })
+    failed = any(r.status == "failed" for r in results)
     return {
+        "ok": not failed,
+        "exit_code": 1 if failed else 0,
         "profile": plan.profile.profile.name,
         "source": plan.source.label,
         "store": str(store.root),
@@ -355,40 +387,52 @@ def _document(plan, store, results, seconds: float) -> dict[str, Any]:
     }
 
 
+def _result(stage: dict[str, Any], target: dict[str, Any] | None) -> str:
+    """The summary's result column: why a stage failed or was skipped, a validation's verdict; never why it was
+    (re)built (that is `plan`'s job)."""
+    if stage["status"] in ("failed", "skipped"):
+        return stage["reason"]
+    if target is not None and target["verdict"] in ("pass", "fail"):
+        return f"{target['verdict']}: {target['verdict_reason']}"
+    return ""
+
+
 def _print_summary(doc: dict[str, Any]) -> None:
+    from rich.markup import escape
     from rich.table import Table
 
-    table = Table(title=f"{doc['profile']}: {doc['seconds']:.2f} s")
+    table = Table(title=f"{doc['profile']}: {doc['seconds']:.2f} s, {'ok' if doc['ok'] else 'FAILED'}")
     for col in ("stage", "status", "seconds", "size", "result"):
         table.add_column(col)
     colours = {"built": "green", "cached": "cyan", "failed": "bold red", "skipped": "dim"}
+    verdicts = {f"validate:{t['name']}": t for t in doc["targets"]}
     for s in doc["stages"]:
         table.add_row(s["name"], f"[{colours[s['status']]}]{s['status']}[/]", f"{s['seconds']:.2f}",
-                      _fmt_size(s["size"]) if s["size"] else "", s["reason"] if s["status"] != "cached" else "")
-    console.print(table)
+                      _fmt_size(s["size"]) if s["size"] else "", escape(_result(s, verdicts.get(s["name"]))))
+    out.print(table)
     for t in doc["targets"]:
         v = t["validation"] or {}
-        console.print(f"[bold]{t['format']}[/]: {t['status']} -> {t['path']}")
+        out.print(f"[bold]{t['format']}[/]: {t['status']} -> {t['path']}")
         if "ppl" in v:
-            console.print(
+            out.print(
                 f"  perplexity {v['reference_ppl']:.3f} (reference) -> {v['ppl']:.3f} ({v['ppl_increase_pct']:+.2f}%),"
                 f" KL {v['kl_mean']:.4f}, top-1 agreement {v['top1_agreement']:.4f}\n"
                 f"  measured on {Path(v['dataset']).name}: {v['tokens']} tokens, seq_len {v['seq_len']}, "
                 f"stride {v['stride']}, tokenizer {v['tokenizer']}, {v['runtime']}")
         elif v:
-            console.print(f"  {v.get('reason', '')}")
-        if "ppl" in v and t.get("verdict"):
-            console.print(f"  {t['verdict']}")
+            out.print(f"  {v.get('reason', '')}")
+        if "ppl" in v:
+            out.print(f"  {t['verdict']}: {t['verdict_reason']}")
         if t.get("checked_by"):
-            console.print(f"  model.json checked by {t['checked_by']}")
+            out.print(f"  model.json checked by {t['checked_by']}")
         if t["runtimes"]:
             from .runtimes.rules import summary
 
-            console.print(f"  runtimes: {summary(t['runtimes'])}")
+            out.print(f"  runtimes: {summary(t['runtimes'])}")
         if t.get("speed"):
             _print_speed(t["speed"])
     for note in doc["notes"]:
-        console.print(f"[bold yellow]{note}[/]")
+        out.print(f"[bold yellow]{note}[/]")
 
 
 def _resolve_push(target: str, store, to: str, label: str | None):
@@ -499,44 +543,70 @@ def pull(reference: str, directory: str, insecure: bool, as_json: bool, quiet: b
 
 def _print_speed(sp: dict[str, Any]) -> None:
     if "per_batch" not in sp:
-        console.print(f"  speed: {sp['status']}: {sp['reason']}")
+        out.print(f"  speed: {sp['status']}: {sp['reason']}")
         return
     card = sp["card"]
-    console.print(f"  speed ({sp['status']}) by {sp['runtime']} {sp.get('runtime_version') or ''} on {card['name']}"
+    out.print(f"  speed ({sp['status']}) by {sp['runtime']} {sp.get('runtime_version') or ''} on {card['name']}"
                   f" (driver {card.get('driver', '?')}), copy bandwidth {sp['copy_bandwidth_gbs']:.0f} GB/s:")
     for b in sp["per_batch"]:
         if b.get("skipped"):
-            console.print(f"    batch {b['batch_size']:>3}: {b['skipped']}")
+            out.print(f"    batch {b['batch_size']:>3}: {b['skipped']}")
             continue
         ratio = b.get("bandwidth_ratio")
-        console.print(
+        out.print(
             f"    batch {b['batch_size']:>3}: TTFT {b['ttft_ms']:.1f} ms, prefill {b['prefill_tok_s']:.0f} tok/s, "
             f"decode {b['decode_tok_s']:.1f} tok/s, ITL p50 {b['itl_ms_p50']:.2f} / p99 {b['itl_ms_p99']:.2f} ms"
             + (f", {b['effective_bandwidth_gbs']:.0f} GB/s ({100 * ratio:.0f}% of copy)" if ratio else ""))
     if sp["status"] == "failed":
-        console.print(f"  [bold red]{sp['reason']}[/]")
+        out.print(f"  [bold red]{sp['reason']}[/]")
 
 
 @main.command(name="ls")
 @click.option("--store", "store_dir", help=STORE_HELP)
-@click.option("--json", "as_json", is_flag=True)
-def ls_cmd(store_dir: str | None, as_json: bool) -> None:
-    """List the artifacts in the store."""
+@click.option("--all", "show_all", is_flag=True, help="List every stage artifact (key, stage, status) instead.")
+@click.option("--profile", "profile_name", help="Only this profile's builds (its `name:`).")
+@click.option("--format", "fmt", help="Only targets of this format (or target name), e.g. gguf.")
+@click.option("--failed", is_flag=True, help="Only targets that failed a gate or are incomplete.")
+@click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON on stdout.")
+def ls_cmd(store_dir: str | None, show_all: bool, profile_name: str | None, fmt: str | None, failed: bool,
+           as_json: bool) -> None:
+    """List the builds in the store: per profile and target its format, status (pass / failed / incomplete /
+    built), size, artifact path and age. --all lists the stage artifacts they are made of."""
     from rich.table import Table
 
+    from .listing import builds, filter_builds, fmt_age, stage_rows
+
     store = _store(store_dir)
-    rows = [{"key": m["key"], "stage": m["stage"], "status": m.get("status", "ok"), "profile": m.get("profile"),
-             "size": m.get("size", 0), "seconds": m.get("seconds")} for m in store.ls()]
+    if show_all:
+        rows = stage_rows(store)
+        if profile_name:
+            rows = [r for r in rows if r["profile"] == profile_name]
+        if failed:
+            rows = [r for r in rows if r["status"] == "failed"]
+        if as_json:
+            click.echo(json.dumps(rows, indent=2))
+            return
+        table = Table(title=f"{len(rows)} artifacts in {store.root}")
+        for col in ("key", "stage", "status", "profile", "size", "seconds"):
+            table.add_column(col)
+        for r in rows:
+            table.add_row(r["key"][:12], r["stage"], r["status"], r["profile"] or "", _fmt_size(r["size"]),
+                          f"{r['seconds']:.1f}" if r["seconds"] is not None else "")
+        out.print(table)
+        return
+    rows = filter_builds(builds(store), profile_name, fmt, failed)
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
-    table = Table(title=f"{len(rows)} artifacts in {store.root}")
-    for col in ("key", "stage", "status", "profile", "size", "seconds"):
-        table.add_column(col)
+    table = Table(title=f"{len(rows)} builds in {store.root}")
+    for col in ("profile", "target", "format", "status", "size", "path", "age"):
+        table.add_column(col, overflow="fold")
+    colours = {"pass": "green", "built": "green", "failed": "bold red", "incomplete": "yellow"}
     for r in rows:
-        table.add_row(r["key"][:12], r["stage"], r["status"], r["profile"] or "", _fmt_size(r["size"]),
-                      f"{r['seconds']:.1f}" if r["seconds"] is not None else "")
-    console.print(table)
+        name = r["profile"] + (" (synthetic)" if r["source"].startswith("synthetic") else "")
+        table.add_row(name, r["target"], r["format"], f"[{colours[r['status']]}]{r['status']}[/]",
+                      _fmt_size(r["size"]) if r["path"] else "", r["path"] or "", fmt_age(r["age_seconds"]))
+    out.print(table)
 
 
 @main.command()
@@ -544,17 +614,129 @@ def ls_cmd(store_dir: str | None, as_json: bool) -> None:
 @click.option("--store", "store_dir", help=STORE_HELP)
 def inspect(target: str, store_dir: str | None) -> None:
     """Print the manifest of an artifact: TARGET is a key (or a unique prefix) or an artifact directory."""
+    from .listing import find_key
+
     path = Path(target)
     if (path / "manifest.json").is_file():
         click.echo((path / "manifest.json").read_text())
         return
     store = _store(store_dir)
     try:
-        key = store.find(target)
-    except KeyError as e:
-        click.echo(f"error: {e.args[0]}", err=True)
-        sys.exit(2)
+        key = find_key(store, target)
+    except ToolchainError as e:
+        _fail(e, False)
+        return
     click.echo((store.object_dir(key) / "manifest.json").read_text())
+
+
+@main.command(name="rm")
+@click.argument("target", metavar="KEY|PROFILE")
+@click.option("--store", "store_dir", help=STORE_HELP)
+@click.option("--force", is_flag=True,
+              help="Remove an artifact that a profile's last build records (a gc root); that build then "
+                   "rebuilds it.")
+@click.option("--dry-run", is_flag=True, help="Only list what would be removed.")
+@click.option("--json", "as_json", is_flag=True, help="Print what was removed as JSON on stdout.")
+def rm_cmd(target: str, store_dir: str | None, force: bool, dry_run: bool, as_json: bool) -> None:
+    """Remove a build or an artifact from the store.
+
+    \b
+    PROFILE (a YAML or a profile name): its build record and the artifacts only it reaches; what other
+    profiles share (e.g. the source) stays.
+    KEY (or a unique prefix): that artifact; refused for one a profile's last build records, unless --force.
+    Waits for running builds (the store's lock, as gc). Exit 2 for an unknown or ambiguous TARGET.
+    """
+    from .verbs import remove
+
+    store = _store(store_dir)
+    try:
+        removed = remove(store, target, force=force, dry_run=dry_run,
+                         on_wait=lambda: console.print("a build is running on this store; rm waits for it"))
+    except ToolchainError as e:
+        _fail(e, as_json)
+        return
+    if as_json:
+        click.echo(json.dumps({"dry_run": dry_run, "removed": removed}, indent=2))
+        return
+    verb = "would remove" if dry_run else "removed"
+    for r in removed:
+        out.print(f"{verb} build record {r['ref']}" if "ref" in r
+                  else f"{verb} {r['key'][:12]} {r['stage']} ({_fmt_size(r['size'])})")
+    arts = [r for r in removed if "key" in r]
+    out.print(f"{verb} {len(arts)} artifacts, {_fmt_size(sum(r['size'] for r in arts))}")
+
+
+@main.command(name="export")
+@click.argument("target", metavar="KEY|PROFILE")
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.option("--store", "store_dir", help=STORE_HELP)
+@click.option("--copy", is_flag=True,
+              help="Copy every file. By default files are hard-linked where the file system allows (no space "
+                   "used; editing an exported file in place would then edit the store's copy).")
+@click.option("--json", "as_json", is_flag=True, help="Print what was written as JSON on stdout.")
+def export_cmd(target: str, directory: str, store_dir: str | None, copy: bool, as_json: bool) -> None:
+    """Copy an artifact out of the store into DIRECTORY (new or empty), each file verified by its sha256.
+
+    KEY (or a unique prefix): that artifact's files. PROFILE: the exported checkpoint of each target of its
+    last build (in DIRECTORY/<target> when there are several). The manifest comes along as
+    toolchain-manifest.json. Exit 1 if a file does not match its manifest, 2 for bad input.
+    """
+    from .verbs import export
+
+    try:
+        docs = export(_store(store_dir), target, directory, copy=copy)
+    except ToolchainError as e:
+        _fail(e, as_json)
+        return
+    if as_json:
+        click.echo(json.dumps(docs, indent=2))
+        return
+    for d in docs:
+        out.print(f"exported {d['key'][:12]} {d['stage']} -> {d['dir']} ({d['files']} files, "
+                  f"{_fmt_size(d['size'])}, {d['linked']} hard-linked, {d['copied']} copied, sha256 verified)")
+
+
+@main.command()
+@click.argument("profiles", nargs=-1, metavar="[PROFILE]...")
+@click.option("--store", "store_dir", help=STORE_HELP)
+@click.option("-o", "--output", "html_path", metavar="FILE.html",
+              help="Write the HTML report here [default report.html unless only --markdown or --json is given].")
+@click.option("--markdown", "md_path", metavar="FILE.md",
+              help="Also write the report as Markdown (`-` for stdout), e.g. for $GITHUB_STEP_SUMMARY.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report's data as JSON on stdout instead.")
+def report(profiles: tuple[str, ...], store_dir: str | None, html_path: str | None, md_path: str | None,
+           as_json: bool) -> None:
+    """Report builds from the store: one self-contained HTML file (inline SVG charts, opens offline) and/or
+    Markdown with the same content.
+
+    \b
+    PROFILE: YAML files or profile names (default: every build in the store), side by side in one table and
+    one chart. Per build: each target's gates with values and thresholds, perplexity / KL / top-1 against the
+    reference, per-layer weight error where recorded, speed per batch size with the bandwidth roofline, which
+    runtimes load each artifact and why not, and the provenance (keys, versions, card, dataset protocol).
+    """
+    from .report import collect
+    from .report import html as html_report
+    from .report import markdown as md_report
+
+    try:
+        doc = collect(_store(store_dir), list(profiles) or None)
+    except ToolchainError as e:
+        _fail(e, as_json)
+        return
+    if as_json:
+        click.echo(json.dumps(_finite(doc), indent=2))
+        return
+    if md_path == "-":
+        click.echo(md_report.render(doc), nl=False)
+    elif md_path:
+        Path(md_path).write_text(md_report.render(doc))
+        out.print(f"wrote {md_path}", soft_wrap=True)
+    if html_path or not md_path:
+        html_path = html_path or "report.html"
+        Path(html_path).write_text(html_report.render(doc))
+        if md_path != "-":
+            out.print(f"wrote {html_path}", soft_wrap=True)
 
 
 @main.command()
@@ -578,8 +760,8 @@ def gc(store_dir: str | None, dry_run: bool, as_json: bool) -> None:
         return
     verb = "would remove" if dry_run else "removed"
     for r in removed:
-        console.print(f"{verb} {r['key'][:12]} {r['stage']} ({_fmt_size(r['size'])})")
-    console.print(f"{verb} {len(removed)} entries, {_fmt_size(sum(r['size'] for r in removed))}")
+        out.print(f"{verb} {r['key'][:12]} {r['stage']} ({_fmt_size(r['size'])})")
+    out.print(f"{verb} {len(removed)} entries, {_fmt_size(sum(r['size'] for r in removed))}")
 
 
 @main.command(name="verify")
@@ -627,7 +809,7 @@ def doctor(as_json: bool) -> None:
         table.add_column(col)
     for r in rows:
         table.add_row(r["name"], "[green]found[/]" if r["found"] else "[yellow]missing[/]", r["detail"])
-    console.print(table)
+    out.print(table)
 
 
 if __name__ == "__main__":

@@ -228,14 +228,19 @@ class LoadedProfile(BaseModel):
     profile: Profile
     path: Path | None
     base_dir: Path
+    # The directory of the file that wrote each path value (an `extends:` base's paths are its own): value -> dir
+    origins: dict[str, Path] = {}
+    preset: str | None = None  # quantize.preset, expanded (toolchain.presets)
 
     def resolve(self, p: str) -> Path:
-        """Resolve a path from the profile: `${VAR:-default}` expansion, `pkg://package/file`, then relative."""
+        """Resolve a path from the profile: `${VAR:-default}` expansion, `pkg://package/file`, then relative to
+        the file that wrote it."""
+        base_dir = self.origins.get(p, self.base_dir)
         p = expand_vars(p)
         if p.startswith("pkg://"):
             return package_file(p[len("pkg://") :])
         path = Path(p).expanduser()
-        return path if path.is_absolute() else (self.base_dir / path).resolve()
+        return path if path.is_absolute() else (base_dir / path).resolve()
 
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -366,19 +371,51 @@ def _format_errors(path: Path | str, err: ValidationError) -> str:
     return "\n".join(lines)
 
 
+# Fields that hold paths: each resolves against the directory of the file that wrote it.
+PATH_FIELDS = (("source", "path"), ("validate", "accuracy", "dataset"), ("quantize", "calibration", "dataset"))
+
+
+def _origins(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Path]:
+    """value -> directory of the last file in the `extends:` chain that wrote it (the base first, then over it)."""
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return {}
+    if not isinstance(data, dict) or path in chain:
+        return {}
+    out: dict[str, Path] = {}
+    base = data.get("extends")
+    if isinstance(base, str):
+        bp = Path(expand_vars(base))
+        out.update(_origins(bp if bp.is_absolute() else (path.parent / bp).resolve(), (*chain, path)))
+    for fields in PATH_FIELDS:
+        node: Any = data
+        for f in fields:
+            node = node.get(f) if isinstance(node, dict) else None
+        if isinstance(node, str):
+            out[node] = path.parent
+    return out
+
+
 def load(path: str | Path) -> LoadedProfile:
     path = Path(path).resolve()
     data = _read_yaml(path)
-    return from_dict(data, path)
+    return from_dict(data, path, origins=_origins(path))
 
 
-def from_dict(data: dict, path: Path | None = None, base_dir: Path | None = None) -> LoadedProfile:
+def from_dict(data: dict, path: Path | None = None, base_dir: Path | None = None,
+              origins: dict[str, Path] | None = None) -> LoadedProfile:
+    from .presets import expand
+
+    quantize, preset = expand(data.get("quantize"))
+    if preset is not None:
+        data = {**data, "quantize": quantize}
     try:
         profile = Profile.model_validate(data)
     except ValidationError as e:
         raise InputError(_format_errors(path or "<profile>", e)) from None
     base = base_dir or (path.parent if path else Path.cwd())
-    return LoadedProfile(profile=profile, path=path, base_dir=base)
+    return LoadedProfile(profile=profile, path=path, base_dir=base, origins=origins or {}, preset=preset)
 
 
 def default_profile_path() -> Path:

@@ -75,7 +75,7 @@ def _stored_result(stage: Stage, store: Store, t0: float, reason: str) -> StageR
 
 
 def _run_stage(stage: Stage, plan: Plan, store: Store, reporter: Reporter, previous: dict | None,
-               remote: Any = None, verify: bool = False) -> StageResult:
+               remote: Any = None, verify: bool = False, forced: bool = False) -> StageResult:
     t0 = time.perf_counter()
     if stage.skip_reason:
         return StageResult(stage.name, stage.key, "skipped", 0.0, stage.skip_reason)
@@ -86,7 +86,7 @@ def _run_stage(stage: Stage, plan: Plan, store: Store, reporter: Reporter, previ
         # (atomically, under its lock) and the stage builds again below.
         if not verify or intact(store, stage.key, reporter.warn):
             return _stored_result(stage, store, t0, "cached, verified" if verify else "cached")
-    reason = explain(stage, previous, store)
+    reason = "forced (--force)" if forced else explain(stage, previous, store)
 
     def waiting() -> None:
         reporter.info(f"  {stage.name}: another build holds {stage.key[:12]}; waiting for it")
@@ -103,9 +103,8 @@ def _run_stage(stage: Stage, plan: Plan, store: Store, reporter: Reporter, previ
             input_manifests={r: store.manifest(k) for r, k in stage.inputs.items() if store.has(k)},
             reporter=reporter, model_config=plan.model_config, profile_name=plan.profile.profile.name, store=store,
         )
-        reporter.info(f"[bold]{stage.name}[/] ({reason})")
         try:
-            with PeakRSS() as rss:
+            with reporter.running(stage.name, reason), PeakRSS() as rss:
                 info = load_entry(stage.code.runner)(ctx) or {}
         except BaseException:
             import shutil
@@ -127,8 +126,33 @@ def _run_stage(stage: Stage, plan: Plan, store: Store, reporter: Reporter, previ
                        manifest["reason"], manifest["size"], info)
 
 
+def _announced(stages: list[Stage], results: list[StageResult], reporter: Reporter) -> Any:
+    """Yields each stage; once the loop body has run for it (whatever path it took), prints its end line."""
+    for stage in stages:
+        before = len(results)
+        yield stage
+        for r in results[before:]:
+            reporter.finished(r.name, r.status, r.seconds, r.reason if r.status in ("failed", "skipped") else "")
+
+
+def forced(stages: list[Stage], force: tuple[str, ...]) -> set[str]:
+    """`build --force [STAGE]`: "*" is every stage; `export` is every export:*; else the stage's own name."""
+    return {s.name for s in stages if "*" in force or s.name in force or s.name.split(":")[0] in force}
+
+
+def _evict(store: Store, key: str) -> None:
+    """Take a finished artifact out of the store (under its lock) so that the stage runs again."""
+    import shutil
+
+    with store.lock(key):
+        if store.has(key):
+            doomed = store.object_dir(key).with_name(f".gc-{key}-{time.time_ns()}")
+            os.rename(store.object_dir(key), doomed)
+            shutil.rmtree(doomed)
+
+
 def execute(plan: Plan, store: Store, reporter: Reporter, remote: Any = None,
-            verify: bool = False) -> list[StageResult]:
+            verify: bool = False, force: tuple[str, ...] = ()) -> list[StageResult]:
     """Run every stage in order. A failing shared stage (source, quantize, reference) stops the build; a
     failing target stage fails that target only (the stages that take it as input or run after it are skipped)
     and the others go on."""
@@ -136,10 +160,15 @@ def execute(plan: Plan, store: Store, reporter: Reporter, remote: Any = None,
         reporter.info("  `toolchain gc` is running on this store; waiting for it")
 
     with store.building(on_wait=waiting):
-        return _execute(plan, store, reporter, remote, verify)
+        rebuild = forced(plan.stages, force)
+        for stage in plan.stages:
+            if stage.name in rebuild and not stage.skip_reason:
+                _evict(store, stage.key)
+        return _execute(plan, store, reporter, remote, verify, rebuild)
 
 
-def _execute(plan: Plan, store: Store, reporter: Reporter, remote: Any, verify: bool = False) -> list[StageResult]:
+def _execute(plan: Plan, store: Store, reporter: Reporter, remote: Any, verify: bool = False,
+             rebuild: set[str] = frozenset()) -> list[StageResult]:
     ref = ref_name(plan.profile.profile.name, plan.source)
     previous = {s["name"]: s for s in (store.read_ref(ref) or {}).get("stages", [])}
     # The roots first: what this build commits is reachable from its first stage on, even if it is killed; the
@@ -149,7 +178,7 @@ def _execute(plan: Plan, store: Store, reporter: Reporter, remote: Any, verify: 
     results: list[StageResult] = []
     names = {s.key: s.name for s in plan.stages}
     blocked: dict[str, str] = {}  # stage name -> why the stages after it do not run (it failed or was skipped)
-    for stage in plan.stages:
+    for stage in _announced(plan.stages, results, reporter):
         upstream = [names[k] for k in stage.inputs.values() if k in names] + list(stage.after)
         why = next((blocked[n] for n in upstream if n in blocked), None)
         if why is not None:
@@ -158,7 +187,9 @@ def _execute(plan: Plan, store: Store, reporter: Reporter, remote: Any, verify: 
             continue
         target = stage.target
         try:
-            results.append(_run_stage(stage, plan, store, reporter, previous.get(stage.name), remote, verify))
+            results.append(_run_stage(stage, plan, store, reporter, previous.get(stage.name),
+                                      None if stage.name in rebuild else remote,  # --force: not from the cache
+                                      verify, stage.name in rebuild))
             if remote is not None and store.has(stage.key):  # built now, or before the cache was configured:
                 remote.push(stage.key, store)  # shared unless the registry has it (one HEAD)
             if target is not None and results[-1].status == "failed":  # a failed gate stops what follows it

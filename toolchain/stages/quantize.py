@@ -43,6 +43,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     names = reader.keys()
     writer = None
     n_quantized = 0
+    errors = []
     with ctx.reporter.task(f"quantize {q['method']}", total=len(names)) as task:
         for name in names:
             t = reader.get(name)
@@ -53,14 +54,16 @@ def run(ctx: StageContext) -> dict[str, Any]:
                 writer = IRWriter(ctx.out, scheme)
             if name in targets:
                 task.describe(f"quantize {q['method']} {targets[name]}")
-                writer.add_quantized(targets[name], _to_cpu(method.tensor(t.to(device), q, scale_dtype)))
+                ql = _to_cpu(method.tensor(t.to(device), q, scale_dtype))
+                writer.add_quantized(targets[name], ql)
+                errors.append(layer_error(targets[name], t, ql))
                 n_quantized += 1
             else:
                 writer.add_plain(name, t)
             task.advance()
     kv = add_kv_scales(ctx, src_dir, writer)
     writer.close(src_dir)
-    return {"quantized_layers": n_quantized, "plain_tensors": len(names) - n_quantized, **kv}
+    return {"quantized_layers": n_quantized, "plain_tensors": len(names) - n_quantized, "layer_errors": errors, **kv}
 
 
 def add_kv_scales(ctx: StageContext, src_dir, writer: IRWriter) -> dict[str, Any]:
@@ -82,6 +85,13 @@ def add_kv_scales(ctx: StageContext, src_dir, writer: IRWriter) -> dict[str, Any
         writer.add_plain(name, t)
     return {"kv_cache": {"scales": "calibrated", "how": kv_cache.KV_CALIBRATION,
                          "samples": f"{spec.samples} x {spec.seq_len} ({info.get('sampling', '')})"}}
+
+
+def layer_error(name: str, w: torch.Tensor, q: Any) -> dict[str, Any]:
+    """||W - dequant(Q)|| / ||W|| of one layer, from the bytes written (the report charts the largest)."""
+    w = w.to(torch.float32)
+    diff = q.dequantize(torch.float32).reshape(w.shape) - w
+    return {"layer": name, "rel_err": float(diff.norm() / w.norm().clamp_min(1e-30))}
 
 
 def _to_cpu(q):

@@ -15,16 +15,21 @@ TARGET_STAGES = ("export", "engine", "validate", "speed", "publish")
 
 
 def refs(store: Store) -> list[tuple[str, dict[str, Any]]]:
-    """(ref name, record) for every profile built in this store, by name."""
+    """(ref name, record) for every profile built in this store, by name: its latest attempt, i.e. the pending
+    record of a build that failed (or runs) where there is one, else the last successful build's."""
     out = []
     root = store.root / "refs"
-    for path in sorted(root.glob("*.json")) if root.is_dir() else []:
-        try:
-            record = json.loads(path.read_text())
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict) and isinstance(record.get("stages"), list):
-            out.append((path.stem, record))
+    names = sorted({p.name.rsplit(".", 1)[0] for pat in ("*.json", "*.pending") for p in root.glob(pat)}
+                   if root.is_dir() else [])
+    for name in names:
+        for path in (store.pending_ref_path(name), store.ref_path(name)):
+            try:
+                record = json.loads(path.read_text())
+            except (FileNotFoundError, json.JSONDecodeError):
+                continue
+            if isinstance(record, dict) and isinstance(record.get("stages"), list):
+                out.append((name, record))
+                break
     return out
 
 

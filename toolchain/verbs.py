@@ -48,7 +48,8 @@ def remove(store: Store, target: str, force: bool = False, dry_run: bool = False
         names = profile_refs(store, target)
         if names:
             before = store.reachable()
-            roots = {n: store.ref_path(n) for n in names}
+            roots = {(n, kind): path for n in names for kind, path in
+                     (("ref", store.ref_path(n)), ("pending", store.pending_ref_path(n))) if path.exists()}
             kept = {p: p.read_bytes() for p in roots.values()}
             for p in roots.values():
                 p.unlink()

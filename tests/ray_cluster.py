@@ -84,8 +84,8 @@ class RayCluster:
 
     def alive(self) -> int:
         """Nodes the cluster counts alive (asked through `ray status`-free means: a tiny driver)."""
-        code = ("import ray, json; ray.init(address=%r, logging_level='ERROR', log_to_driver=False); "
-                "print(json.dumps(sum(n['Alive'] for n in ray.nodes())))" % self.address)
+        code = (f"import ray, json; ray.init(address={self.address!r}, logging_level='ERROR', log_to_driver=False); "
+                "print(json.dumps(sum(n['Alive'] for n in ray.nodes())))")
         try:
             r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
                                env=self.env())

@@ -69,7 +69,12 @@ def _plan_variant(v, store, reporter):
     from .matrix import place_card
     from .plan import build_plan
 
-    plan = build_plan(v.loaded, store, reporter)
+    try:
+        plan = build_plan(v.loaded, store, reporter)
+    except InputError as e:
+        if not v.axes:
+            raise
+        raise InputError(f"matrix variant {v.name}: {e}") from None
     place_card(plan, v.card)
     return plan
 

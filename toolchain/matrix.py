@@ -110,7 +110,9 @@ def expand(path: str | Path) -> list[Variant]:
         try:
             loaded = prof.from_dict(vdata, path)
         except InputError as e:
-            axis = next((p for p in paths if p != CARD and f"  {p}:" in str(e)), None)
+            locs = [line.strip().split(":", 1)[0] for line in str(e).splitlines()[1:]]
+            axis = next((p for p in paths for loc in locs if p != CARD
+                         and (loc == p or p.startswith(loc + ".") or loc.startswith(p + "."))), None)
             at = f"{where}.{axis}" if axis else where
             detail = str(e).split("\n", 1)[-1].strip()
             raise InputError(f"{at}: variant {name} is not a valid profile: {detail}") from None

@@ -55,6 +55,9 @@ def test_local_matrix_build_builds_shared_stages_once(tmp_path):
     assert r.returncode == 0, r.stderr
     doc = json.loads(r.stdout)
     assert len(doc["variants"]) == 4 and doc["failures"] == []
+    from test_build_schema import validate  # the matrix document is the schema's `matrix`
+
+    validate(doc)
     source = [next(s for s in v["stages"] if s["name"] == "source") for v in doc["variants"]]
     assert [s["status"] for s in source] == ["built", "cached", "cached", "cached"]
     quant = [next(s for s in v["stages"] if s["name"] == "quantize")["status"] for v in doc["variants"]]

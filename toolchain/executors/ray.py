@@ -18,9 +18,11 @@ registry tag of a stage is written after all its blobs.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -183,7 +185,10 @@ def execute(plans: list[Plan], store: Store, reporter: Reporter, cache: str | No
             raise InputError(f"--address {address}: no Ray cluster to join ({e}); start one with `ray start --head` "
                              "or give its address, e.g. --address ray://HOST:10001") from None
         try:
-            done = _schedule(ray, nodes, store, reporter, cache, insecure, max_retries, remote)
+            # Ray's driver prints retry notices ("(raylet) Task ... failed") from a thread on sys.stdout: stdout is
+            # --json's, so they go to stderr with the progress.
+            with contextlib.redirect_stdout(sys.stderr):
+                done = _schedule(ray, nodes, store, reporter, cache, insecure, max_retries, remote)
         finally:
             ray.shutdown()
     return [[done[s.key] for s in plan.stages] for plan in plans]

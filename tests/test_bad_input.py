@@ -765,3 +765,28 @@ def test_bad_preset(cli, tmp_path, preset, text):
 def test_preset_with_a_conflicting_field(cli, tmp_path):
     data = tiny_profile(quantize={"preset": "W4A16", "group_size": 64})
     check_exit2(cli, tmp_path, write_profile(tmp_path, data), "quantize.group_size: 64 conflicts with preset W4A16")
+
+
+# -- matrix: (toolchain/matrix.py): each bad axis exits 2 naming `matrix.<axis>` -----------------------------------
+@pytest.mark.parametrize("matrix,expected", [
+    ({"group_size": []}, ("matrix.group_size", "non-empty list")),
+    ({"group_size": 64}, ("matrix.group_size", "non-empty list")),
+    ({"quantize.group_sise": [32, 64]}, ("matrix.quantize.group_sise", "unknown key")),
+    ({"source.path.x": [1]}, ("matrix.source.path.x", "valid string")),
+    ({"bits": [4, 99]}, ("matrix.quantize.bits", "tiny@bits=99")),
+    ({"group_size": [32, float("nan")]}, ("matrix.quantize.group_size", "group_size=nan")),
+    ({"group_size": [32, "x"]}, ("matrix.quantize.group_size", "group_size=x")),
+    ({"card": ["H100", "H 200"]}, ("matrix.card", "card types")),
+    ({"name.x": [1]}, ("matrix.name.x", "does not name a profile field")),
+    ({"group_size": [32, 32]}, ("matrix.group_size", "appears twice")),
+    ({"group_size": [{"a": 1}]}, ("matrix.group_size", "scalars")),
+    ([1, 2], ("matrix", "a mapping of axis")),
+])
+def test_bad_matrix_names_its_axis(cli, tmp_path, matrix, expected):
+    check_exit2(cli, tmp_path, write_profile(tmp_path, tiny_profile(matrix=matrix)), *expected)
+
+
+def test_group_size_axis_checked_against_every_layer(cli, tmp_path):
+    """A variant the planner refuses (group size 96 divides no llama-tiny layer) stops the build before any work."""
+    check_exit2(cli, tmp_path, write_profile(tmp_path, tiny_profile(matrix={"group_size": [32, 96]})),
+                "variant tiny@group_size=96", "quantize.group_size: 96")

@@ -32,10 +32,10 @@ def _store(path: str | None):
     return store
 
 
-def _load_profile(profile: str | None, source: str | None):
+def _load_profile(profile: str | None, source: str | None, loaded=None):
     from . import profile as prof
 
-    loaded = prof.load(profile or prof.default_profile_path())
+    loaded = loaded or prof.load(profile or prof.default_profile_path())
     if source is None:
         return loaded
     data = loaded.profile.model_dump(mode="json", by_alias=True, exclude_unset=True)
@@ -48,6 +48,40 @@ def _load_profile(profile: str | None, source: str | None):
     else:
         data["source"] = {"path": str(Path(source).resolve())}
     return prof.from_dict(data, loaded.path, loaded.base_dir, loaded.origins)
+
+
+def _load_variants(profiles: tuple[str, ...], source: str | None) -> list:
+    """Every variant of every PROFILE (toolchain.matrix: a profile with `matrix:` expands to several)."""
+    from . import matrix
+    from . import profile as prof
+
+    out = []
+    for path in profiles or (str(prof.default_profile_path()),):
+        for v in matrix.expand(path):
+            if source is not None:
+                named = v.loaded.profile.model_copy(update={"name": v.loaded.profile.name.partition("@")[0]})
+                loaded = _load_profile(None, source, v.loaded.model_copy(update={"profile": named}))
+                v.loaded = loaded.model_copy(update={"profile": loaded.profile.model_copy(update={"name": v.name})})
+            out.append(v)
+    names = [v.name for v in out]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise InputError(f"profile {dup[0]} is given twice (two PROFILEs of one name); give each a distinct `name:`")
+    return out
+
+
+def _plan_variant(v, store, reporter):
+    from .matrix import place_card
+    from .plan import build_plan
+
+    try:
+        plan = build_plan(v.loaded, store, reporter)
+    except InputError as e:
+        if not v.axes:
+            raise
+        raise InputError(f"matrix variant {v.name}: {e}") from None
+    place_card(plan, v.card)
+    return plan
 
 
 def _fail(e: ToolchainError, as_json: bool) -> None:
@@ -182,7 +216,7 @@ def main(debug: bool) -> None:
 
 
 @main.command()
-@click.argument("profile", required=False)
+@click.argument("profiles", nargs=-1)
 @click.option("--store", "store_dir", help=STORE_HELP)
 @click.option("--source",
               help="Override the source: a path, `synthetic` (the profile's source.arch) or synthetic:ARCH.")
@@ -200,23 +234,36 @@ def main(debug: bool) -> None:
               help="Rebuild despite the cache (a suspected bad artifact): every stage, or only STAGE (e.g. "
                    "quantize, export, export:gguf; comma-separated). The old artifact is replaced, never pulled "
                    "from --cache.")
-def build(profile: str | None, store_dir: str | None, source: str | None, as_json: bool, quiet: bool,
-          cache: str | None, insecure: bool, verify: bool, force: str | None) -> None:
-    """Build PROFILE (default: the SmolLM2 INT4 demo profile): every stage that is not cached.
+@click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="local: here, stage after stage. ray: every variant's stages as tasks on a Ray cluster (pip "
+                   "install 'toolchain[ray]'); workers share artifacts through --cache, else the store must be a "
+                   "filesystem every node mounts at the same path.")
+@click.option("--address", default="auto", show_default=True, metavar="auto|HOST:PORT|ray://HOST:PORT",
+              help="The Ray cluster to run on (--executor ray).")
+@click.option("--max-retries", type=click.IntRange(0, 100), default=2, show_default=True,
+              help="With --executor ray: times a stage is retried when its worker dies or it raises.")
+def build(profiles: tuple[str, ...], store_dir: str | None, source: str | None, as_json: bool, quiet: bool,
+          cache: str | None, insecure: bool, verify: bool, force: str | None, executor: str, address: str,
+          max_retries: int) -> None:
+    """Build PROFILE... (default: the SmolLM2 INT4 demo profile): every stage that is not cached, of every variant
+    of a profile with `matrix:` (a stage the variants share is built once).
 
     Exit code 0 when every target is built and passed its gates, 1 when a stage or a gate failed,
-    2 for bad input.
+    2 for bad input, 130 when interrupted.
     """
     t0 = time.perf_counter()
-    if force is not None and profile is None and force != "*" and (force.endswith((".yaml", ".yml"))
-                                                                   or Path(force).is_file()):
-        profile, force = force, "*"  # `build --force PROFILE`: the flag took the profile as its STAGE
+    if force is not None and not profiles and force != "*" and (force.endswith((".yaml", ".yml"))
+                                                                or Path(force).is_file()):
+        profiles, force = (force,), "*"  # `build --force PROFILE`: the flag took the profile as its STAGE
     reporter = Reporter(quiet=quiet)  # with --json, progress still goes to stderr: CI logs show the stages
     try:
-        from .plan import build_plan
-        from .run import execute
+        from .executors import execute_all
 
-        loaded = _load_profile(profile, source)
+        if executor == "ray":
+            from .executors.ray import ray_module
+
+            ray_module()  # not installed: exit 2 before any work
+        variants = _load_variants(profiles, source)
         store = _store(store_dir)
         remote = None
         cache = cache or os.environ.get("TOOLCHAIN_CACHE")
@@ -224,31 +271,49 @@ def build(profile: str | None, store_dir: str | None, source: str | None, as_jso
             from .registry.cache import RemoteCache
 
             remote = RemoteCache(cache, insecure=insecure, reporter=reporter)
-        plan = build_plan(loaded, store, reporter)
-        for note in plan.notes:
-            reporter.warn(note)
+        plans = [_plan_variant(v, store, reporter) for v in variants]
+        for plan in plans:
+            for note in plan.notes:
+                reporter.warn(note)
         stages = tuple(x.strip() for x in force.split(",")) if force else ()
-        known = {s.name for s in plan.stages} | {s.name.split(":")[0] for s in plan.stages} | {"*"}
-        if any(x not in known for x in stages):
+        known = {s.name for p in plans for s in p.stages} | {s.name.split(":")[0] for p in plans for s in p.stages}
+        if any(x not in known | {"*"} for x in stages):
             raise InputError(f"--force {force}: no such stage; this profile's stages are "
-                             f"{', '.join(s.name for s in plan.stages)}")
-        _refuse_read_only(plan, store, rewrites=bool(stages))
+                             f"{', '.join(dict.fromkeys(s.name for p in plans for s in p.stages))}")
+        if executor == "ray" and (verify or stages):
+            raise InputError("--verify and --force run with --executor local only (the cluster's workers share "
+                             "artifacts through --cache, which verifies every pull already)")
+        for plan in plans:
+            _refuse_read_only(plan, store, rewrites=bool(stages))
         try:
-            results = execute(plan, store, reporter, remote, verify=verify, force=stages)
+            per_plan = execute_all(plans, store, reporter, executor, remote=remote, cache=cache, insecure=insecure,
+                                   address=address, max_retries=max_retries, verify=verify, force=stages)
         finally:
             if remote is not None:
                 remote.close()
     except ToolchainError as e:
         _fail(e, as_json)
         return
-    doc = _document(plan, store, results, time.perf_counter() - t0)
+    except KeyboardInterrupt:
+        click.echo("error: interrupted; every store holds only finished artifacts (run build again to go on)",
+                   err=True)
+        sys.exit(130)
+    seconds = time.perf_counter() - t0
+    docs = [_document(plan, store, results, seconds) for plan, results in zip(plans, per_plan, strict=True)]
+    failed = any(s["status"] == "failed" for d in docs for s in d["stages"])
+    doc = docs[0] if len(docs) == 1 else {"ok": not failed, "exit_code": 1 if failed else 0, "variants": docs,
+                                          "store": str(store.root), "seconds": round(seconds, 3),
+                                          "failures": _failures(docs)}
     if remote is not None:
         doc["cache"] = remote.summary()
     if as_json:
         click.echo(json.dumps(_finite(doc), indent=2))
     elif not quiet:
-        _print_summary(doc)
-    sys.exit(doc["exit_code"])
+        for d in docs:
+            _print_summary(d)
+        if len(docs) > 1:
+            _print_matrix(doc)
+    sys.exit(1 if failed else 0)
 
 
 def _refuse_read_only(plan, store, rewrites: bool = False) -> None:
@@ -262,25 +327,52 @@ def _refuse_read_only(plan, store, rewrites: bool = False) -> None:
         check_store_writable(store.root)
 
 
+def _failures(docs: list[dict[str, Any]]) -> list[dict[str, str]]:
+    return [{"variant": d["profile"], "stage": s["name"], "reason": s["reason"]}
+            for d in docs for s in d["stages"] if s["status"] == "failed"]
+
+
+def _print_matrix(doc: dict[str, Any]) -> None:
+    """One line per variant, then each failure: which variant, which stage, why."""
+    from rich.markup import escape
+
+    out.print(f"[bold]matrix: {len(doc['variants'])} variants, {doc['seconds']:.2f} s[/]")
+    for d in doc["variants"]:
+        counts: dict[str, int] = {}
+        for s in d["stages"]:
+            counts[s["status"]] = counts.get(s["status"], 0) + 1
+        out.print(escape(f"  {d['profile']}: " + ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))))
+    for f in doc["failures"]:
+        out.print(escape(f"  FAILED {f['variant']} {f['stage']}: {f['reason']}"), style="bold red")
+
+
 @main.command()
-@click.argument("profile", required=False)
+@click.argument("profiles", nargs=-1)
 @click.option("--store", "store_dir", help=STORE_HELP)
 @click.option("--source", help="Override the source, as for build.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
-def plan(profile: str | None, store_dir: str | None, source: str | None, as_json: bool) -> None:
-    """Show what `build PROFILE` would do: each stage, its key, cached or not, and what changed since the last
-    build of this profile (e.g. `quantize: group_size 64 -> 32`)."""
-    from .plan import build_plan, explain
-
+def plan(profiles: tuple[str, ...], store_dir: str | None, source: str | None, as_json: bool) -> None:
+    """Show what `build PROFILE...` would do: each stage, its key, cached or not, and what changed since the last
+    build of this profile (e.g. `quantize: group_size 64 -> 32`); each variant of a profile with `matrix:`."""
     try:
-        loaded = _load_profile(profile, source)
         store = _store(store_dir)
-        p = build_plan(loaded, store, Reporter(quiet=as_json))
+        variants = _load_variants(profiles, source)
+        docs = [_plan_doc(v, _plan_variant(v, store, Reporter(quiet=as_json)), store) for v in variants]
     except ToolchainError as e:
         _fail(e, as_json)
         return
-    from .plan import ref_name
+    if as_json:
+        doc = docs[0][0] if len(docs) == 1 else {"variants": [d for d, _ in docs]}
+        click.echo(json.dumps(_finite(doc), indent=2))
+        return
+    for doc, p in docs:
+        _print_plan(doc, p)
 
+
+def _plan_doc(v, p, store) -> tuple[dict[str, Any], Any]:
+    from .plan import explain, ref_name
+
+    loaded = v.loaded
     previous = {s["name"]: s for s in (store.read_ref(ref_name(loaded.profile.name, p.source)) or {}).get("stages", [])}
     stages = []
     for s in p.stages:
@@ -296,25 +388,29 @@ def plan(profile: str | None, store_dir: str | None, source: str | None, as_json
            "quantize": {"preset": loaded.preset, "recipe": recipe},
            "targets": [{"name": t.label, "format": t.format, "runtimes": p.runtimes.get(t.label, [])}
                        for t in loaded.profile.targets]}
-    if as_json:
-        click.echo(json.dumps(_finite(doc), indent=2))
-        return
+    if v.axes:
+        doc["matrix"] = v.axes
+    return doc, p
+
+
+def _print_plan(doc: dict[str, Any], p) -> None:
     from rich.table import Table
 
     for note in p.notes:
         console.print(f"[bold yellow]warning:[/] {note}")
-    table = Table(title=f"plan for {loaded.profile.name} (source {p.source.label})")
+    table = Table(title=f"plan for {doc['profile']} (source {p.source.label})")
     for col in ("stage", "key", "inputs", "status", "why"):
         table.add_column(col)
-    for s in stages:
+    for s in doc["stages"]:
         colour = {"cached": "green", "build": "yellow", "skipped": "dim"}[s["status"]]
         inputs = ", ".join(f"{r}:{k}" for r, k in s["inputs"].items())
         table.add_row(s["name"], s["key"][:12], inputs, f"[{colour}]{s['status']}[/]", s["reason"])
     out.print(table)
     from .presets import describe
 
-    out.print(f"[bold]quantize[/]: {describe(recipe)}"
-              + (f" (preset {loaded.preset})" if loaded.preset else ""), soft_wrap=True)
+    preset = doc["quantize"]["preset"]
+    out.print(f"[bold]quantize[/]: {describe(doc['quantize']['recipe'])}"
+              + (f" (preset {preset})" if preset else ""), soft_wrap=True)
     _print_runtimes(doc["targets"])
 
 
@@ -382,7 +478,7 @@ def _document(plan, store, results, seconds: float) -> dict[str, Any]:
         "seconds": round(seconds, 3),
         "notes": plan.notes,
         "stages": [{"name": r.name, "key": r.key, "status": r.status, "seconds": round(r.seconds, 3),
-                    "size": r.size, "reason": r.reason} for r in results],
+                    "size": r.size, "reason": r.reason, **({"node": r.node} if r.node else {})} for r in results],
         "targets": targets,
     }
 

@@ -29,6 +29,7 @@ class StageResult:
     reason: str
     size: int = 0
     info: dict[str, Any] = field(default_factory=dict)
+    node: str | None = None  # where it ran, under an executor that spreads stages (toolchain.executors.ray)
 
 
 class PeakRSS:

@@ -294,10 +294,6 @@ def build(profiles: tuple[str, ...], store_dir: str | None, source: str | None, 
     except ToolchainError as e:
         _fail(e, as_json)
         return
-    except KeyboardInterrupt:
-        click.echo("error: interrupted; every store holds only finished artifacts (run build again to go on)",
-                   err=True)
-        sys.exit(130)
     seconds = time.perf_counter() - t0
     docs = [_document(plan, store, results, seconds) for plan, results in zip(plans, per_plan, strict=True)]
     failed = any(s["status"] == "failed" for d in docs for s in d["stages"])

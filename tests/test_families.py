@@ -97,3 +97,64 @@ def test_accepted_features():
     families.check({**shapes["llama-3-8b"], "rope_scaling": {"rope_type": "llama3", "factor": 8.0}})
     families.check({**shapes["qwen3-8b"], "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
     families.check(shapes["qwen2.5-7b"])  # sliding_window 131072 with use_sliding_window false
+
+
+# -- plan time: `toolchain build` refuses before any work (exit 2), naming what is supported --------------------
+
+def _hf_dir(tmp_path, cfg: dict):
+    """A model directory with this config.json and a placeholder safetensors: enough for a plan (nothing runs)."""
+    import json
+
+    d = tmp_path / "model"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps(cfg))
+    (d / "model.safetensors").write_bytes(b"\0" * 8)
+    return d
+
+
+def _build_exit2(cli, tmp_path, profile: dict, *words: str) -> None:
+    from conftest import write_profile
+
+    store = tmp_path / "store"
+    r = cli("build", str(write_profile(tmp_path, profile)), "--store", str(store))
+    assert r.exit_code == 2, r.output
+    for w in words:
+        assert w in r.output, (w, r.output)
+    assert not (store / "objects").exists() or not any((store / "objects").iterdir())
+
+
+@pytest.mark.parametrize(("cfg", "words"), [
+    ({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "n_embd": 768},
+     ["model_type 'gpt2' is not supported", "qwen3 (Qwen3ForCausalLM)"]),
+    ({"model_type": "deepseek_v3", "hidden_size": 7168}, ["'deepseek_v3'", "Mixture-of-Experts", "qwen2"]),
+    ({"model_type": "gpt_oss", "hidden_size": 2880}, ["'gpt_oss'", "mistral (MistralForCausalLM)"]),
+    ({"model_type": "mixtral", "hidden_size": 4096}, ["'mixtral'", "Mixture-of-Experts"]),
+    ({**families.named_shapes()["mistral-7b"], "sliding_window": 4096}, ["sliding_window 4096", "null or >="]),
+    ({**families.named_shapes()["qwen3-8b"], "rope_scaling": {"rope_type": "longrope"}}, ["'longrope'", "yarn"]),
+])
+def test_plan_refuses_unsupported_config_json(cli, tmp_path, cfg, words):
+    from conftest import tiny_profile
+
+    _build_exit2(cli, tmp_path, tiny_profile(source={"path": str(_hf_dir(tmp_path, cfg))}), "source:", *words)
+
+
+@pytest.mark.parametrize("fmt", ["gguf", "ollama", "trtllm", "trtllm-ckpt", "xinference"])
+@pytest.mark.parametrize("arch", ["qwen2-tiny", "qwen3-tiny"])
+def test_formats_not_wired_for_a_family_say_so(cli, tmp_path, fmt, arch):
+    from conftest import tiny_profile
+
+    profile = tiny_profile(source={"synthetic": {"arch": arch, "seed": 0, "dtype": "float32"}}, targets=[fmt])
+    _build_exit2(cli, tmp_path, profile, f"format {fmt} does not take {arch.removesuffix('-tiny')} models yet",
+                 "llama, mistral")
+
+
+@pytest.mark.parametrize("arch", ["qwen2.5-7b", "qwen3-8b", "qwen3-0.6b", "mistral-7b"])
+def test_named_shapes_plan(cli, tmp_path, arch):
+    """`--source synthetic:<arch>` plans for every new named shape (compressed-tensors, GPTQ)."""
+    from conftest import tiny_profile, write_profile
+
+    profile = tiny_profile(quantize={"method": "rtn", "bits": 4, "group_size": 128, "symmetric": True})
+    r = cli("plan", str(write_profile(tmp_path, profile)), "--store", str(tmp_path / "store"),
+            "--source", f"synthetic:{arch}", "--json")
+    assert r.exit_code == 0, r.output
+    assert f"synthetic:{arch}" in r.output

@@ -176,6 +176,7 @@ def build_plan(loaded: LoadedProfile, store: Store, reporter: Reporter | None = 
     # The converted source's config.json, when built, spares re-parsing a GGUF's metadata on every plan.
     built_config = store.object_dir(source.key) / "config.json"
     cfg = json.loads(built_config.read_text()) if built_config.is_file() else src.model_config()
+    family = arch.check_model(cfg)  # an unsupported family or feature: exit 2 naming what is supported
     try:
         arch.linear_shapes(cfg)
     except (ValueError, KeyError) as e:
@@ -228,6 +229,9 @@ def build_plan(loaded: LoadedProfile, store: Store, reporter: Reporter | None = 
             raise InputError(f"targets: format {target.format} cannot hold GPTQ act-order groups (a g_idx per "
                              "input column); set quantize.static_groups: true (act-order with groups in order, "
                              "what compressed-tensors calls actorder: weight) or act_order: false")
+        if "*" not in exporter.families and family.name not in exporter.families:
+            raise InputError(f"targets: format {target.format} does not take {family.name} models yet (it takes "
+                             f"{', '.join(exporter.families)}): {exporter.families_rule}")
         if exporter.plan_check:
             exporter.plan_check(p.quantize, cfg, target.options)
         verdicts = check_runtimes(i, target, p.quantize, cfg)

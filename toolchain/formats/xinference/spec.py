@@ -115,5 +115,8 @@ FORMATS = (FormatSpec(
     notes="Xinference custom model: model.json (v2) beside a gguf, gptq or compressed-tensors artifact",
     runtimes={"xinference": "xinference register --model-type LLM --file model.json"},
     plan_check=plan_check,
+    families=("llama", "mistral"),
+    families_rule="its model.json (chat family, stop tokens, payload) and its check through Xinference's own "
+    "model are not yet verified on Qwen models (to be wired with the gguf writer's qwen2/qwen3)",
     checker=checker,
 ),)

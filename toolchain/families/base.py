@@ -89,6 +89,13 @@ class Family:
     shapes: dict[str, dict[str, Any]] = field(default_factory=dict)  # named configs for --source synthetic
     notes: str = ""
 
+    def __post_init__(self) -> None:
+        # A per-head RMSNorm after q_proj/k_proj normalizes away any scale on their rows: no AWQ fold through it.
+        through_norm = [p.producer for p in self.smoothing if self.qk_norm and p.producer in (Q_PROJ, K_PROJ)]
+        if through_norm:
+            raise ValueError(f"family {self.name}: smoothing pair with producer {through_norm[0]} folds a scale "
+                             "through q_norm/k_norm, which normalizes it away")
+
     # -- numbers ------------------------------------------------------------------------------------------------
     def dims(self, cfg: dict[str, Any]) -> Shapes:
         heads = cfg["num_attention_heads"]

@@ -121,6 +121,8 @@ def test_build_every_target_that_holds_the_method(cli, tmp_path, tiny_family_dir
             assert fid["passed"] and fid["kl_mean"] <= 1e-4 and fid["top1_agreement"] >= 0.99, (name, fid)
         else:  # onnx: its check scores the whole graph against transformers on our dequantized weights
             assert name == "onnx" and conf["wiring"]["max_rel_err"] <= conf["wiring"]["tolerance"], (name, conf)
+            kl, top1 = _onnx_fidelity(tmp_path / "store", doc)
+            assert kl <= 1e-4 and top1 >= 0.99, (kl, top1)
     quant = next(s for s in doc["stages"] if s["name"] == "quantize")
     _biases_carried(src, tmp_path / "store", quant["key"])
 
@@ -141,3 +143,22 @@ def _biases_carried(src, store, quant_key):
         assert ir.tensors.get(n).shape == source[n].shape
         if not n.endswith("v_proj.bias"):
             assert torch.equal(ir.tensors.get(n), source[n])
+
+
+def _onnx_fidelity(store, doc) -> tuple[float, float]:
+    """KL(transformers on our dequantized weights || onnxruntime on the artifact) and top-1 agreement, per token."""
+    from toolchain.formats.onnx.check import ort_logits, session
+    from toolchain.formats.onnx.export import dense_model
+    from toolchain.formats.onnx.spec import MODEL_FILE
+    from toolchain.store import Store
+
+    keys = {s["name"]: s["key"] for s in doc["stages"]}
+    st = Store(store)
+    model, ir = dense_model(st.object_dir(keys["quantize"]))
+    ids = torch.randint(0, ir.config["vocab_size"], (128,), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = model(input_ids=ids[None], use_cache=False).logits[0].double()
+    got = ort_logits(session(st.object_dir(keys["export:onnx"]) / MODEL_FILE))(ids).double()
+    lp, lq = ref.log_softmax(-1), got.log_softmax(-1)
+    kl = (lp.exp() * (lp - lq)).sum(-1).mean().item()
+    return kl, (ref.argmax(-1) == got.argmax(-1)).double().mean().item()

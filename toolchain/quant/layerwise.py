@@ -171,13 +171,19 @@ def _block_tensor_names(reader: TensorReader, index: int) -> list[str]:
 
 # -- the runner ---------------------------------------------------------------------------------------------
 
-def load_method(name: str):
-    from ..methods import METHODS
-
-    layerwise = {n: m.layerwise for n, m in METHODS.items() if m.layerwise}
-    if name not in layerwise:
-        raise ValueError(f"no layer-wise method {name!r} (known: {', '.join(layerwise)})")
-    return importlib.import_module(layerwise[name])
+def load_method(name: str, module: str | None = None):
+    """The method's block quantizer: `module` (its registry entry's `layerwise`, passed by the quantize stage), or
+    by convention toolchain.quant.<name>. Not looked up in the method registry: quant/ sits below methods/."""
+    path = module or f"{__package__}.{name}"
+    try:
+        mod = importlib.import_module(path)
+    except ModuleNotFoundError as e:
+        if e.name != path:
+            raise
+        raise ValueError(f"no layer-wise method {name!r} ({path} is not a module)") from None
+    if not hasattr(mod, "quantize_block"):
+        raise ValueError(f"no layer-wise method {name!r} ({mod.__name__} has no quantize_block)")
+    return mod
 
 
 @torch.no_grad()
@@ -236,7 +242,7 @@ def run_layerwise(
 def _run_layerwise(src_dir: Path, writer_factory: Callable[[torch.dtype], IRWriter], ids: torch.Tensor,
                    args: dict[str, Any], reporter: Any, dev: torch.device, compute_dtype: torch.dtype,
                    batch_size: int | None) -> dict[str, Any]:
-    method = load_method(args["method"])
+    method = load_method(args["method"], args.get("layerwise_module"))
     reader = TensorReader(src_dir)
     cfg = hf_config(src_dir)
     n_layers = cfg.num_hidden_layers

@@ -13,16 +13,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import MissingToolError
+from ..sources import model_dir  # noqa: F401  (where a source artifact's model is; its home is sources.py)
 
 if TYPE_CHECKING:  # (the benchmarks synthesize models on a bare GPU box, without the pipeline's imports)
     from ..progress import Reporter
     from ..stage import StageContext
-
-
-def model_dir(manifest: dict[str, Any], artifact_dir: Path) -> Path:
-    """Where a source artifact's HF directory is: in the store, or the user's own directory."""
-    external = manifest.get("info", {}).get("external_path")
-    return Path(external) if external else artifact_dir
 
 
 def run(ctx: StageContext) -> dict[str, Any]:

@@ -184,3 +184,61 @@ def smol_source(request) -> dict:
     if request.param == "short":
         return {"path": str(request.getfixturevalue("smol_short_dir"))}
     return {"path": SMOL_GGUF}
+
+
+# -- tiny models of every decoder family, from transformers' own config classes ----------------------------------
+
+TINY_FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
+
+
+def tiny_hf_config(family: str):
+    """A 2-block GQA model (hidden 128, 4 query heads of 32, 2 kv heads) of `family`, built by transformers' own
+    config class. qwen2 ties its embedding (as Qwen2.5-0.5B..3B do)."""
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+
+    common = {"vocab_size": 1024, "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 2048,
+              "rms_norm_eps": 1e-6, "bos_token_id": 1, "eos_token_id": 2}
+    if family == "llama":
+        return LlamaConfig(**common)
+    if family == "qwen2":
+        return Qwen2Config(**common, tie_word_embeddings=True, use_sliding_window=False)
+    if family == "qwen3":
+        return Qwen3Config(**common, head_dim=32, tie_word_embeddings=False)
+    if family == "mistral":
+        return MistralConfig(**common, sliding_window=None)
+    raise ValueError(family)
+
+
+def save_tiny_hf_model(family: str, out: Path, seed: int = 0) -> Path:
+    """transformers' model of tiny_hf_config(family) with random weights, saved as an HF directory (float32).
+    Biases and norm weights are drawn too (transformers initialises them to 0 and 1, which would let a runner
+    that drops a bias or a q/k norm pass)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_hf_config(family), dtype=torch.float32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.copy_(torch.randn_like(p) * 0.5)
+            elif "norm" in name:
+                p.copy_(1 + torch.randn_like(p) * 0.2)
+            else:
+                p.copy_(torch.randn_like(p) * 0.05)
+    model.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_family_dir(tmp_path_factory):
+    """family -> its tiny HF model directory (made once per session)."""
+    made: dict[str, Path] = {}
+
+    def get(family: str) -> Path:
+        if family not in made:
+            made[family] = save_tiny_hf_model(family, tmp_path_factory.mktemp(f"tiny-{family}"))
+        return made[family]
+
+    return get

@@ -256,6 +256,7 @@ def test_runner_feeds_each_block_what_transformers_computes(tiny_source, monkeyp
     ids = torch.randint(0, 1024, (5, 40), generator=torch.Generator().manual_seed(0))
     writer = _Collect()
     run_layerwise(tiny_source, lambda _d: writer, ids, {"method": _fake_method(monkeypatch, quantize_block),
+                                                        "layerwise_module": "fake_method",
                                                         "ignore": ["lm_head"]}, Reporter(quiet=True), batch_size=2,
                   device="cpu")  # transformers runs on the CPU here: compare like with like (no TF32)
     model = AutoModelForCausalLM.from_pretrained(tiny_source, dtype=torch.float32).eval()

@@ -33,6 +33,23 @@ def test_no_circle_counting_function_local_imports():
     assert not found, "\n" + _report(found, es)
 
 
+def test_no_circle_counting_type_only_imports():
+    """A TYPE_CHECKING import never runs, but it is still a dependency of the code's meaning: a module typed with a
+    class from above it is tied to that layer. Counted too."""
+    found = cycles(edges(REPO))
+    assert not found, "\n" + _report(found, edges(REPO))
+
+
+def test_named_up_arrows_are_cut():
+    """The arrows issue 23 cut, each pointing from a lower layer to a higher one."""
+    up = {("toolchain.sources", "toolchain.profile"), ("toolchain.profile", "toolchain.runtimes.rules"),
+          ("toolchain.validate.accuracy", "toolchain.stages.source"),
+          ("toolchain.quant.layerwise", "toolchain.methods"),
+          ("toolchain.formats.xinference.check", "toolchain.runtimes.rules")}
+    found = [str(e) for e in edges(REPO) if (e.src, e.dst) in up]
+    assert not found, "\n".join(found)
+
+
 def test_format_modules_do_not_import_the_core():
     up = [e for e in edges(REPO) if e.src.startswith("toolchain.formats.") and e.dst in CORE]
     assert not up, "format modules import the core:\n" + "\n".join(f"    {e}" for e in up)

@@ -1,51 +1,18 @@
 """Model shapes without loading weights: named architectures for synthetic sources, and the linear layers of a
-Llama-style decoder computed from its config.json. Used at plan time, so it must stay free of torch."""
+decoder computed from its config.json through its family (toolchain.families). Used at plan time, so it must stay
+free of torch."""
 
 from __future__ import annotations
 
 from typing import Any
 
-_LLAMA_BASE: dict[str, Any] = {
-    "architectures": ["LlamaForCausalLM"],
-    "model_type": "llama",
-    "hidden_act": "silu",
-    "attention_bias": False,
-    "mlp_bias": False,
-    "bos_token_id": 1,
-    "eos_token_id": 2,
-    "tie_word_embeddings": False,
-    "rms_norm_eps": 1e-5,
-}
+from . import families
 
-# Shapes of real models (from their published config.json), for synthetic sources.
-ARCHS: dict[str, dict[str, Any]] = {
-    "llama-2-7b": {**_LLAMA_BASE, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
-                   "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32000,
-                   "max_position_embeddings": 4096, "rope_theta": 10000.0},
-    "llama-2-70b": {**_LLAMA_BASE, "hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80,
-                    "num_attention_heads": 64, "num_key_value_heads": 8, "vocab_size": 32000,
-                    "max_position_embeddings": 4096, "rope_theta": 10000.0},
-    "llama-2-13b": {**_LLAMA_BASE, "hidden_size": 5120, "intermediate_size": 13824, "num_hidden_layers": 40,
-                    "num_attention_heads": 40, "num_key_value_heads": 40, "vocab_size": 32000,
-                    "max_position_embeddings": 4096, "rope_theta": 10000.0},
-    "llama-3-8b": {**_LLAMA_BASE, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
-                   "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256,
-                   "max_position_embeddings": 8192, "rope_theta": 500000.0, "bos_token_id": 128000,
-                   "eos_token_id": 128001, "rms_norm_eps": 1e-5},
-    "smollm2-135m": {**_LLAMA_BASE, "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
-                     "num_attention_heads": 9, "num_key_value_heads": 3, "vocab_size": 49152,
-                     "max_position_embeddings": 8192, "rope_theta": 100000.0, "tie_word_embeddings": True},
-    # Small enough for unit tests: every code path of a Llama in a few MB.
-    "llama-tiny": {**_LLAMA_BASE, "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2,
-                   "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 1024,
-                   "max_position_embeddings": 2048, "rope_theta": 10000.0},
-    # The same in whole 128x128 blocks (k/v_proj 128 rows: head_dim 64): block-scaled FP8 needs them.
-    "llama-tiny-b128": {**_LLAMA_BASE, "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2,
-                        "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 1024,
-                        "max_position_embeddings": 2048, "rope_theta": 10000.0},
-}
+# Shapes of real models (from their published config.json), for synthetic sources: each family module's named
+# shapes (toolchain.families), e.g. llama-2-7b, qwen3-8b, mistral-7b, and a tiny one per family for tests.
+ARCHS: dict[str, dict[str, Any]] = families.named_shapes()
 
-LLAMA_LIKE = {"llama", "mistral", "qwen2", "qwen3"}
+LLAMA_LIKE = {mt for f in families.FAMILIES.values() for mt in f.model_types}
 
 
 def synthetic_config(arch: str, num_layers: int | None, dtype: str) -> dict[str, Any]:
@@ -59,30 +26,27 @@ def synthetic_config(arch: str, num_layers: int | None, dtype: str) -> dict[str,
 
 
 def head_dim(cfg: dict[str, Any]) -> int:
-    return cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    return families.family_of(cfg).dims(cfg).head_dim
+
+
+def check_model(cfg: dict[str, Any]) -> families.Family:
+    """The config's family, or InputError (exit 2) naming what is unsupported and what is (plan time)."""
+    from .errors import InputError
+
+    try:
+        return families.check(cfg)
+    except families.UnsupportedModel as e:
+        raise InputError(f"source: {e}") from None
 
 
 def linear_shapes(cfg: dict[str, Any]) -> list[tuple[str, int, int]]:
-    """(module name, out_features, in_features) of every nn.Linear in a Llama-style causal LM."""
-    if cfg.get("model_type") not in LLAMA_LIKE:
-        raise ValueError(f"model_type {cfg.get('model_type')!r} is not supported yet (supported: {sorted(LLAMA_LIKE)})")
-    h, inter = cfg["hidden_size"], cfg["intermediate_size"]
-    hd = head_dim(cfg)
-    q_out = cfg["num_attention_heads"] * hd
-    kv_out = cfg.get("num_key_value_heads", cfg["num_attention_heads"]) * hd
-    out = []
-    for i in range(cfg["num_hidden_layers"]):
-        p = f"model.layers.{i}"
-        out += [
-            (f"{p}.self_attn.q_proj", q_out, h),
-            (f"{p}.self_attn.k_proj", kv_out, h),
-            (f"{p}.self_attn.v_proj", kv_out, h),
-            (f"{p}.self_attn.o_proj", h, q_out),
-            (f"{p}.mlp.gate_proj", inter, h),
-            (f"{p}.mlp.up_proj", inter, h),
-            (f"{p}.mlp.down_proj", h, inter),
-        ]
-    out.append(("lm_head", cfg["vocab_size"], h))
+    """(module name, out_features, in_features) of every nn.Linear in the causal LM, blocks in order, then lm_head.
+    Raises families.UnsupportedModel (a ValueError) for a model_type no family describes."""
+    fam = families.family_of(cfg)
+    block = fam.block_linears(cfg)
+    out = [(f"{families.block_prefix(i)}{rel}", o, i_f) for i in range(cfg["num_hidden_layers"])
+           for rel, o, i_f in block]
+    out.append(("lm_head", cfg["vocab_size"], cfg["hidden_size"]))
     return out
 
 

@@ -271,9 +271,11 @@ class IRReader:
         return {**self.scheme, **{f: self.layer_field(f) for f in fields if self.layers}}
 
     def plain_names(self) -> list[str]:
-        """Tensors that are not part of a quantized layer, in the source's naming."""
+        """Tensors that are not part of a quantized layer, in the source's naming. A quantized linear's bias
+        (Qwen2's q/k/v) is plain: never quantized, carried as the source has it (no quantized tensor is named
+        `bias`)."""
         quant_prefixes = tuple(n + "." for n in self.layers)
-        return [k for k in self.tensors.keys() if not k.startswith(quant_prefixes)]
+        return [k for k in self.tensors.keys() if not k.startswith(quant_prefixes) or k.endswith(".bias")]
 
     def layer(self, name: str) -> QuantizedLinear:
         meta = dict(self.layers[name])

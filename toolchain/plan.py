@@ -210,6 +210,7 @@ def build_plan(loaded: LoadedProfile, store: Store, reporter: Reporter | None = 
     checks.check_architecture(cfg, "source.hub" if p.source.hub else "source.path")
     if src.kind == "synthetic" and not store.has(source.key):
         checks.check_synthetic_size(cfg, store.root)  # before anything lists its layers
+    family = arch.check_model(cfg)  # an unsupported family or feature: exit 2 naming what is supported
     try:
         arch.linear_shapes(cfg)
     except (ValueError, KeyError) as e:
@@ -278,6 +279,9 @@ def build_plan(loaded: LoadedProfile, store: Store, reporter: Reporter | None = 
             raise InputError(f"targets: format {target.format} cannot hold GPTQ act-order groups (a g_idx per "
                              "input column); set quantize.static_groups: true (act-order with groups in order, "
                              "what compressed-tensors calls actorder: weight) or act_order: false")
+        if "*" not in exporter.families and family.name not in exporter.families:
+            raise InputError(f"targets: format {target.format} does not take {family.name} models yet (it takes "
+                             f"{', '.join(exporter.families)}): {exporter.families_rule}")
         verdicts = check_runtimes(i, target, p.quantize, cfg)
         runtimes[target.label] = verdicts
         export_cfg = target.model_dump(mode="json", exclude={"runtimes"})  # says who loads it, not its bytes

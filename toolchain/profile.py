@@ -104,13 +104,13 @@ class TargetSpec(Strict):
 
 
 def _check_runtimes(fmt: str, runtimes: Any) -> Any:
-    from .runtimes.rules import FORMAT_RUNTIMES
+    from .formats import EXPORTERS  # each format declares the runtimes it is for
 
     if runtimes is None:
         return None
     if not isinstance(runtimes, list | tuple) or not all(isinstance(r, str) for r in runtimes):
         raise ValueError(f"runtimes: a list of runtime names, e.g. [vllm, sglang]; got {runtimes!r}")
-    known = FORMAT_RUNTIMES[fmt]
+    known = EXPORTERS[fmt].runtimes
     unknown = [r for r in runtimes if r not in known]
     if unknown:
         raise ValueError(f"runtimes: format {fmt} is not loaded by {', '.join(unknown)}; it is for "

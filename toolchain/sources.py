@@ -9,13 +9,19 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from . import arch
 from .errors import InputError
 
-if TYPE_CHECKING:
-    from .profile import LoadedProfile
+
+class ProfileLike(Protocol):
+    """What resolve() reads of a loaded profile (toolchain.profile.LoadedProfile): its parsed profile and how its
+    relative paths resolve. A protocol, not an import: profile.py sits above this module."""
+
+    profile: Any
+
+    def resolve(self, path: str) -> Path: ...
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
                    "chat_template.jinja", "generation_config.json", "vocab.json", "merges.txt")
@@ -51,6 +57,12 @@ def read_config_json(path: Path) -> dict[str, Any]:
     return cfg
 
 
+def model_dir(manifest: dict[str, Any], artifact_dir: Path) -> Path:
+    """Where a source artifact's HF directory is: in the store, or the user's own directory."""
+    external = manifest.get("info", {}).get("external_path")
+    return Path(external) if external else artifact_dir
+
+
 def hf_cache_dir() -> Path:
     if os.environ.get("HF_HUB_CACHE"):
         return Path(os.environ["HF_HUB_CACHE"])
@@ -75,7 +87,7 @@ def resolve_hub(repo_id: str, revision: str) -> Path:
     return snapshot
 
 
-def resolve(loaded: LoadedProfile) -> ResolvedSource:
+def resolve(loaded: ProfileLike) -> ResolvedSource:
     src = loaded.profile.source
     if src.synthetic is not None:
         s = src.synthetic

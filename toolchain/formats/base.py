@@ -36,6 +36,10 @@ class FormatSpec:
     # (options) -> dict: which independent checker the validator will run (with its version), put in the
     # validate key so a weaker fallback check never shares a key with the real one.
     checker: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+    # The decoder families (toolchain.families names) its writer and checker handle; "*" = all. Any other is
+    # refused at plan time with `families_rule`, which says why.
+    families: tuple[str, ...] = ("*",)
+    families_rule: str = ""
 
     @property
     def libs(self) -> tuple[str, ...]:

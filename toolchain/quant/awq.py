@@ -2,8 +2,11 @@
 
 A few input channels of each linear carry large activations; their weights matter most. AWQ multiplies those
 weight columns by s > 1 before rounding (and divides the activation by s), so they lose less to quantization.
-Per decoder block, for each group of linears that read one activation (Llama):
+Per decoder block, for each group of linears that read one activation (the family's smoothing pairs,
+toolchain.families; Llama, Mistral, Qwen2 and Qwen3 all use these four, each family module says why they are exact):
     input_layernorm -> q, k, v      v_proj -> o_proj      post_attention_layernorm -> gate, up      up_proj -> down
+A producer's bias is divided with its rows (Qwen2's v_proj). Qwen3's q_norm/k_norm follow q_proj/k_proj, so no
+pair may have q_proj or k_proj as producer (the norm would undo the scale); toolchain.families refuses one.
 1. Statistics of the activation over the calibration tokens: mean|x| per channel and H = X^T X / n.
 2. Scale search: s = mean|x|^alpha (normalised so that max * min = 1) for alpha on a grid in [0, 1]; keep the
    alpha whose quantized W diag(s), fed with x / s, gives the smallest output MSE of the group's linears. With H
@@ -244,12 +247,16 @@ class ScaleGroup:
         return self.producer.endswith("norm")
 
 
-LLAMA_GROUPS = (
-    ScaleGroup("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn.q_proj"),
-    ScaleGroup("self_attn.v_proj", ("self_attn.o_proj",), "self_attn.o_proj"),
-    ScaleGroup("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "mlp.gate_proj"),
-    ScaleGroup("mlp.up_proj", ("mlp.down_proj",), "mlp.down_proj"),
-)
+def groups_of(model_type: str) -> tuple[ScaleGroup, ...]:
+    """The scale groups of a family: its smoothing pairs (toolchain.families, where each family says why they are
+    exact for it), each described by its first consumer's input statistics."""
+    from ..families import family_of
+
+    return tuple(ScaleGroup(p.producer, p.consumers, p.consumers[0])
+                 for p in family_of({"model_type": model_type}).smoothing)
+
+
+LLAMA_GROUPS = groups_of("llama")
 NO_CLIP = ("q_proj", "k_proj")  # llm-awq's choice (clipping query/key hurts attention scores); see clip_qk
 
 
@@ -269,14 +276,15 @@ class ScaledBlock:
 
 def scale_block(linears: dict[str, torch.Tensor], norms: dict[str, torch.Tensor], stats: dict[str, InputStats],
                 quantize: set[str], spec: IntSpec, opts: AWQOptions, attn_shape: tuple[int, int, int],
-                biases: dict[str, torch.Tensor] | None = None) -> ScaledBlock:
-    """The scale search of one Llama decoder block given as tensors (see awq_block for the arguments)."""
+                biases: dict[str, torch.Tensor] | None = None,
+                groups: tuple[ScaleGroup, ...] = LLAMA_GROUPS) -> ScaledBlock:
+    """The scale search of one decoder block given as tensors (see awq_block for the arguments)."""
     w = {k: v.float().clone() for k, v in linears.items()}
     b = {k: v.float().clone() for k, v in (biases or {}).items()}
     norm_w = {k: v.float().clone() for k, v in norms.items()}
     out = ScaledBlock(w, norm_w, b, {}, {k: st.hessian for k, st in stats.items()}, {}, set())
     x_mean = {k: st.mean_abs for k, st in stats.items()}
-    for g in LLAMA_GROUPS:
+    for g in groups:
         consumers = [c for c in g.consumers if c in w]
         if not consumers or not all(c in quantize for c in consumers) or g.producer not in {**w, **norm_w}:
             continue  # scaling helps only the quantized; a float consumer would just change for nothing
@@ -327,15 +335,17 @@ class BlockAWQ:
 
 def awq_block(linears: dict[str, torch.Tensor], norms: dict[str, torch.Tensor], stats: dict[str, InputStats],
               quantize: set[str], spec: IntSpec, opts: AWQOptions, attn_shape: tuple[int, int, int],
-              biases: dict[str, torch.Tensor] | None = None) -> BlockAWQ:
+              biases: dict[str, torch.Tensor] | None = None,
+              groups: tuple[ScaleGroup, ...] = LLAMA_GROUPS) -> BlockAWQ:
     """AWQ over one Llama decoder block given as tensors. `linears`: relative name -> weight (out, in);
     `norms`: "input_layernorm" / "post_attention_layernorm" -> weight; `stats`: the float block's activation
     statistics, keyed by the consumer linear they feed (q_proj, o_proj, gate_proj, down_proj suffice);
-    `quantize`: the linears to quantize (others stay float); attn_shape: (num_heads, num_kv_heads, head_dim)."""
-    sb = scale_block(linears, norms, stats, quantize, spec, opts, attn_shape, biases)
+    `quantize`: the linears to quantize (others stay float); attn_shape: (num_heads, num_kv_heads, head_dim);
+    `groups`: the family's scale groups (groups_of)."""
+    sb = scale_block(linears, norms, stats, quantize, spec, opts, attn_shape, biases, groups)
     quantized: dict[str, QuantizedLinear] = {}
     for name in sorted(quantize):
-        stat = _stats_key(name)
+        stat = _stats_key(name, groups)
         wq = sb.weights[name]
         clip = _clipper(name, spec, opts)
         if clip is not None and stat in sb.hessians:
@@ -357,9 +367,9 @@ def _clipper(name: str, spec: IntSpec, opts: AWQOptions) -> ClipFn | None:
     return lambda w, h: search_clip(w, h, spec, opts.clip_grid, opts.max_shrink)
 
 
-def _stats_key(name: str) -> str:
+def _stats_key(name: str, groups: tuple[ScaleGroup, ...]) -> str:
     """Which activation statistics describe a linear's input (q/k/v share q's, gate/up share gate's)."""
-    for g in LLAMA_GROUPS:
+    for g in groups:
         if name in g.consumers:
             return g.stats
     return name
@@ -386,16 +396,18 @@ def quantize_block(block: torch.nn.Module, prefix: str, calib, args: dict):
     from .layerwise import BlockResult
 
     linears = {rel: m for rel, m in block.named_modules() if isinstance(m, torch.nn.Linear)}
-    wanted = {g.stats for g in LLAMA_GROUPS if g.stats in linears}
+    attn = block.self_attn
+    groups = groups_of(attn.config.model_type)
+    wanted = {g.stats for g in groups if g.stats in linears}
     stats = {k: InputStats(linears[k].in_features, calib.device) for k in wanted}
     calib.collect([f"{prefix}.{k}" for k in wanted], lambda name, x: stats[name.removeprefix(prefix + ".")].add(x))
     norms = {k: block.get_submodule(k).weight for k in ("input_layernorm", "post_attention_layernorm")
              if hasattr(block, k)}
-    attn = block.self_attn
     attn_shape = (attn.config.num_attention_heads, attn.config.num_key_value_heads, attn.head_dim)
     quantize = {name.removeprefix(prefix + ".") for name in calib.targets}
     done = awq_block({k: m.weight for k, m in linears.items()}, norms, stats, quantize, spec_from(args),
-                     options_from(args), attn_shape, {k: m.bias for k, m in linears.items() if m.bias is not None})
+                     options_from(args), attn_shape, {k: m.bias for k, m in linears.items() if m.bias is not None},
+                     groups)
     return BlockResult(
         quantized={f"{prefix}.{k}": _to_cpu(q) for k, q in done.quantized.items()},
         replaced={f"{prefix}.{k}": t.cpu() for k, t in done.replaced.items()},

@@ -47,7 +47,6 @@ lm_head from its inputs (final-norm hidden states, (n, seq, hidden)); without it
 
 from __future__ import annotations
 
-import gc
 import importlib
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -59,6 +58,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import blocks
 from ..arch import is_ignored
 from ..ir import IRWriter, QuantizedLinear, TensorReader
 
@@ -145,51 +145,23 @@ def _block_output(out: Any) -> torch.Tensor:
     return out[0] if isinstance(out, tuple) else out
 
 
-# -- model pieces from transformers, one block at a time -----------------------------------------------------
-
-def _modeling(model_type: str):
-    return importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
-
-
-def _class_ending(module: Any, suffix: str) -> type:
-    found = [getattr(module, n) for n in dir(module) if n.endswith(suffix) and not n.startswith("_")]
-    if not found:
-        raise ValueError(f"{module.__name__} has no *{suffix} class")
-    return min(found, key=lambda c: len(c.__name__))  # LlamaDecoderLayer, not e.g. a subclass with a longer name
-
+# -- model pieces from transformers, one block at a time: toolchain.blocks (shared with validation) ------------
 
 def hf_config(src_dir: Path):
-    from transformers import AutoConfig
-
-    cfg = AutoConfig.from_pretrained(src_dir)
-    cfg._attn_implementation = "sdpa"  # with no mask, sdpa is causal (is_causal) and needs no (seq, seq) mask
-    return cfg
+    return blocks.hf_config(src_dir)
 
 
 def load_block(cfg, reader: TensorReader, index: int, device: torch.device, dtype: torch.dtype) -> nn.Module:
     """Decoder layer `index` with its weights from the source, on `device` in `dtype`."""
-    layer_cls = _class_ending(_modeling(cfg.model_type), "DecoderLayer")
-    with torch.device("meta"):
-        block = layer_cls(cfg, index)
-    prefix = f"model.layers.{index}."
-    state = {k: reader.get(prefix + k).to(device=device, dtype=dtype) for k, _ in block.named_parameters()}
-    block.load_state_dict(state, assign=True, strict=True)
-    return block.eval()
+    return blocks.load_block(cfg, reader.get, index, device, dtype)
 
 
 def rotary(cfg, seq_len: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """(cos, sin) for positions 0..seq_len-1, shaped (1, seq, head_dim): broadcast over the batch."""
-    rope_cls = _class_ending(_modeling(cfg.model_type), "RotaryEmbedding")
-    rope = rope_cls(config=cfg).to(device)
-    pos = torch.arange(seq_len, device=device)[None]
-    cos, sin = rope(torch.empty(1, device=device, dtype=dtype), pos)
-    return cos, sin
+    return blocks.rotary(cfg, seq_len, device, dtype)
 
 
 def pick_device(device: str | None) -> torch.device:
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    return blocks.pick_device(device, "quantize.device")
 
 
 def _block_tensor_names(reader: TensorReader, index: int) -> list[str]:
@@ -199,13 +171,19 @@ def _block_tensor_names(reader: TensorReader, index: int) -> list[str]:
 
 # -- the runner ---------------------------------------------------------------------------------------------
 
-def load_method(name: str):
-    from ..methods import METHODS
-
-    layerwise = {n: m.layerwise for n, m in METHODS.items() if m.layerwise}
-    if name not in layerwise:
-        raise ValueError(f"no layer-wise method {name!r} (known: {', '.join(layerwise)})")
-    return importlib.import_module(layerwise[name])
+def load_method(name: str, module: str | None = None):
+    """The method's block quantizer: `module` (its registry entry's `layerwise`, passed by the quantize stage), or
+    by convention toolchain.quant.<name>. Not looked up in the method registry: quant/ sits below methods/."""
+    path = module or f"{__package__}.{name}"
+    try:
+        mod = importlib.import_module(path)
+    except ModuleNotFoundError as e:
+        if e.name != path:
+            raise
+        raise ValueError(f"no layer-wise method {name!r} ({path} is not a module)") from None
+    if not hasattr(mod, "quantize_block"):
+        raise ValueError(f"no layer-wise method {name!r} ({mod.__name__} has no quantize_block)")
+    return mod
 
 
 @torch.no_grad()
@@ -264,7 +242,7 @@ def run_layerwise(
 def _run_layerwise(src_dir: Path, writer_factory: Callable[[torch.dtype], IRWriter], ids: torch.Tensor,
                    args: dict[str, Any], reporter: Any, dev: torch.device, compute_dtype: torch.dtype,
                    batch_size: int | None) -> dict[str, Any]:
-    method = load_method(args["method"])
+    method = load_method(args["method"], args.get("layerwise_module"))
     reader = TensorReader(src_dir)
     cfg = hf_config(src_dir)
     n_layers = cfg.num_hidden_layers
@@ -284,9 +262,7 @@ def _run_layerwise(src_dir: Path, writer_factory: Callable[[torch.dtype], IRWrit
     del embed
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
-    cos, sin = rotary(cfg, seq, dev, compute_dtype)
-    kwargs: dict[str, Any] = {"position_embeddings": (cos, sin), "attention_mask": None,
-                              "position_ids": torch.arange(seq, device=dev)[None]}
+    kwargs = blocks.block_kwargs(cfg, seq, dev, compute_dtype)
     y: torch.Tensor | None = None
     quantized_names: list[str] = []
     t_total = time.perf_counter()
@@ -366,14 +342,8 @@ def _write_tail(reader: TensorReader, writer: IRWriter, cfg, x: torch.Tensor, n_
 
 
 def _final_norm(cfg, reader: TensorReader, dev: torch.device, dtype: torch.dtype) -> nn.Module:
-    norm_cls = _class_ending(_modeling(cfg.model_type), "RMSNorm")
-    norm = norm_cls(cfg.hidden_size, eps=cfg.rms_norm_eps).to(device=dev, dtype=dtype)
-    norm.weight.data = reader.get("model.norm.weight").to(device=dev, dtype=dtype)
-    return norm
+    return blocks.final_norm(cfg, reader.get("model.norm.weight"), dev, dtype)
 
 
 def _free(dev: torch.device) -> None:
-    gc.collect()
-    if dev.type == "cuda":
-        torch.cuda.empty_cache()
-
+    blocks.free(dev, collect=True)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..formats import EXPORTERS
+from ..formats.xinference import spec as xinference_spec
 
 VLLM = "vllm-project/vllm"
 SGLANG = "sgl-project/sglang"
@@ -193,10 +194,8 @@ RULES: tuple[Rule, ...] = (
          "fnmatch on the rank's module names, whose layer indices are local to its pipeline stage)"),
     # Xinference's vLLM engine sets quantization="fp8" for model_format fp8, which vLLM then refuses against a
     # compressed-tensors quantization_config: a compressed-tensors payload must say model_format pytorch.
-    Rule("xinference-ct-fp8-format", "xinference", ("xinference",),
-         {"of": "compressed-tensors", "xinference_model_format": "fp8"},
-         "Xinference's vLLM engine turns model_format fp8 into quantization=fp8, which vLLM refuses for a "
-         "compressed-tensors checkpoint",
+    Rule(xinference_spec.CT_FP8_RULE, "xinference", ("xinference",), xinference_spec.CT_FP8_WHEN,
+         xinference_spec.CT_FP8_SAYS,
          "declare model_format: pytorch (the exporter does; this fires only if it did not)",
          f"{XINFERENCE} xinference/model/llm/vllm/core.py@7ecec16b (model_format == 'fp8' -> quantization fp8)"),
     # vllm 0.23.0 and 0.26.0 (wheels read 2026-12-08, not run) still ship quantization/bitsandbytes.py with

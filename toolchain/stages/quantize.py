@@ -135,7 +135,7 @@ def run_calibrated(ctx: StageContext, src_dir) -> dict[str, Any]:
         writer.append(IRWriter(ctx.out, _scheme(q, scale_dtype, source_dtype)))
         return writer[0]
 
-    args = {**q, "ignore": tuple(q["ignore"])}
+    args = {**q, "ignore": tuple(q["ignore"]), "layerwise_module": METHODS[q["method"]].layerwise}
     # scale_dtype is resolved against the source dtype inside the runner's writer factory.
     source_dtype = _source_dtype(src_dir)
     args["scale_dtype"] = scale_dtype_for(q, source_dtype)

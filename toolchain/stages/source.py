@@ -14,16 +14,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import BuildError, MissingToolError
+from ..sources import model_dir  # noqa: F401  (where a source artifact's model is; its home is sources.py)
 
 if TYPE_CHECKING:  # (the benchmarks synthesize models on a bare GPU box, without the pipeline's imports)
     from ..progress import Reporter
     from ..stage import StageContext
-
-
-def model_dir(manifest: dict[str, Any], artifact_dir: Path) -> Path:
-    """Where a source artifact's HF directory is: in the store, or the user's own directory."""
-    external = manifest.get("info", {}).get("external_path")
-    return Path(external) if external else artifact_dir
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
@@ -137,18 +132,17 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 
 def synthetic_tensor_shapes(cfg: dict[str, Any]) -> list[tuple[str, tuple[int, ...]]]:
-    from ..arch import linear_shapes
+    """Every tensor of the checkpoint, in order: embedding, each block's (its family's: biases, q/k norms), final
+    norm, and lm_head unless tied."""
+    from ..families import block_prefix, family_of
 
+    fam = family_of(cfg)
     h = cfg["hidden_size"]
     out: list[tuple[str, tuple[int, ...]]] = [("model.embed_tokens.weight", (cfg["vocab_size"], h))]
-    linears = {n: (o, i) for n, o, i in linear_shapes(cfg)}
+    block = fam.block_tensors(cfg)
     for layer in range(cfg["num_hidden_layers"]):
-        p = f"model.layers.{layer}"
-        out.append((f"{p}.input_layernorm.weight", (h,)))
-        out += [(f"{n}.weight", s) for n, s in linears.items() if n.startswith(p + ".") and ".self_attn." in n]
-        out.append((f"{p}.post_attention_layernorm.weight", (h,)))
-        out += [(f"{n}.weight", s) for n, s in linears.items() if n.startswith(p + ".") and ".mlp." in n]
+        out += [(block_prefix(layer) + rel, shape) for rel, shape in block]
     out.append(("model.norm.weight", (h,)))
     if not cfg.get("tie_word_embeddings"):
-        out.append(("lm_head.weight", linears["lm_head"]))
+        out.append(("lm_head.weight", (cfg["vocab_size"], h)))
     return out

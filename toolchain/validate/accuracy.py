@@ -28,8 +28,8 @@ from safetensors.torch import load_file
 
 from .. import gates
 from ..errors import BuildError
+from ..sources import model_dir
 from ..stage import StageContext
-from ..stages.source import model_dir
 from .compare import conformance_failure
 
 TOPK = 1024  # measured on SmolLM2 INT4 g64: within 4% of the full-vocabulary KL (tests/test_smollm2.py)

@@ -17,27 +17,20 @@ perplexity to 1e-4 relative).
 
 from __future__ import annotations
 
-import gc
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import nn
 
-WeightSource = Callable[[str], torch.Tensor]
+from .. import blocks
+from ..blocks import WeightSource
+
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def pick_device(device: str | None) -> torch.device:
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        from ..errors import MissingToolError
-
-        raise MissingToolError("validate.accuracy.device: cuda, but torch sees no CUDA device here; use auto or cpu")
-    return torch.device(device)
+    return blocks.pick_device(device, "validate.accuracy.device")
 
 
 def pick_dtype(dtype: str | None, checkpoint_dtype: torch.dtype) -> torch.dtype:
@@ -67,32 +60,11 @@ class StreamedModel:
 
     def __init__(self, config: dict[str, Any], weights: WeightSource, device: str | None = "auto",
                  dtype: str | None = "auto", checkpoint_dtype: torch.dtype = torch.float32):
-        from transformers import LlamaConfig  # noqa: F401  (transformers present)
-
-        from ..quant.layerwise import _class_ending, _modeling
-
-        self.cfg = _hf_config(config)
+        self.cfg = blocks.hf_config(config)
         self.weights = weights
         self.device = pick_device(device)
         self.dtype = pick_dtype(dtype, checkpoint_dtype)
-        self.modeling = _modeling(self.cfg.model_type)
-        self.layer_cls = _class_ending(self.modeling, "DecoderLayer")
-        self.norm_cls = _class_ending(self.modeling, "RMSNorm")
         self.stats = StreamStats(str(self.device), str(self.dtype).removeprefix("torch."))
-
-    def _block(self, index: int) -> nn.Module:
-        with torch.device("meta"):
-            block = self.layer_cls(self.cfg, index)
-        prefix = f"model.layers.{index}."
-        state = {k: self.weights(prefix + k).to(device=self.device, dtype=self.dtype)
-                 for k, _ in block.named_parameters()}
-        block.load_state_dict(state, assign=True, strict=True)
-        return block.eval()
-
-    def _rotary(self, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-        from ..quant.layerwise import rotary
-
-        return rotary(self.cfg, seq_len, self.device, self.dtype)
 
     @torch.inference_mode()
     def run(self, windows: list[torch.Tensor], reporter: Any = None) -> None:
@@ -105,28 +77,24 @@ class StreamedModel:
         embed = self.weights("model.embed_tokens.weight")
         hidden = [embed[w.long()].to(device=dev, dtype=dt)[None] for w in windows]
         del embed
-        ropes: dict[int, tuple] = {}
+        kwargs: dict[int, dict[str, Any]] = {}  # per window length: RoPE tables, positions
         label = f"scoring block by block ({dev.type}, {self.stats.dtype})"
         with _task(reporter, label, self.cfg.num_hidden_layers) as task:
             for i in range(self.cfg.num_hidden_layers):
                 t0 = time.perf_counter()
-                block = self._block(i)
+                block = blocks.load_block(self.cfg, self.weights, i, dev, dt)
                 for j, x in enumerate(hidden):
                     seq = x.shape[1]
-                    if seq not in ropes:
-                        ropes[seq] = self._rotary(seq)
-                    out = block(x, position_embeddings=ropes[seq], attention_mask=None,
-                                position_ids=torch.arange(seq, device=dev)[None])
-                    hidden[j] = out[0] if isinstance(out, tuple) else out
+                    if seq not in kwargs:
+                        kwargs[seq] = blocks.block_kwargs(self.cfg, seq, dev, dt)
+                    hidden[j] = blocks.run_block(block, x, kwargs[seq])
                 del block
-                _free(dev)
+                blocks.free(dev)
                 self.stats.per_block_seconds.append(round(time.perf_counter() - t0, 3))
                 self.stats.blocks += 1
                 task.advance()
-        self.norm = self.norm_cls(self.cfg.hidden_size, eps=self.cfg.rms_norm_eps).to(device=dev, dtype=dt)
-        self.norm.weight.data = self.weights("model.norm.weight").to(device=dev, dtype=dt)
-        head_name = "model.embed_tokens.weight" if self.cfg.tie_word_embeddings else "lm_head.weight"
-        self.head = self.weights(head_name).to(device=dev, dtype=torch.float32)
+        self.norm = blocks.final_norm(self.cfg, self.weights("model.norm.weight"), dev, dt)
+        self.head = self.weights(blocks.head_weight_name(self.cfg)).to(device=dev, dtype=torch.float32)
         self.hidden = hidden
         self.stats.seconds = round(time.perf_counter() - t_start, 3)
 
@@ -150,24 +118,6 @@ def _task(reporter: Any, label: str, total: int):
     from contextlib import nullcontext
 
     return reporter.task(label, total=total) if reporter is not None else nullcontext(_NoTask())
-
-
-def _hf_config(config: dict[str, Any]):
-    from transformers import AutoConfig
-
-    d = {k: v for k, v in config.items() if k not in ("quantization_config",)}
-    cfg = AutoConfig.for_model(d.pop("model_type"), **d)
-    cfg._attn_implementation = "sdpa"  # with no mask, sdpa is causal (is_causal) and needs no (seq, seq) mask
-    return cfg
-
-
-def _free(dev: torch.device) -> None:
-    """Return a freed block's memory to the device. Tensors go by reference counting; a full gc.collect() per block
-    cost 0.4 s with a transformers model loaded beside (35 s of the CPU demo's validation), so it runs on CUDA only,
-    where the cached blocks must be released for the memory bound to hold."""
-    if dev.type == "cuda":
-        gc.collect()
-        torch.cuda.empty_cache()
 
 
 def checkpoint_dtype(config: dict[str, Any]) -> torch.dtype:

@@ -16,6 +16,10 @@ GGUF_ARCH = {"llama": "llama", "mistral": "llama"}  # HF model_type -> GGUF arch
 TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")
 QUANT_TYPES = ("Q8_0", "Q4_0", "Q4_1")
 FILE_NAME = "model.gguf"
+# llama.cpp loads Qwen2/Qwen3 as archs `qwen2`/`qwen3` (gguf-py constants.py); our writer has their names
+# (toolchain.families gguf_arch, gguf_names) but not yet their hyper-parameter keys or Qwen's BPE tokenizer metadata.
+FAMILIES_RULE = ("the GGUF writer implements llama.cpp's `llama` architecture only (Llama, Mistral); llama.cpp's "
+                 "`qwen2`/`qwen3` (q/k/v biases, attn_q_norm/attn_k_norm, Qwen's BPE tokenizer) are not wired yet")
 
 
 class GGUFOptions(BaseModel):
@@ -86,4 +90,6 @@ FORMATS = (FormatSpec(
     runtimes={"llama.cpp": "llama-cli -m model.gguf", "ollama": "FROM ./model.gguf",
               "transformers": "from_pretrained(dir, gguf_file=...) (dequantized on load)"},
     plan_check=plan_check,
+    families=("llama", "mistral"),
+    families_rule=FAMILIES_RULE,
 ),)

@@ -15,6 +15,14 @@ MODEL_JSON = "model.json"
 WRAPS = ("gguf", "gptq", "compressed-tensors")
 
 
+# Xinference's vLLM engine sets quantization="fp8" for model_format fp8, which vLLM refuses against a
+# compressed-tensors quantization_config: a compressed-tensors payload must say model_format pytorch. The rule
+# (toolchain.runtimes.rules, with its source) and this format's check both read it from here.
+CT_FP8_RULE = "xinference-ct-fp8-format"
+CT_FP8_WHEN = {"of": "compressed-tensors", "xinference_model_format": "fp8"}
+CT_FP8_SAYS = ("Xinference's vLLM engine turns model_format fp8 into quantization=fp8, which vLLM refuses for a "
+               "compressed-tensors checkpoint")
+
 class XinferenceOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     of: str = "gguf"  # the target format whose artifact Xinference serves
@@ -115,5 +123,8 @@ FORMATS = (FormatSpec(
     notes="Xinference custom model: model.json (v2) beside a gguf, gptq or compressed-tensors artifact",
     runtimes={"xinference": "xinference register --model-type LLM --file model.json"},
     plan_check=plan_check,
+    families=("llama", "mistral"),
+    families_rule="its model.json (chat family, stop tokens, payload) and its check through Xinference's own "
+    "model are not yet verified on Qwen models (to be wired with the gguf writer's qwen2/qwen3)",
     checker=checker,
 ),)

@@ -260,9 +260,11 @@ class IRReader:
         return {**self.scheme, **{f: self.layer_field(f) for f in fields if self.layers}}
 
     def plain_names(self) -> list[str]:
-        """Tensors that are not part of a quantized layer, in the source's naming."""
+        """Tensors that are not part of a quantized layer, in the source's naming. A quantized linear's bias
+        (`<layer>.bias`, Qwen2's q/k/v) is one: biases are never quantized and every format carries them as they are."""
         quant_prefixes = tuple(n + "." for n in self.layers)
-        return [k for k in self.tensors.keys() if not k.startswith(quant_prefixes)]
+        return [k for k in self.tensors.keys()
+                if not k.startswith(quant_prefixes) or k.removesuffix(".bias") in self.layers]
 
     def layer(self, name: str) -> QuantizedLinear:
         meta = dict(self.layers[name])

@@ -138,7 +138,7 @@ def test_plan_refuses_unsupported_config_json(cli, tmp_path, cfg, words):
     _build_exit2(cli, tmp_path, tiny_profile(source={"path": str(_hf_dir(tmp_path, cfg))}), "source:", *words)
 
 
-@pytest.mark.parametrize("fmt", ["gguf", "ollama", "trtllm", "trtllm-ckpt", "xinference"])
+@pytest.mark.parametrize("fmt", ["trtllm", "trtllm-ckpt", "xinference"])
 @pytest.mark.parametrize("arch", ["qwen2-tiny", "qwen3-tiny"])
 def test_formats_not_wired_for_a_family_say_so(cli, tmp_path, fmt, arch):
     from conftest import tiny_profile

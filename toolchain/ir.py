@@ -272,10 +272,10 @@ class IRReader:
 
     def plain_names(self) -> list[str]:
         """Tensors that are not part of a quantized layer, in the source's naming. A quantized linear's bias
-        (Qwen2's q/k/v) is plain: never quantized, carried as the source has it (no quantized tensor is named
-        `bias`)."""
+        (Qwen2's q/k/v) is plain: never quantized, carried as the source has it."""
         quant_prefixes = tuple(n + "." for n in self.layers)
-        return [k for k in self.tensors.keys() if not k.startswith(quant_prefixes) or k.endswith(".bias")]
+        return [k for k in self.tensors.keys()
+                if not k.startswith(quant_prefixes) or k.removesuffix(".bias") in self.layers]
 
     def layer(self, name: str) -> QuantizedLinear:
         meta = dict(self.layers[name])

@@ -66,11 +66,12 @@ def _gguf_types(path: Path) -> dict[str, str]:
 
 def gguf_conformance(model, ir_dir: Path, gguf_path: Path, export_info: dict[str, Any]) -> dict[str, Any]:
     """Every quantized layer and every plain tensor as loaded vs what the IR says the file must hold."""
-    import gguf
-
     ir = IRReader(ir_dir)
     types = _gguf_types(gguf_path)
-    tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, ir.config["num_hidden_layers"])
+    from .export import tensor_name_map
+    from .spec import gguf_arch
+
+    tmap = tensor_name_map(gguf_arch(ir.config), ir.config["num_hidden_layers"])
     requantized = set(export_info.get("requantized_layers", []))
     params = dict(model.named_parameters(remove_duplicate=False))
     check = WeightComparison(ARITHMETIC)

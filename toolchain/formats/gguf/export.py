@@ -17,8 +17,10 @@ Types (target option `type:`): F32, F16, BF16 (what ollama's own quantizer start
 `exact: true` forbids requantizing (and F16/BF16 rounding of quantized layers): checked at plan time.
 Tensors the IR keeps unquantized: 1-D (norms) as F32; 2-D (embeddings, an ignored lm_head) as F16 (BF16 for
 type BF16 or a bfloat16 source, F32 for type F32). Llama's q/k rows are permuted as llama.cpp's converter does
-(its RoPE pairs adjacent rows; HF's pairs row i with row i + head_dim/2). The tokenizer (GPT-2 BPE or
-SentencePiece) and the chat template are carried over. Tensors are written one at a time: memory stays bounded by
+(its RoPE pairs adjacent rows; HF's pairs row i with row i + head_dim/2); Qwen2/Qwen3 are not (llama.cpp's `qwen2`
+and `qwen3` use NEOX-style RoPE, HF's halves). The architecture, tensor names, biases (F32) and q/k norms come from
+the model's family (toolchain.families). The tokenizer (GPT-2 BPE, Qwen's BPE, or SentencePiece) and the chat
+template are carried over. Tensors are written one at a time: memory stays bounded by
 one layer.
 
 This module is imported at plan time (options, plan checks): heavy imports stay inside the functions.
@@ -32,7 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ...errors import BuildError, MissingToolError
-from .spec import BLOCK, FILE_NAME, GGUF_ARCH, QUANT_TYPES, GGUFOptions, exact_types, resolve_type
+from .spec import BLOCK, FILE_NAME, QUANT_TYPES, GGUFOptions, exact_types, gguf_arch, resolve_type
 
 if TYPE_CHECKING:
     import numpy as np
@@ -214,6 +216,9 @@ def write_hparams(w, cfg: dict[str, Any], gtype: str, name: str) -> None:
 
     heads = cfg["num_attention_heads"]
     hd = head_dim(cfg)
+    # llama.cpp's converter writes key/value_length whenever config.json names head_dim (TextModel); the llama
+    # arch keeps its earlier files (llama.cpp derives head_dim from n_embd / n_head there).
+    explicit_hd = gguf_arch(cfg) != "llama" and cfg.get("head_dim") is not None
     w.add_type(gguf.GGUFType.MODEL)
     w.add_name(name)
     w.add_context_length(int(cfg.get("max_position_embeddings", 2048)))
@@ -225,7 +230,7 @@ def write_hparams(w, cfg: dict[str, Any], gtype: str, name: str) -> None:
     w.add_rope_freq_base(_rope_theta(cfg))
     w.add_layer_norm_rms_eps(float(cfg.get("rms_norm_eps", 1e-5)))
     w.add_rope_dimension_count(hd)
-    if hd != cfg["hidden_size"] // heads:
+    if hd != cfg["hidden_size"] // heads or explicit_hd:
         w.add_key_length(hd)
         w.add_value_length(hd)
     w.add_vocab_size(cfg["vocab_size"])
@@ -246,11 +251,25 @@ def source_gguf_fields(path: Path | None) -> dict[str, Any]:
     return {k: r.fields[k].contents() for k in keys if k in r.fields}
 
 
+# The Split regexes of tokenizer.json pre-tokenizers whose llama.cpp name we know (llama.cpp's
+# convert_hf_to_gguf.py get_vocab_base_pre and llama-vocab.cpp's LLAMA_VOCAB_PRE_TYPE_* regexes).
+KNOWN_SPLITS = {
+    # Qwen2, Qwen2.5, Qwen3 (transformers' Qwen2Tokenizer PRETOKENIZE_REGEX): digits one by one
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+    r"""|\s*[\r\n]+|\s+(?!\S)|\s+""": "qwen2",
+}
+
+
 def detect_pre(tok_json: dict[str, Any]) -> str | None:
-    """llama.cpp's pre-tokenizer name when we can recognise it (GPT-2's own regex); None = ask the user."""
+    """llama.cpp's pre-tokenizer name when we can recognise it (GPT-2's own regex, Qwen's Split + ByteLevel);
+    None = ask the user."""
     pre = tok_json.get("pre_tokenizer") or {}
     if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
         return "gpt-2"
+    parts = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else []
+    if len(parts) == 2 and parts[0].get("type") == "Split" and parts[1].get("type") == "ByteLevel" \
+            and not parts[1].get("use_regex", True):
+        return KNOWN_SPLITS.get((parts[0].get("pattern") or {}).get("Regex"))
     return None
 
 
@@ -365,6 +384,14 @@ def _adds_bos_eos(ir_dir: Path, special: dict[str, int]) -> tuple[bool, bool]:
 
 # -- the writer ---------------------------------------------------------------------------------------------
 
+def tensor_name_map(arch: str, blocks: int):
+    """gguf-py's HF -> llama.cpp tensor name map of an architecture (only that arch's tensors: a q_norm in a
+    `qwen2` file would find no name and fail the export)."""
+    gguf = _gguf()
+    by_name = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}
+    return gguf.get_tensor_name_map(by_name[arch], blocks)
+
+
 def _gguf_name(name: str, tmap) -> str:
     base = tmap.get_name(name, try_suffixes=(".weight", ".bias"))
     if base is None:
@@ -373,6 +400,11 @@ def _gguf_name(name: str, tmap) -> str:
 
 
 def _qk_heads(name: str, cfg: dict[str, Any]) -> int | None:
+    """The head count to permute a q/k projection's rows by, for the families llama.cpp permutes; else None."""
+    from ...families import family_of
+
+    if not family_of(cfg).gguf_permute_qk:
+        return None
     if name.endswith("self_attn.q_proj"):
         return cfg["num_attention_heads"]
     if name.endswith("self_attn.k_proj"):
@@ -400,16 +432,15 @@ def write_gguf(ir_dir: Path, out_path: Path, options: dict[str, Any], source_ggu
     opts = GGUFOptions.model_validate(options)
     ir = IRReader(ir_dir)
     cfg = ir.config
-    if cfg.get("model_type") not in GGUF_ARCH:
-        raise BuildError(f"GGUF export supports model_type {', '.join(GGUF_ARCH)}, not {cfg.get('model_type')!r}")
+    arch = gguf_arch(cfg)
     gtype = resolve_type(opts.type, ir.layers_scheme())
     if any(n.endswith(".pre_quant_scale") for n in ir.tensors.keys()):
         raise BuildError("GGUF has no place for AWQ's pre_quant_scale; fold it into the weights first")
     src = source_gguf_fields(source_gguf)
     name = model_name or src.get("general.name") or cfg.get("_name_or_path") or "model"
-    tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg["num_hidden_layers"])
+    tmap = tensor_name_map(arch, cfg["num_hidden_layers"])
 
-    w = gguf.GGUFWriter(str(out_path), GGUF_ARCH[cfg["model_type"]])
+    w = gguf.GGUFWriter(str(out_path), arch)
     write_hparams(w, cfg, gtype, str(name))
     if "general.license" in src:
         w.add_license(str(src["general.license"]))
@@ -472,7 +503,7 @@ def write_gguf(ir_dir: Path, out_path: Path, options: dict[str, Any], source_ggu
     else:
         rounding = f"{gtype}: max |w_gguf - w_ir| = {ir_err:.3g}"
     return {
-        "format": "gguf", "file": out_path.name, "type": gtype, "architecture": GGUF_ARCH[cfg["model_type"]],
+        "format": "gguf", "file": out_path.name, "type": gtype, "architecture": arch,
         "layers": modes, "requantized": bool(requantized), "requantized_layers": requantized,
         "lossless_wrt_ir": ir_err == 0.0, "ir_max_abs_err": ir_err, "rounding": rounding,
         "plain_tensor_max_abs_err": plain_err, "tokenizer": tok_info,

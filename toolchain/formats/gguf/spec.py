@@ -12,14 +12,21 @@ from ...stage import StageCode
 from ..base import FormatSpec
 
 BLOCK = 32  # every GGUF type used here stores rows in blocks of 32 values
-GGUF_ARCH = {"llama": "llama", "mistral": "llama"}  # HF model_type -> GGUF architecture
 TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")
 QUANT_TYPES = ("Q8_0", "Q4_0", "Q4_1")
 FILE_NAME = "model.gguf"
-# llama.cpp loads Qwen2/Qwen3 as archs `qwen2`/`qwen3` (gguf-py constants.py); our writer has their names
-# (toolchain.families gguf_arch, gguf_names) but not yet their hyper-parameter keys or Qwen's BPE tokenizer metadata.
-FAMILIES_RULE = ("the GGUF writer implements llama.cpp's `llama` architecture only (Llama, Mistral); llama.cpp's "
-                 "`qwen2`/`qwen3` (q/k/v biases, attn_q_norm/attn_k_norm, Qwen's BPE tokenizer) are not wired yet")
+
+
+def gguf_arch(model_config: dict[str, Any]) -> str:
+    """llama.cpp's general.architecture for this config: its family's (Llama and Mistral `llama`, Qwen2 `qwen2`,
+    Qwen3 `qwen3`; llama.cpp's convert_hf_to_gguf.py registers MistralForCausalLM under LlamaModel)."""
+    from ...families import family_of
+
+    arch = family_of(model_config).gguf_arch
+    if arch is None:
+        raise InputError(f"targets: format gguf has no llama.cpp architecture for model_type "
+                         f"{model_config.get('model_type')!r}")
+    return arch
 
 
 class GGUFOptions(BaseModel):
@@ -57,10 +64,17 @@ def resolve_type(requested: str, scheme: dict[str, Any]) -> str:
 def plan_check(quantize_spec: Any, model_config: dict[str, Any], options: dict[str, Any]) -> None:
     """Fail at plan time for what the GGUF writer would refuse after the quantize stage."""
     quantize = quantize_spec.model_dump(mode="json") if hasattr(quantize_spec, "model_dump") else dict(quantize_spec)
-    mt = model_config.get("model_type")
-    if mt not in GGUF_ARCH:
-        raise InputError(f"targets: format gguf supports model_type {', '.join(GGUF_ARCH)} (got {mt!r})")
+    gguf_arch(model_config)
     from ...arch import linear_shapes
+    from ...families import rope_parameters
+
+    rope = rope_parameters(model_config)
+    rtype = rope.get("rope_type") or rope.get("type") or "default"
+    if rtype != "default":
+        # llama.cpp would take yarn as rope.scaling.* keys, but transformers' GGUF loader (our checker) reads none
+        # of them back (integrations/ggml.py GGUF_CONFIG_MAPPING): the file could not be verified.
+        raise InputError(f"targets: format gguf writes default RoPE only; this model has rope scaling {rtype!r} "
+                         "(remove rope_scaling from config.json, or use another format)")
 
     if quantize.get("method") == "awq" and not quantize.get("awq_fold", True):
         raise InputError("targets: GGUF has no place for AWQ's pre_quant_scale; set quantize.awq_fold: true")
@@ -90,6 +104,4 @@ FORMATS = (FormatSpec(
     runtimes={"llama.cpp": "llama-cli -m model.gguf", "ollama": "FROM ./model.gguf",
               "transformers": "from_pretrained(dir, gguf_file=...) (dequantized on load)"},
     plan_check=plan_check,
-    families=("llama", "mistral"),
-    families_rule=FAMILIES_RULE,
 ),)

@@ -7,7 +7,7 @@ from pydantic import ConfigDict
 
 from ...stage import StageCode
 from ..base import FormatSpec
-from ..gguf.spec import FAMILIES_RULE, GGUFOptions
+from ..gguf.spec import GGUFOptions
 from ..gguf.spec import plan_check as gguf_plan_check
 
 MODELFILE = "Modelfile"
@@ -30,6 +30,4 @@ FORMATS = (FormatSpec(
     notes="ollama: model.gguf + Modelfile (TEMPLATE in Go syntax, SYSTEM, PARAMETER stop, LICENSE)",
     runtimes={"ollama": "ollama create NAME -f Modelfile"},
     plan_check=gguf_plan_check,
-    families=("llama", "mistral"),
-    families_rule=FAMILIES_RULE + "; ollama's TEMPLATE for Qwen's ChatML neither",
 ),)

@@ -490,7 +490,7 @@ def _cases() -> list[Case]:
          ["source.path", "model-00002.safetensors", "shorter than"]),
         ("config-gpt2", hf_with({"config.json": json.dumps({"model_type": "gpt2",
                                                             "architectures": ["GPT2LMHeadModel"]})}),
-         ["source.path", "gpt2", "GPT2LMHeadModel", "supported model types", "llama"]),
+         ["source.path", "gpt2", "GPT2LMHeadModel", "Supported model types", "llama"]),
         ("config-not-json", hf_with({"config.json": "{nope"}), ["source", "config.json", "not valid JSON"]),
         # the evaluation text
         ("eval-empty-text", hf_eval(""), ["validate.accuracy.dataset", "0 tokens", "at least 16"]),

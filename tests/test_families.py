@@ -4,6 +4,7 @@ config, and the refusals say what is supported."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from toolchain import families
@@ -108,7 +109,9 @@ def _hf_dir(tmp_path, cfg: dict):
     d = tmp_path / "model"
     d.mkdir()
     (d / "config.json").write_text(json.dumps(cfg))
-    (d / "model.safetensors").write_bytes(b"\0" * 8)
+    from safetensors.numpy import save_file  # a valid file: the plan checks safetensors headers first
+
+    save_file({"model.norm.weight": np.ones(4, dtype=np.float32)}, str(d / "model.safetensors"))
     return d
 
 
@@ -135,7 +138,7 @@ def _build_exit2(cli, tmp_path, profile: dict, *words: str) -> None:
 def test_plan_refuses_unsupported_config_json(cli, tmp_path, cfg, words):
     from conftest import tiny_profile
 
-    _build_exit2(cli, tmp_path, tiny_profile(source={"path": str(_hf_dir(tmp_path, cfg))}), "source:", *words)
+    _build_exit2(cli, tmp_path, tiny_profile(source={"path": str(_hf_dir(tmp_path, cfg))}), "source.path:", *words)
 
 
 @pytest.mark.parametrize("fmt", ["trtllm", "trtllm-ckpt", "xinference"])

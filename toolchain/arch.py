@@ -29,16 +29,6 @@ def head_dim(cfg: dict[str, Any]) -> int:
     return families.family_of(cfg).dims(cfg).head_dim
 
 
-def check_model(cfg: dict[str, Any]) -> families.Family:
-    """The config's family, or InputError (exit 2) naming what is unsupported and what is (plan time)."""
-    from .errors import InputError
-
-    try:
-        return families.check(cfg)
-    except families.UnsupportedModel as e:
-        raise InputError(f"source: {e}") from None
-
-
 def linear_shapes(cfg: dict[str, Any]) -> list[tuple[str, int, int]]:
     """(module name, out_features, in_features) of every nn.Linear in the causal LM, blocks in order, then lm_head.
     Raises families.UnsupportedModel (a ValueError) for a model_type no family describes."""

@@ -149,22 +149,17 @@ def check_synthetic_size(cfg: dict[str, Any], store_root: Path) -> None:
                      f"({store_root}); use at most {fit} layers, or a store with more space")
 
 
-def supported_model_types() -> list[str]:
-    """The one list of architectures the stages can build (model_type of config.json). When the family registry
-    (toolchain/families) lands, this is where it is read."""
-    from . import arch
+def check_architecture(cfg: dict[str, Any], yaml_path: str) -> Any:
+    """The config's family (toolchain.families), or exit 2 naming what is unsupported and what is supported: an
+    unknown model type, or a feature of a known one we do not implement (sliding window, rope scaling)."""
+    from . import families
 
-    return sorted(arch.LLAMA_LIKE)
-
-
-def check_architecture(cfg: dict[str, Any], yaml_path: str) -> None:
-    supported = supported_model_types()
-    model_type = cfg.get("model_type")
-    if model_type in supported:
-        return
-    archs = ", ".join(map(str, cfg.get("architectures") or [])) or "no architectures listed"
-    raise InputError(f"{yaml_path}: model_type {model_type!r} ({archs}) is not supported; supported model types: "
-                     f"{', '.join(supported)}; point {yaml_path} at a checkpoint of one of them")
+    try:
+        return families.check(cfg)
+    except families.UnsupportedModel as e:
+        archs = ", ".join(map(str, cfg.get("architectures") or [])) or "none listed"
+        raise InputError(f"{yaml_path}: {e} (its config.json architectures: {archs}); point {yaml_path} at a "
+                         "checkpoint of a supported family") from None
 
 
 # -- the recipe against the model ---------------------------------------------------------------------------------

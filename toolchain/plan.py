@@ -207,10 +207,10 @@ def build_plan(loaded: LoadedProfile, store: Store, reporter: Reporter | None = 
     # The converted source's config.json, when built, spares re-parsing a GGUF's metadata on every plan.
     built_config = store.object_dir(source.key) / "config.json"
     cfg = json.loads(built_config.read_text()) if built_config.is_file() else src.model_config()
-    checks.check_architecture(cfg, "source.hub" if p.source.hub else "source.path")
+    # an unsupported family or feature: exit 2 naming what is supported
+    family = checks.check_architecture(cfg, "source.hub" if p.source.hub else "source.path")
     if src.kind == "synthetic" and not store.has(source.key):
         checks.check_synthetic_size(cfg, store.root)  # before anything lists its layers
-    family = arch.check_model(cfg)  # an unsupported family or feature: exit 2 naming what is supported
     try:
         arch.linear_shapes(cfg)
     except (ValueError, KeyError) as e:
@@ -270,6 +270,9 @@ def build_plan(loaded: LoadedProfile, store: Store, reporter: Reporter | None = 
             raise InputError(f"targets: format {target.label} has no FP8 KV cache, and the calibrated KV scales "
                              f"(quantize.kv_cache: fp8 with calibration) would be written into it as stray tensors; "
                              f"drop that target or quantize.kv_cache (formats with one: {', '.join(KV_SCALE_FORMATS)})")
+        if "*" not in exporter.families and family.name not in exporter.families:
+            raise InputError(f"targets: format {target.format} does not take {family.name} models yet (it takes "
+                             f"{', '.join(exporter.families)}): {exporter.families_rule}")
         if exporter.plan_check:  # first: a format's own reason is the more precise one
             exporter.plan_check(p.quantize, cfg, target.options)
         # GPTQ act-order without static groups needs a per-column group index (g_idx) in the checkpoint; a
@@ -279,9 +282,6 @@ def build_plan(loaded: LoadedProfile, store: Store, reporter: Reporter | None = 
             raise InputError(f"targets: format {target.format} cannot hold GPTQ act-order groups (a g_idx per "
                              "input column); set quantize.static_groups: true (act-order with groups in order, "
                              "what compressed-tensors calls actorder: weight) or act_order: false")
-        if "*" not in exporter.families and family.name not in exporter.families:
-            raise InputError(f"targets: format {target.format} does not take {family.name} models yet (it takes "
-                             f"{', '.join(exporter.families)}): {exporter.families_rule}")
         verdicts = check_runtimes(i, target, p.quantize, cfg)
         runtimes[target.label] = verdicts
         export_cfg = target.model_dump(mode="json", exclude={"runtimes"})  # says who loads it, not its bytes

@@ -161,7 +161,7 @@ def test_block_check_catches_a_kernel_that_skips_the_end_of_k(exports, monkeypat
     exact = builtin.block_errors(model, tokens=8)
     assert len(exact) == 4 and set(exact.values()) == {0.0}, exact
 
-    def short_k(x, packed, scale, zero, group, tiled, split):
+    def short_k(x, packed, scale, zero, group, tiled, split, tiled_max_m, groups_per_slice):
         assert not tiled  # CPU: the stored layout
         w = builtin.kernels.dequantize_int4(packed, scale, zero, group)
         w[:, -32:] = 0

@@ -15,6 +15,9 @@ bandwidth limit at small batch.
   128k permuted once at load into mma tiles, the same values, for the tensor-core GEMV); FP8 with more than
   `fp8_weight_only_max_m` rows (prefill, large batches) as the checkpoint asks: dynamic per-token FP8 activations
   by torch._scaled_mm.
+- Every variant switch (tiles, dense GEMV, split norm, groups per slice, block sizes) comes from the model's
+  EngineConfig (toolchain.engine.config), which the speed stage's key holds; custom ops take what they need of
+  it as arguments, so it is also in each compiled graph's code.
 - `use_kernels=False` is the reference: the same model in float32 from the same stored bytes, plain torch
   (SDPA attention), which `block_errors` compares block by block.
 """
@@ -29,11 +32,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..engine.config import EngineConfig
 from ..errors import BuildError
 from . import kernels
 from .weights import Checkpoint, Linear
 
-FP8_WEIGHT_ONLY_MAX_M = 64
 BLOCK_LINEARS = ("qkv", "o", "gate_up", "down")
 # The runtime's arithmetic is gated block by block (block_errors): each decoder block, and the head, on the fast
 # model's own input against a float32 twin that rounds FP8 activations where the model does. Measured on a
@@ -63,8 +66,9 @@ def _checked(parts: torch.Tensor, split: int) -> torch.Tensor:
 
 @torch.library.custom_op("toolchain::int4_mm", mutates_args=())
 def int4_mm(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
-            group: int, tiled: bool, split: int) -> torch.Tensor:
-    return _checked(kernels.int4_partials(x, packed, scale, zero, group, tiled=tiled), split)
+            group: int, tiled: bool, split: int, tiled_max_m: int, groups_per_slice: int) -> torch.Tensor:
+    return _checked(kernels.int4_partials(x, packed, scale, zero, group, tiled=tiled, tiled_max_m=tiled_max_m,
+                                          groups_per_slice=groups_per_slice), split)
 
 
 def _partials_like(x: torch.Tensor, n: int, split: int) -> torch.Tensor:
@@ -73,7 +77,7 @@ def _partials_like(x: torch.Tensor, n: int, split: int) -> torch.Tensor:
 
 
 @int4_mm.register_fake
-def _(x, packed, scale, zero, group, tiled, split):
+def _(x, packed, scale, zero, group, tiled, split, tiled_max_m, groups_per_slice):
     return _partials_like(x, packed.shape[0], split)
 
 
@@ -100,29 +104,30 @@ def _(x, weight, split):
 @torch.library.custom_op("toolchain::decode_attention", mutates_args=("kc", "vc"))
 def decode_attention(qkv: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                      pos: torch.Tensor, n_heads: int, n_kv: int, ss: torch.Tensor | None, n: int,
-                     eps: float) -> torch.Tensor:
-    return kernels.decode_attention(qkv, kc, vc, cos, sin, pos, n_heads, n_kv, ss, n, eps)
+                     eps: float, warps: int) -> torch.Tensor:
+    return kernels.decode_attention(qkv, kc, vc, cos, sin, pos, n_heads, n_kv, ss, n, eps, warps)
 
 
 @decode_attention.register_fake
-def _(qkv, kc, vc, cos, sin, pos, n_heads, n_kv, ss, n, eps):
+def _(qkv, kc, vc, cos, sin, pos, n_heads, n_kv, ss, n, eps, warps):
     return kc.new_empty((qkv.shape[1], n_heads * kc.shape[-1]))
 
 
 @torch.library.custom_op("toolchain::silu_product", mutates_args=())
-def silu_product(parts: torch.Tensor, ss: torch.Tensor, n: int, eps: float, dtype: torch.dtype) -> torch.Tensor:
-    return kernels.silu_product(parts, ss, n, eps, dtype)
+def silu_product(parts: torch.Tensor, ss: torch.Tensor, n: int, eps: float, dtype: torch.dtype,
+                 block: int) -> torch.Tensor:
+    return kernels.silu_product(parts, ss, n, eps, dtype, block)
 
 
 @silu_product.register_fake
-def _(parts, ss, n, eps, dtype):
+def _(parts, ss, n, eps, dtype, block):
     return parts.new_empty((parts.shape[1], parts.shape[2] // 2), dtype=dtype)
 
 
 @torch.library.custom_op("toolchain::residual_norm", mutates_args=())
-def residual_norm_op(h: torch.Tensor, d: torch.Tensor | None, w: torch.Tensor, programs: int
+def residual_norm_op(h: torch.Tensor, d: torch.Tensor | None, w: torch.Tensor, programs: int, block: int
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    h, u, ss = kernels.residual_norm(h, d, w)
+    h, u, ss = kernels.residual_norm(h, d, w, block)
     if ss.shape[1] != programs:
         raise RuntimeError(f"the norm returned {ss.shape[1]} partial sums of squares where the graph expects "
                            f"{programs}")
@@ -130,14 +135,14 @@ def residual_norm_op(h: torch.Tensor, d: torch.Tensor | None, w: torch.Tensor, p
 
 
 @residual_norm_op.register_fake
-def _(h, d, w, programs):
+def _(h, d, w, programs, block):
     return h.new_empty(h.shape), h.new_empty(h.shape), h.new_empty((h.shape[0], programs), dtype=torch.float32)
 
 
-def residual_norm(h: torch.Tensor, d: torch.Tensor | None, w: torch.Tensor
+def residual_norm(h: torch.Tensor, d: torch.Tensor | None, w: torch.Tensor, block: int
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """kernels.residual_norm as a custom op, its number of partial sums in the graph (see the linears)."""
-    return residual_norm_op(h, d, w, kernels.norm_programs(h.shape[1]))
+    return residual_norm_op(h, d, w, kernels.norm_programs(h.shape[1], block), block)
 
 
 def concat(parts: list[Linear]) -> Linear:
@@ -159,15 +164,15 @@ def _tiled(lin: Linear) -> Linear:
 
 
 def linear_partials(x: torch.Tensor, lin: Linear, use_kernels: bool, wo_max_m: int | None = None,
-                    act_round: torch.dtype | None = None) -> torch.Tensor:
+                    act_round: torch.dtype | None = None, engine: EngineConfig = kernels.DEFAULTS) -> torch.Tensor:
     """x (M, K) -> partial sums (S, M, N) of the product, S >= 1 (the kernels' split of K; one slice elsewhere).
     `act_round`: the reference rounds activations to this dtype before quantizing them to FP8, as the fast model
     (whose activations are in that dtype) does; else both would round to other E4M3 values wherever bf16 and
     float32 straddle a boundary, and that differs by whole E4M3 steps."""
     m = x.shape[0]
-    wo_max_m = FP8_WEIGHT_ONLY_MAX_M if wo_max_m is None else wo_max_m
+    wo_max_m = engine.fp8_weight_only_max_m if wo_max_m is None else wo_max_m
     if lin.kind == "dense":
-        if use_kernels and m <= kernels.GEMV_MAX_M and kernels.dense_gemv() and kernels.available(x.device):
+        if use_kernels and m <= kernels.GEMV_MAX_M and engine.dense_gemv and kernels.available(x.device):
             return dense_mm(x, lin.weight.to(x.dtype), kernels.partials_split(lin.weight.shape[0], x.shape[1], m))
         return F.linear(x, lin.weight.to(x.dtype))[None]
     if lin.kind == "fp8" and m > wo_max_m:  # the checkpoint's own scheme: dynamic per-token FP8 activations
@@ -178,8 +183,9 @@ def linear_partials(x: torch.Tensor, lin: Linear, use_kernels: bool, wo_max_m: i
     if not use_kernels:
         return (x.to(torch.float32) @ lin.dense(torch.float32).T).to(x.dtype)[None]
     if lin.kind == "int4":
-        split = kernels.partials_split(lin.weight.shape[0], x.shape[1], m, lin.tiled)
-        return int4_mm(x, lin.weight, lin.scale, lin.zero, lin.group, lin.tiled, split)
+        split = kernels.partials_split(lin.weight.shape[0], x.shape[1], m, lin.tiled, engine)
+        return int4_mm(x, lin.weight, lin.scale, lin.zero, lin.group, lin.tiled, split, engine.tiled_max_m,
+                       engine.tiled_groups_per_slice)
     return fp8_mm(x, lin.weight, lin.scale, kernels.partials_split(lin.weight.shape[0], x.shape[1], m))
 
 
@@ -194,9 +200,9 @@ def summed(parts: torch.Tensor) -> torch.Tensor:
 
 
 def apply_linear(x: torch.Tensor, lin: Linear, use_kernels: bool, wo_max_m: int | None = None,
-                 act_round: torch.dtype | None = None) -> torch.Tensor:
+                 act_round: torch.dtype | None = None, engine: EngineConfig = kernels.DEFAULTS) -> torch.Tensor:
     """x (M, K) -> (M, N) in x's dtype (linear_partials, summed)."""
-    return summed(linear_partials(x, lin, use_kernels, wo_max_m, act_round)).to(x.dtype)
+    return summed(linear_partials(x, lin, use_kernels, wo_max_m, act_round, engine)).to(x.dtype)
 
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
@@ -211,12 +217,15 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 
 
 class Model:
-    """A loaded checkpoint on one device. Weights stay as stored; `dtype` is the activation dtype."""
+    """A loaded checkpoint on one device. Weights stay as stored; `dtype` is the activation dtype; `engine` the
+    variant switches (None: EngineConfig.from_env(), the defaults as the environment sets them)."""
 
     def __init__(self, ckpt: Checkpoint, device: torch.device, dtype: torch.dtype = torch.bfloat16,
-                 use_kernels: bool = True):
+                 use_kernels: bool = True, engine: EngineConfig | None = None):
         from ..arch import head_dim
 
+        self.engine = engine = EngineConfig.from_env() if engine is None else engine
+        use_kernels = use_kernels and engine.kernels
         cfg = ckpt.config
         if cfg.get("rope_scaling") not in (None, {}) and (cfg["rope_scaling"] or {}).get("rope_type") != "default":
             raise BuildError(f"the built-in runtime has no rope_scaling {cfg['rope_scaling']!r}")
@@ -240,7 +249,7 @@ class Model:
                for lay in layers):
             raise BuildError("the built-in runtime needs every decoder block quantized alike")
         self.block, self.head = self._block, self._head
-        self.wo_max_m = FP8_WEIGHT_ONLY_MAX_M  # FP8: weight-only up to this many rows, W8A8 above
+        self.wo_max_m = engine.fp8_weight_only_max_m  # FP8: weight-only up to this many rows, W8A8 above
         self.act_round: torch.dtype | None = None  # see apply_linear
         self.caches: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
         self.w8a8 = self._check_w8a8() if use_kernels and self.block_kinds[0][0] == "fp8" else None
@@ -251,7 +260,7 @@ class Model:
             and self.n_heads % self.n_kv == 0
         # Norms by residual_norm where the attention kernel runs. Not in fp16: w h un-normalized can leave fp16's
         # range where the residual stream holds large values (bf16 has float32's range).
-        self.split_norm = self.fused_attention and dtype != torch.float16 and kernels.split_norm()
+        self.split_norm = self.fused_attention and dtype != torch.float16 and engine.split_norm
 
     def _check_w8a8(self) -> dict[str, Any]:
         """torch._scaled_mm against the float32 product of the same FP8 operands, on this card, before trusting
@@ -298,7 +307,7 @@ class Model:
             head = lin("lm_head")
         else:  # tied embeddings
             head = Linear("dense", tuple(embed.shape), embed)
-        if self.use_kernels and kernels.tiles_run(dev, dt):  # INT4 as mma tiles where they fit (kernels.py)
+        if self.use_kernels and self.engine.int4_tiles and kernels.tiles_run(dev, dt):  # INT4 as mma tiles (kernels.py)
             for lay in layers:
                 for k in BLOCK_LINEARS:
                     lay[k] = _tiled(lay[k])
@@ -329,10 +338,10 @@ class Model:
         self.positions = torch.arange(max_len, device=self.device)
 
     def _lin(self, x: torch.Tensor, lin: Linear) -> torch.Tensor:
-        return apply_linear(x, lin, self.use_kernels, self.wo_max_m, self.act_round)
+        return apply_linear(x, lin, self.use_kernels, self.wo_max_m, self.act_round, self.engine)
 
     def _partials(self, x: torch.Tensor, lin: Linear) -> torch.Tensor:
-        return linear_partials(x, lin, self.use_kernels, self.wo_max_m, self.act_round)
+        return linear_partials(x, lin, self.use_kernels, self.wo_max_m, self.act_round, self.engine)
 
     def _block(self, h, d, kc, vc, pos, cos, sin, mask, ln1, ln2, *w):
         """One decoder block for one new token per sequence: the residual stream h (B, hidden) and the previous
@@ -349,7 +358,8 @@ class Model:
             h = h + summed(d).to(h.dtype)
         x = rms_norm(h, ln1, self.eps)
         if self.fused_attention:
-            att = decode_attention(self._partials(x, qkv_l), kc, vc, cos, sin, pos, nh, nkv, None, 1, 0.0)
+            att = decode_attention(self._partials(x, qkv_l), kc, vc, cos, sin, pos, nh, nkv, None, 1, 0.0,
+                                   self.engine.attention_warps)
         else:
             qkv = self._lin(x, qkv_l)
             q = qkv[:, : nh * hd].view(b, nh, 1, hd)
@@ -370,11 +380,12 @@ class Model:
     def _split_norm_block(self, h, d, kc, vc, pos, cos, sin, ln1, ln2, qkv_l, o_l, gu_l, down_l):
         """`_block` with both norms by residual_norm (many programs per row): the products take w h, and the
         attention kernel and the SiLU product apply 1 / rms (kernels.residual_norm says why)."""
-        h, u, ss = residual_norm(h, d, ln1)
+        eng = self.engine
+        h, u, ss = residual_norm(h, d, ln1, eng.norm_block)
         att = decode_attention(self._partials(u, qkv_l), kc, vc, cos, sin, pos, self.n_heads, self.n_kv, ss,
-                               self.hidden, self.eps)
-        h, u, ss = residual_norm(h, self._partials(att, o_l), ln2)
-        act = silu_product(self._partials(u, gu_l), ss, self.hidden, self.eps, h.dtype)
+                               self.hidden, self.eps, eng.attention_warps)
+        h, u, ss = residual_norm(h, self._partials(att, o_l), ln2, eng.norm_block)
+        act = silu_product(self._partials(u, gu_l), ss, self.hidden, self.eps, h.dtype, eng.silu_block)
         return h, self._partials(act, down_l)
 
     def block_output(self, h, *args) -> torch.Tensor:
@@ -406,7 +417,7 @@ class Model:
     def _head(self, h: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
         """The stream h plus the last block's MLP output d (partial sums), the final norm and lm_head: logits."""
         if self.split_norm:
-            h, u, ss = residual_norm(h, d, self.parts["norm"])
+            h, u, ss = residual_norm(h, d, self.parts["norm"], self.engine.norm_block)
             logits = summed(self._partials(u, self.parts["lm_head"]))
             return (logits * kernels.rms_scale(ss, self.hidden, self.eps)[:, None]).to(self.dtype)
         h = h + summed(d).to(h.dtype)
@@ -677,14 +688,16 @@ def blocks_after(how: str, fallbacks_before: int) -> str:
     return how
 
 
-def measure(export: Path, settings: dict[str, Any], reporter, ckpt: Checkpoint | None = None) -> dict[str, Any]:
-    """The speed stage's figures for a checkpoint on the first CUDA device."""
+def measure(export: Path, settings: dict[str, Any], reporter, ckpt: Checkpoint | None = None,
+            engine: EngineConfig | None = None) -> dict[str, Any]:
+    """The speed stage's figures for a checkpoint on the first CUDA device, under `engine` (the stage passes the
+    one in its key; None: EngineConfig.from_env())."""
     if not torch.cuda.is_available():
         raise BuildError("the built-in runtime needs a CUDA GPU (torch sees none)")
     device = torch.device("cuda")
     t0 = time.perf_counter()
     ckpt = ckpt or Checkpoint.open(export)
-    model = Model(ckpt, device, torch.bfloat16, use_kernels=kernels.available(device))
+    model = Model(ckpt, device, torch.bfloat16, use_kernels=kernels.available(device), engine=engine)
     load_s = time.perf_counter() - t0
     copy_gbs = copy_bandwidth_gbs(device)
     check = logits_check(model)
@@ -721,7 +734,7 @@ def measure(export: Path, settings: dict[str, Any], reporter, ckpt: Checkpoint |
                    "fp8_weight_only_max_m": model.wo_max_m, "fp8_w8a8": model.w8a8,
                    "load_seconds": round(load_s, 2),
                    "bytes_per_step": "linears as stored + norms + embedding rows + K/V of the mean context"},
-        "logits_check": check, "per_batch": per_batch,
+        "engine": model.engine.canonical(), "logits_check": check, "per_batch": per_batch,
     }
     if not check["passed"]:
         worst = max(check["blocks"][k] for k in check["blocks"] if k != "tolerance")

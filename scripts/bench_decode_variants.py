@@ -38,7 +38,7 @@ def engine_of(variant: str):
 def step_ms(model, batch: int, prompt: int = 128, replays: int = 64) -> tuple[float, list]:
     import torch
 
-    from toolchain.runtimes.builtin import DecodeGraph
+    from toolchain.engine.graph import DecodeGraph
 
     model.alloc_cache(batch, prompt + 2 * replays)
     ids = torch.randint(0, model.vocab, (batch, prompt), device=model.device)
@@ -97,8 +97,10 @@ def main() -> int:
     import torch._inductor.config as inductor_config
 
     from toolchain import arch
-    from toolchain.runtimes.builtin import Model, block_errors, compile_blocks
-    from toolchain.runtimes.weights import Checkpoint
+    from toolchain.engine.graph import compile_blocks
+    from toolchain.engine.measure import block_errors
+    from toolchain.engine.model import Model
+    from toolchain.engine.weights import Checkpoint
 
     if not torch.cuda.is_available():
         print("needs a CUDA GPU", file=sys.stderr)

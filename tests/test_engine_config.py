@@ -72,8 +72,8 @@ def test_a_bad_environment_default_is_refused_at_plan_time(tmp_path, builtin_her
 
 
 def test_the_stage_times_the_config_of_its_key_not_the_environment(tmp_path, builtin_here, monkeypatch):
+    from toolchain.engine import measure
     from toolchain.progress import Reporter
-    from toolchain.runtimes import builtin
     from toolchain.stage import StageContext
     from toolchain.stages import speed
 
@@ -86,7 +86,7 @@ def test_the_stage_times_the_config_of_its_key_not_the_environment(tmp_path, bui
         seen.append(engine)
         return {"per_batch": []}
 
-    monkeypatch.setattr(builtin, "measure", fake_measure)
+    monkeypatch.setattr(measure, "measure", fake_measure)
     ctx = StageContext(stage, tmp_path, tmp_path, {"export": tmp_path}, {}, Reporter(quiet=True), {}, "p", None)
     speed.run(ctx)
     assert seen == [EngineConfig(tiled_groups_per_slice=8)]
@@ -136,8 +136,8 @@ def test_a_model_follows_its_config():
     import bench_gpu
 
     from toolchain import arch
-    from toolchain.runtimes import builtin
-    from toolchain.runtimes.weights import Checkpoint
+    from toolchain.engine import model as builtin
+    from toolchain.engine.weights import Checkpoint
 
     cfg = {**arch.ARCHS["llama-2-7b"], "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1,
            "num_attention_heads": 2, "num_key_value_heads": 1, "vocab_size": 50, "max_position_embeddings": 32}

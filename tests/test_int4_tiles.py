@@ -1,4 +1,4 @@
-"""INT4 weights as mma tiles (toolchain.runtimes.kernels.tile_int4): the permutation is exact and invertible, and
+"""INT4 weights as mma tiles (toolchain.engine.kernels.tile_int4): the permutation is exact and invertible, and
 the tiles read by the rules of the PTX ISA's mma.m16n8k16 fragments (the way the tiled kernel's inline PTX reads
 them) give the product. On the CPU; the kernel itself runs in tests/test_speed.py's GPU tests."""
 
@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import REPO
 
-from toolchain.runtimes import kernels as K
+from toolchain.engine import kernels as K
 
 
 def _stored(n: int, k: int, group: int, seed: int = 0, zero: bool = True):

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 BUILTIN_VERSION = "5"  # bump when the built-in runtime's timing method or kernels change
-# Formats whose files the built-in runtime reads (toolchain.runtimes.weights).
+# Formats whose files the built-in runtime reads (toolchain.engine.weights).
 BUILTIN_FORMATS = ("compressed-tensors",)
 # The target's own benchmark, by format, in order of preference.
 NATIVE = {

@@ -19,7 +19,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     ctx.reporter.info(f"  timing {cfg['format']} with {runtime} {cfg['runtime_version']} on {cfg['card']['name']}")
     if runtime == "builtin":
         from ..engine.config import EngineConfig
-        from ..runtimes.builtin import measure
+        from ..engine.measure import measure
 
         # the engine in the key, not the environment of this process: what is keyed is what is timed
         result = measure(export, settings, ctx.reporter, engine=EngineConfig.from_dict(cfg["engine"]))

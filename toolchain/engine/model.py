@@ -1,5 +1,7 @@
 """Our built-in GPU runtime: a Llama-style decoder running a checkpoint's own bytes, built to sit near the memory
-bandwidth limit at small batch.
+bandwidth limit at small batch. Families (attention_traits): Llama and Mistral as they are; Qwen2 adds a q/k/v
+bias, Qwen3 an RMSNorm over each head of q and k before the rotary (and a head size of its own, 128, where
+hidden / heads may differ); a config's attention_bias (Llama, Qwen3) puts a bias on all four projections.
 
 - Static KV cache (batch, kv_heads, input_len + output_len, head_dim).
 - Decode: each decoder block compiled once by torch.compile (every block has the same shapes, the weights are
@@ -24,6 +26,7 @@ bandwidth limit at small batch.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -36,6 +39,34 @@ from .ops import decode_attention, dense_mm, fp8_mm, int4_mm, residual_norm, sil
 from .weights import Checkpoint, Linear
 
 BLOCK_LINEARS = ("qkv", "o", "gate_up", "down")
+# Per-block tensors beside the linears, None where the family has none: passed to every block after the linears'
+# tensors (tensors only, so that one compiled graph serves every layer).
+BLOCK_EXTRAS = ("qkv_bias", "o_bias", "q_norm", "k_norm")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+@dataclass(frozen=True)
+class AttentionTraits:
+    qkv_bias: bool  # a bias on q, k and v
+    o_bias: bool  # a bias on o
+    qk_norm: bool  # RMSNorm(head_dim) on each head of q and k after the bias, before the rotary
+    window: int | None  # sliding-window attention: positions a token sees (None: all)
+
+
+def attention_traits(cfg: dict[str, Any]) -> AttentionTraits:
+    """What a family's attention adds to Llama's, read from config.json as transformers' modeling code does
+    (transformers 5: Qwen2Attention q/k/v bias=True, o bias=False; LlamaAttention and Qwen3Attention
+    bias=config.attention_bias on all four; MistralAttention none; Qwen3 q_norm/k_norm; Mistral's sliding_window,
+    Qwen's only under use_sliding_window). One function, so that the family registry (toolchain.families) can
+    take its place."""
+    mt = cfg.get("model_type")
+    if mt not in FAMILIES:
+        raise BuildError(f"the built-in runtime runs {', '.join(FAMILIES)} decoders, not model_type {mt!r}")
+    if cfg.get("mlp_bias"):
+        raise BuildError("the built-in runtime has no MLP bias (config.json mlp_bias: true)")
+    both = bool(cfg.get("attention_bias")) and mt in ("llama", "qwen3")
+    window = cfg.get("sliding_window") if mt == "mistral" or cfg.get("use_sliding_window") else None
+    return AttentionTraits(qkv_bias=mt == "qwen2" or both, o_bias=both, qk_norm=mt == "qwen3", window=window or None)
 
 
 
@@ -121,17 +152,20 @@ class Model:
         self.engine = engine = EngineConfig.from_env() if engine is None else engine
         use_kernels = use_kernels and engine.kernels
         cfg = ckpt.config
-        if cfg.get("rope_scaling") not in (None, {}) and (cfg["rope_scaling"] or {}).get("rope_type") != "default":
-            raise BuildError(f"the built-in runtime has no rope_scaling {cfg['rope_scaling']!r}")
+        # transformers 5 writes rope_parameters {rope_type, rope_theta}; older configs rope_theta and rope_scaling
+        rope = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
+        if (rope.get("rope_type") or rope.get("type") or "default") != "default":
+            raise BuildError(f"the built-in runtime has no rope scaling {rope!r}")
+        theta = cfg.get("rope_theta") or (cfg.get("rope_parameters") or {}).get("rope_theta") or 10000.0
         self.cfg, self.device, self.dtype, self.use_kernels = cfg, device, dtype, use_kernels
         self.mode = ckpt.mode
         self.n_layers, self.hidden = cfg["num_hidden_layers"], cfg["hidden_size"]
         self.n_heads, self.head_dim = cfg["num_attention_heads"], head_dim(cfg)
         self.n_kv = cfg.get("num_key_value_heads", self.n_heads)
         self.eps, self.vocab = cfg.get("rms_norm_eps", 1e-6), cfg["vocab_size"]
+        self.traits = attention_traits(cfg)
         self.parts = self._load(ckpt)
-        inv = 1.0 / (cfg.get("rope_theta", 10000.0) ** (torch.arange(0, self.head_dim, 2, dtype=torch.float64)
-                                                        / self.head_dim))
+        inv = 1.0 / (theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float64) / self.head_dim))
         freqs = torch.outer(torch.arange(cfg.get("max_position_embeddings", 4096), dtype=torch.float64), inv)
         emb = torch.cat((freqs, freqs), dim=-1)
         self.cos = emb.cos().to(device, dtype)
@@ -153,7 +187,8 @@ class Model:
         self.fused_attention = use_kernels and kernels.available(device) and hd >= 32 and not hd & (hd - 1) \
             and self.n_heads % self.n_kv == 0
         # Norms by residual_norm where the attention kernel runs. Not in fp16: w h un-normalized can leave fp16's
-        # range where the residual stream holds large values (bf16 has float32's range).
+        # range where the residual stream holds large values (bf16 has float32's range). A bias comes after the
+        # norm's scale: the attention kernel adds it there.
         self.split_norm = self.fused_attention and dtype != torch.float16 and engine.split_norm
 
     def _check_w8a8(self) -> dict[str, Any]:
@@ -187,6 +222,14 @@ class Model:
         def lin(name):
             return ckpt.linear(name, shapes[name]).to(dev, dt)
 
+        def tensor(name):
+            if not ckpt.has(name):
+                raise BuildError(f"the checkpoint has no {name}, which its model_type "
+                                 f"{self.cfg.get('model_type')!r} needs")
+            return ckpt.get(name).to(dev, dt)
+
+        t = self.traits
+
         layers = []
         for i in range(self.n_layers):
             p = f"model.layers.{i}"
@@ -195,7 +238,12 @@ class Model:
             layers.append({"ln1": ckpt.get(f"{p}.input_layernorm.weight").to(dev, dt),
                            "ln2": ckpt.get(f"{p}.post_attention_layernorm.weight").to(dev, dt),
                            "qkv": concat([q, k, v]), "o": lin(f"{p}.self_attn.o_proj"),
-                           "gate_up": concat([gate, up]), "down": lin(f"{p}.mlp.down_proj")})
+                           "gate_up": concat([gate, up]), "down": lin(f"{p}.mlp.down_proj"),
+                           "qkv_bias": torch.cat([tensor(f"{p}.self_attn.{x}_proj.bias") for x in "qkv"])
+                           if t.qkv_bias else None,
+                           "o_bias": tensor(f"{p}.self_attn.o_proj.bias") if t.o_bias else None,
+                           "q_norm": tensor(f"{p}.self_attn.q_norm.weight") if t.qk_norm else None,
+                           "k_norm": tensor(f"{p}.self_attn.k_norm.weight") if t.qk_norm else None})
         embed = ckpt.get("model.embed_tokens.weight").to(dev, dt)
         if ckpt.has("lm_head.weight") or ckpt.has("lm_head.weight_packed"):
             head = lin("lm_head")
@@ -215,6 +263,8 @@ class Model:
         embedding rows of the batch's tokens."""
         lins = [lay[k] for lay in self.parts["layers"] for k in ("qkv", "o", "gate_up", "down")]
         norms = sum(lay["ln1"].numel() * 2 * lay["ln1"].element_size() for lay in self.parts["layers"])
+        norms += sum(lay[k].numel() * lay[k].element_size() for lay in self.parts["layers"] for k in BLOCK_EXTRAS
+                     if lay[k] is not None)  # biases and q/k norms
         return sum(x.nbytes() for x in lins) + self.parts["lm_head"].nbytes() + norms + \
             batch * self.hidden * self.parts["embed"].element_size()
 
@@ -224,6 +274,9 @@ class Model:
     # -- forward ---------------------------------------------------------------------------------------------
 
     def alloc_cache(self, batch: int, max_len: int) -> None:
+        if self.traits.window is not None and max_len > self.traits.window:
+            raise BuildError(f"the built-in runtime attends to every position: {max_len} positions exceed the "
+                             f"model's sliding window of {self.traits.window}")
         self.caches = None
         shape = (batch, self.n_kv, max_len, self.head_dim)
         self.caches = ([torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in range(self.n_layers)],
@@ -242,45 +295,67 @@ class Model:
         block's MLP output d as partial sums (S, B, hidden), or None; cos/sin the whole rotary tables. Returns
         (h, d) the same way: the next block adds d in the kernel of its first norm (one launch per block fewer
         than adding it here). Tensors only (w: weight, scale, zero of qkv, o, gate_up, down), so that one
-        compiled graph serves every layer."""
+        compiled graph serves every layer; then BLOCK_EXTRAS, each a tensor or None)."""
         qkv_l, o_l, gu_l, down_l = (self._as_linear(i, *w[3 * i : 3 * i + 3]) for i in range(4))
+        qkv_b, o_b, q_n, k_n = w[12:16]
         b = h.shape[0]
         hd, nh, nkv = self.head_dim, self.n_heads, self.n_kv
         if self.split_norm:
-            return self._split_norm_block(h, d, kc, vc, pos, cos, sin, ln1, ln2, qkv_l, o_l, gu_l, down_l)
+            return self._split_norm_block(h, d, kc, vc, pos, cos, sin, ln1, ln2, qkv_l, o_l, gu_l, down_l, *w[12:16])
         if d is not None:
             h = h + summed(d).to(h.dtype)
         x = rms_norm(h, ln1, self.eps)
         if self.fused_attention:
             att = decode_attention(self._partials(x, qkv_l), kc, vc, cos, sin, pos, nh, nkv, None, 1, 0.0,
-                                   self.engine.attention_warps)
+                                   self.engine.attention_warps, qkv_b, q_n, k_n, self.eps)
         else:
-            qkv = self._lin(x, qkv_l)
-            q = qkv[:, : nh * hd].view(b, nh, 1, hd)
-            k = qkv[:, nh * hd : (nh + nkv) * hd].view(b, nkv, 1, hd)
-            v = qkv[:, (nh + nkv) * hd :].view(b, nkv, 1, hd)
+            q, k, v = self._heads(self._lin(x, qkv_l).view(b, 1, -1), qkv_b, q_n, k_n)
             c, s = cos.index_select(0, pos.view(1))[0], sin.index_select(0, pos.view(1))[0]
             q, k = rotate(q, c, s), rotate(k, c, s)
             kc.index_copy_(2, pos.view(1), k)
             vc.index_copy_(2, pos.view(1), v)
             att = F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask.view(1, 1, 1, -1), enable_gqa=nkv != nh)
             att = att.reshape(b, nh * hd)
-        h = h + self._lin(att, o_l)
+        h = h + summed(self._o_partials(att, o_l, o_b)).to(h.dtype)
         x = rms_norm(h, ln2, self.eps)
         gu = summed(self._partials(x, gu_l))  # float32 until the SiLU product (one fused kernel when compiled)
         inter = gu.shape[-1] // 2
         return h, self._partials((F.silu(gu[:, :inter]) * gu[:, inter:]).to(h.dtype), down_l)
 
-    def _split_norm_block(self, h, d, kc, vc, pos, cos, sin, ln1, ln2, qkv_l, o_l, gu_l, down_l):
+    def _split_norm_block(self, h, d, kc, vc, pos, cos, sin, ln1, ln2, qkv_l, o_l, gu_l, down_l, qkv_b, o_b, q_n,
+                          k_n):
         """`_block` with both norms by residual_norm (many programs per row): the products take w h, and the
         attention kernel and the SiLU product apply 1 / rms (kernels.residual_norm says why)."""
         eng = self.engine
         h, u, ss = residual_norm(h, d, ln1, eng.norm_block)
         att = decode_attention(self._partials(u, qkv_l), kc, vc, cos, sin, pos, self.n_heads, self.n_kv, ss,
-                               self.hidden, self.eps, eng.attention_warps)
-        h, u, ss = residual_norm(h, self._partials(att, o_l), ln2, eng.norm_block)
+                               self.hidden, self.eps, eng.attention_warps, qkv_b, q_n, k_n, self.eps)
+        h, u, ss = residual_norm(h, self._o_partials(att, o_l, o_b), ln2, eng.norm_block)
         act = silu_product(self._partials(u, gu_l), ss, self.hidden, self.eps, h.dtype, eng.silu_block)
         return h, self._partials(act, down_l)
+
+    def _heads(self, qkv: torch.Tensor, bias: torch.Tensor | None, q_norm: torch.Tensor | None,
+               k_norm: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The q/k/v product (B, T, (heads + 2 kv_heads) d) in the activation dtype -> q, k, v (B, heads, T, d),
+        before the rotary: its bias added and each head of q and k normalized where the family has them, in
+        transformers' order (the projection with its bias, then the norm in float32 rounded to the dtype)."""
+        b, t, _ = qkv.shape
+        hd, nh, nkv = self.head_dim, self.n_heads, self.n_kv
+        if bias is not None:
+            qkv = qkv + bias.to(qkv.dtype)
+        q = qkv[..., : nh * hd].view(b, t, nh, hd)
+        k = qkv[..., nh * hd : (nh + nkv) * hd].view(b, t, nkv, hd)
+        v = qkv[..., (nh + nkv) * hd :].view(b, t, nkv, hd)
+        if q_norm is not None:
+            q, k = rms_norm(q, q_norm, self.eps), rms_norm(k, k_norm, self.eps)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+    def _o_partials(self, att: torch.Tensor, o_l: Linear, o_b: torch.Tensor | None) -> torch.Tensor:
+        """The o product's partial sums, its bias (if any) one more slice: every consumer sums the slices."""
+        parts = self._partials(att, o_l)
+        if o_b is None:
+            return parts
+        return torch.cat((parts, o_b.to(parts.dtype).expand(1, parts.shape[1], -1)))
 
     def block_output(self, h, *args) -> torch.Tensor:
         """One block's output (the stream after it) on the stream h: `_block` with its MLP output added."""
@@ -293,7 +368,8 @@ class Model:
 
     @staticmethod
     def _flat(lay: dict[str, Any]) -> list:
-        return [t for k in BLOCK_LINEARS for t in (lay[k].weight, lay[k].scale, lay[k].zero)]
+        return [t for k in BLOCK_LINEARS for t in (lay[k].weight, lay[k].scale, lay[k].zero)] + \
+            [lay[k] for k in BLOCK_EXTRAS]
 
     def decode(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """ids (B, 1) at position `pos` (a 0-d device tensor) -> logits (B, vocab). Uses the static cache."""
@@ -331,16 +407,14 @@ class Model:
         hd, nh, nkv = self.head_dim, self.n_heads, self.n_kv
         lay = self.parts["layers"][i]
         x = rms_norm(h, lay["ln1"], self.eps)
-        qkv = self._lin(x, lay["qkv"]).view(b, t, -1)
-        q = qkv[..., : nh * hd].view(b, t, nh, hd).transpose(1, 2)
-        k = qkv[..., nh * hd : (nh + nkv) * hd].view(b, t, nkv, hd).transpose(1, 2)
-        v = qkv[..., (nh + nkv) * hd :].view(b, t, nkv, hd).transpose(1, 2)
+        q, k, v = self._heads(self._lin(x, lay["qkv"]).view(b, t, -1), lay["qkv_bias"], lay["q_norm"], lay["k_norm"])
         q, k = rotate(q, self.cos[:t], self.sin[:t]), rotate(k, self.cos[:t], self.sin[:t])
         if self.caches is not None:
             self.caches[0][i][:, :, :t] = k
             self.caches[1][i][:, :, :t] = v
         att = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=nkv != nh)
-        h = h + self._lin(att.transpose(1, 2).reshape(b * t, nh * hd), lay["o"])
+        h = h + summed(self._o_partials(att.transpose(1, 2).reshape(b * t, nh * hd), lay["o"],
+                                        lay["o_bias"])).to(h.dtype)
         x = rms_norm(h, lay["ln2"], self.eps)
         gu = self._lin(x, lay["gate_up"])
         inter = gu.shape[-1] // 2

@@ -61,12 +61,14 @@ def _(x, weight, split):
 @torch.library.custom_op("toolchain::decode_attention", mutates_args=("kc", "vc"))
 def decode_attention(qkv: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                      pos: torch.Tensor, n_heads: int, n_kv: int, ss: torch.Tensor | None, n: int,
-                     eps: float, warps: int) -> torch.Tensor:
-    return kernels.decode_attention(qkv, kc, vc, cos, sin, pos, n_heads, n_kv, ss, n, eps, warps)
+                     eps: float, warps: int, bias: torch.Tensor | None, q_norm: torch.Tensor | None,
+                     k_norm: torch.Tensor | None, head_eps: float) -> torch.Tensor:
+    return kernels.decode_attention(qkv, kc, vc, cos, sin, pos, n_heads, n_kv, ss, n, eps, warps, bias, q_norm,
+                                    k_norm, head_eps)
 
 
 @decode_attention.register_fake
-def _(qkv, kc, vc, cos, sin, pos, n_heads, n_kv, ss, n, eps, warps):
+def _(qkv, kc, vc, cos, sin, pos, n_heads, n_kv, ss, n, eps, warps, bias, q_norm, k_norm, head_eps):
     return kc.new_empty((qkv.shape[1], n_heads * kc.shape[-1]))
 
 

@@ -1,5 +1,6 @@
 """One decode step's attention in one kernel (rotary, the cache write, attention over the cache), and its
-float64 reference."""
+float64 reference. Beyond Llama's attention: a q/k/v bias (Qwen2) and an RMSNorm over each head of q and k before
+the rotary (Qwen3), both in float32 inside the same kernel."""
 
 from __future__ import annotations
 
@@ -34,11 +35,36 @@ if triton is not None:
         return x * cos[None, :] + sign[None, :] * y * sin[None, :]
 
     @triton.jit
+    def _prepared(p_ptr, S: tl.constexpr, stride_ps, row, heads, rd, cos, sin, sign, HALF: tl.constexpr, mask, r,
+                  b_ptr, HAS_BIAS: tl.constexpr, nw_ptr, NORM: tl.constexpr, HD: tl.constexpr, head_eps):
+        # `_rotated` for heads with a bias or a norm (heads: each row's offset inside the q/k/v row): the sum of
+        # the slices scaled by r (the split norm's 1 / rms, or 1), plus the bias, then RMSNorm over the head
+        # (its weight nw), then the rotary. y is x permuted within its row, so one sum of squares serves both.
+        partner = (rd + HALF) % (2 * HALF)
+        base = row + heads
+        x = tl.load(p_ptr + base[:, None] + rd[None, :], mask=mask, other=0.0).to(tl.float32)
+        y = tl.load(p_ptr + base[:, None] + partner[None, :], mask=mask, other=0.0).to(tl.float32)
+        for s in tl.static_range(1, S):
+            x += tl.load(p_ptr + s * stride_ps + base[:, None] + rd[None, :], mask=mask, other=0.0).to(tl.float32)
+            y += tl.load(p_ptr + s * stride_ps + base[:, None] + partner[None, :], mask=mask,
+                         other=0.0).to(tl.float32)
+        x, y = x * r, y * r
+        if HAS_BIAS:
+            x += tl.load(b_ptr + heads[:, None] + rd[None, :], mask=mask, other=0.0).to(tl.float32)
+            y += tl.load(b_ptr + heads[:, None] + partner[None, :], mask=mask, other=0.0).to(tl.float32)
+        if NORM:
+            inv = 1.0 / tl.sqrt(tl.sum(x * x, 1) / HD + head_eps)
+            x = x * inv[:, None] * tl.load(nw_ptr + rd).to(tl.float32)[None, :]
+            y = y * inv[:, None] * tl.load(nw_ptr + partner).to(tl.float32)[None, :]
+        return x * cos[None, :] + sign[None, :] * y * sin[None, :]
+
+    @triton.jit
     def _decode_attention(p_ptr, kc_ptr, vc_ptr, cos_ptr, sin_ptr, pos_ptr, out_ptr, ss_ptr, S: tl.constexpr,
                               stride_ps, stride_pb, stride_cb, stride_ch, stride_cl, stride_ob, stride_cos,
                               stride_ssb, sm_scale, inv_n, eps, NH: tl.constexpr, NKV: tl.constexpr,
                               HD: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_G: tl.constexpr, P: tl.constexpr,
-                              BLOCK_P: tl.constexpr):
+                              BLOCK_P: tl.constexpr, b_ptr, qn_ptr, kn_ptr, head_eps, HAS_BIAS: tl.constexpr,
+                              QK_NORM: tl.constexpr, PRE: tl.constexpr):
         # One program per (sequence, KV head): its query heads as the rows of a tile of BLOCK_G >= 16 rows
         # (padded), so the cache is read once per group and q K^T, P V are tensor-core products. Rotary on q and
         # the new k (rotate-half form), the new k and v written into the cache at `pos`, then softmax(q K^T /
@@ -64,15 +90,33 @@ if triton is not None:
         sin = tl.load(sin_ptr + pos * stride_cos + rd).to(tl.float32)
         sign = tl.where(rd < HALF, -1.0, 1.0)
         row = b * stride_pb
-        q = _rotated(p_ptr, S, stride_ps, row + (kvh * G + rg) * HD, rd, cos, sin, sign, HALF, gmask[:, None])
-        q = q * sm_scale
         one = rg < 1
-        k = _rotated(p_ptr, S, stride_ps, row + (NH + kvh) * HD + rg * 0, rd, cos, sin, sign, HALF, one[:, None])
-        v = tl.load(p_ptr + row + (NH + NKV + kvh) * HD + rd).to(tl.float32)
-        for s in tl.static_range(1, S):
-            v += tl.load(p_ptr + s * stride_ps + row + (NH + NKV + kvh) * HD + rd).to(tl.float32)
-        if P > 0:
-            q, k, v = q * r, k * r, v * r
+        if PRE:  # a bias or q/k norms (Qwen2 / Qwen3): scale, bias and norm before the rotary (_prepared)
+            if P > 0:
+                rs = r
+            else:
+                rs = 1.0
+            q = _prepared(p_ptr, S, stride_ps, row, (kvh * G + rg) * HD, rd, cos, sin, sign, HALF, gmask[:, None],
+                          rs, b_ptr, HAS_BIAS, qn_ptr, QK_NORM, HD, head_eps)
+            q = q * sm_scale
+            k = _prepared(p_ptr, S, stride_ps, row, (NH + kvh) * HD + rg * 0, rd, cos, sin, sign, HALF,
+                          one[:, None], rs, b_ptr, HAS_BIAS, kn_ptr, QK_NORM, HD, head_eps)
+            v = tl.load(p_ptr + row + (NH + NKV + kvh) * HD + rd).to(tl.float32)
+            for s in tl.static_range(1, S):
+                v += tl.load(p_ptr + s * stride_ps + row + (NH + NKV + kvh) * HD + rd).to(tl.float32)
+            v = v * rs
+            if HAS_BIAS:
+                v += tl.load(b_ptr + (NH + NKV + kvh) * HD + rd).to(tl.float32)
+        else:  # Llama: the rotary on the sums, 1 / rms after it (it commutes)
+            q = _rotated(p_ptr, S, stride_ps, row + (kvh * G + rg) * HD, rd, cos, sin, sign, HALF, gmask[:, None])
+            q = q * sm_scale
+            k = _rotated(p_ptr, S, stride_ps, row + (NH + kvh) * HD + rg * 0, rd, cos, sin, sign, HALF,
+                         one[:, None])
+            v = tl.load(p_ptr + row + (NH + NKV + kvh) * HD + rd).to(tl.float32)
+            for s in tl.static_range(1, S):
+                v += tl.load(p_ptr + s * stride_ps + row + (NH + NKV + kvh) * HD + rd).to(tl.float32)
+            if P > 0:
+                q, k, v = q * r, k * r, v * r
         k = tl.sum(k, 0).to(kdt)  # row 0 only (the others masked to zero)
         v = v.to(kdt)
         cache = b * stride_cb + kvh * stride_ch
@@ -104,17 +148,23 @@ if triton is not None:
 # (6.2-6.5 us), 32 at batch 16 (13.9-14.6 us; 64: 18.6-20.1 us), 4 warps (EngineConfig.attention_warps).
 def decode_attention(qkv: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                      pos: torch.Tensor, n_heads: int, n_kv: int, ss: torch.Tensor | None = None, n: int = 1,
-                     eps: float = 0.0, warps: int = DEFAULTS.attention_warps) -> torch.Tensor:
+                     eps: float = 0.0, warps: int = DEFAULTS.attention_warps, bias: torch.Tensor | None = None,
+                     q_norm: torch.Tensor | None = None, k_norm: torch.Tensor | None = None,
+                     head_eps: float = 1e-6) -> torch.Tensor:
     """One decode step's attention from the q/k/v product's partial sums `qkv` (S, B, (n_heads + 2 n_kv) d):
     rotary at position `pos` (a 0-d device tensor), the new k and v written into the caches (B, n_kv, L, d) at
     `pos`, attention over positions 0..pos. Returns (B, n_heads d) in the caches' dtype. With `ss` (B, P), the
     partial sums of squares of residual_norm over n columns, q, k and v are first scaled by rms_scale(ss, n,
-    eps): the product was taken of the norm's un-normalized output."""
+    eps): the product was taken of the norm's un-normalized output. `bias` ((n_heads + 2 n_kv) d) is added after
+    that scale; `q_norm` and `k_norm` (d,) are the weights of an RMSNorm (epsilon head_eps) over each head of q and
+    k, after the bias and before the rotary (Qwen3)."""
     s, b, _ = qkv.shape
     hd = kc.shape[-1]
     if hd & (hd - 1) or hd < 32 or n_heads % n_kv:
         raise ValueError(f"decode attention needs a power-of-two head size of at least 32 (got {hd}) and whole "
                          f"query groups ({n_heads} heads, {n_kv} KV heads)")
+    if (q_norm is None) != (k_norm is None):
+        raise ValueError("decode attention normalizes q and k heads together: give both q_norm and k_norm or neither")
     out = torch.empty((b, n_heads * hd), device=qkv.device, dtype=kc.dtype)
     p = 0 if ss is None else ss.shape[1]
     _decode_attention[(b, n_kv)](
@@ -122,22 +172,33 @@ def decode_attention(qkv: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, cos:
         kc.stride(1), kc.stride(2), out.stride(0), cos.stride(0), 0 if ss is None else ss.stride(0), hd ** -0.5,
         1.0 / n, eps, NH=n_heads, NKV=n_kv, HD=hd, BLOCK_L=64 if b <= 4 else 32,
         BLOCK_G=max(16, triton.next_power_of_2(n_heads // n_kv)), P=p, BLOCK_P=triton.next_power_of_2(max(p, 1)),
-        num_warps=warps)
+        b_ptr=qkv if bias is None else bias, qn_ptr=qkv if q_norm is None else q_norm,
+        kn_ptr=qkv if k_norm is None else k_norm, head_eps=head_eps, HAS_BIAS=bias is not None,
+        QK_NORM=q_norm is not None, PRE=bias is not None or q_norm is not None, num_warps=warps)
     return out
 
 
 def decode_attention_reference(qkv: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, cos: torch.Tensor,
                                sin: torch.Tensor, pos: int, n_heads: int, n_kv: int, ss: torch.Tensor | None = None,
-                               n: int = 1, eps: float = 0.0) -> torch.Tensor:
+                               n: int = 1, eps: float = 0.0, bias: torch.Tensor | None = None,
+                               q_norm: torch.Tensor | None = None, k_norm: torch.Tensor | None = None,
+                               head_eps: float = 1e-6) -> torch.Tensor:
     """The same step in plain torch, float64 (tests): returns the output and leaves the caches updated."""
     b = qkv.shape[1]
     hd = kc.shape[-1]
     x = qkv.double().sum(0)
     if ss is not None:
         x = x * rms_scale(ss.double(), n, eps)[:, None]
+    if bias is not None:
+        x = x + bias.double()
     q = x[:, : n_heads * hd].view(b, n_heads, hd)
     k = x[:, n_heads * hd : (n_heads + n_kv) * hd].view(b, n_kv, hd)
     v = x[:, (n_heads + n_kv) * hd :].view(b, n_kv, hd)
+    if q_norm is not None:
+        def head_norm(t, w):
+            return t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + head_eps) * w.double()
+
+        q, k = head_norm(q, q_norm), head_norm(k, k_norm)
     c, s = cos[pos].double(), sin[pos].double()
 
     def rot(t):

@@ -1,13 +1,14 @@
 """Decode-step variants of the built-in runtime side by side, one process, on a synthetic Llama-2-7B (GPU only).
 
-Each variant sets environment variables (TOOLCHAIN_SPLIT_NORM=0, TOOLCHAIN_INT4_TILES=0, ...) and/or module
-constants of toolchain.runtimes.kernels (K.TILED_GROUPS_PER_SLICE=8, K.NORM_BLOCK=256, ...) before a model is
-built and compiled; the variants run in interleaved rounds, so a card's drift shows as the spread between rounds.
+Each variant is an EngineConfig (toolchain.engine.config) given as changes to the defaults, e.g. split_norm=0,
+int4_tiles=0, tiled_groups_per_slice=8+norm_block=256; each model is built and compiled with its own config (the
+environment's TOOLCHAIN_<SETTING> variables set the defaults the changes apply to). The variants run in
+interleaved rounds, so a card's drift shows as the spread between rounds.
 Per variant: the block check against the float32 twin (first round), the step time (median of three runs of 64
 CUDA-graph replays after a 128-token prompt, CUDA events), and the kernel profile (first round). A table last.
 
     python3 scripts/bench_decode_variants.py --modes int4-g128 \\
-        --variant K.TILED_GROUPS_PER_SLICE=8 --variant K.TILED_GROUPS_PER_SLICE=4 --out $OUT/variants.json
+        --variant tiled_groups_per_slice=8 --variant tiled_groups_per_slice=4 --out $OUT/variants.json
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import os
 import statistics
 import sys
 from pathlib import Path
@@ -24,23 +24,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
-def apply(variant: str) -> None:
-    from toolchain.runtimes import kernels
+def engine_of(variant: str):
+    """The EngineConfig of a variant: NAME=VALUE[+NAME=VALUE...] over the defaults (bad names or values: exit 2)."""
+    from toolchain.engine.config import EngineConfig
+    from toolchain.errors import InputError
 
-    for item in filter(None, variant.split("+")):
-        key, value = item.split("=", 1)
-        if key.startswith("K."):
-            if not hasattr(kernels, key[2:]):
-                raise SystemExit(f"toolchain.runtimes.kernels has no {key[2:]}")
-            setattr(kernels, key[2:], type(getattr(kernels, key[2:]))(value))
-        else:
-            os.environ[key] = value
+    try:
+        return EngineConfig.from_env().with_text(variant)
+    except InputError as e:
+        raise SystemExit(f"--variant {variant!r}: {e}") from None
 
 
 def step_ms(model, batch: int, prompt: int = 128, replays: int = 64) -> tuple[float, list]:
     import torch
 
-    from toolchain.runtimes.builtin import DecodeGraph
+    from toolchain.engine.graph import DecodeGraph
 
     model.alloc_cache(batch, prompt + 2 * replays)
     ids = torch.randint(0, model.vocab, (batch, prompt), device=model.device)
@@ -83,11 +81,15 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--arch", default="llama-2-7b")
     ap.add_argument("--modes", default="int4-g128,bf16")
-    ap.add_argument("--variant", action="append", default=[], help="NAME=VALUE[+NAME=VALUE...]; repeat")
+    ap.add_argument("--variant", action="append", default=[],
+                    help="EngineConfig changes NAME=VALUE[+NAME=VALUE...], e.g. split_norm=0; repeat")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
+
+    variants = args.variant or [""]
+    engines = {v: engine_of(v) for v in variants}  # all checked before any work
 
     import bench_gpu
     import torch
@@ -95,16 +97,17 @@ def main() -> int:
     import torch._inductor.config as inductor_config
 
     from toolchain import arch
-    from toolchain.runtimes.builtin import Model, block_errors, compile_blocks
-    from toolchain.runtimes.weights import Checkpoint
+    from toolchain.engine.graph import compile_blocks
+    from toolchain.engine.measure import block_errors
+    from toolchain.engine.model import Model
+    from toolchain.engine.weights import Checkpoint
 
     if not torch.cuda.is_available():
         print("needs a CUDA GPU", file=sys.stderr)
         return 2
-    # variants change module constants the compiled graphs do not see: compile each afresh
+    # each variant compiled afresh: no timing rides on a graph another variant left in a cache
     inductor_config.fx_graph_cache = False
     functorch_config.enable_autograd_cache = False
-    variants = args.variant or [""]
     cfg = arch.synthetic_config(args.arch, None, "bfloat16")
     state = bench_gpu.synthetic_state(cfg)
     rows, profiles, checks = [], {}, {}
@@ -115,9 +118,8 @@ def main() -> int:
                           tensors.__contains__)
         for rnd in range(args.rounds):
             for variant in variants:
-                apply(variant)
                 torch._dynamo.reset()
-                model = Model(ckpt, torch.device("cuda"), torch.bfloat16, use_kernels=True)
+                model = Model(ckpt, torch.device("cuda"), torch.bfloat16, use_kernels=True, engine=engines[variant])
                 name = f"{mode} {variant or '(defaults)'}"
                 if rnd == 0:
                     checks[name] = block_errors(model)
@@ -131,6 +133,7 @@ def main() -> int:
                 torch.cuda.empty_cache()
         del tensors, ckpt
     Path(args.out).write_text(json.dumps({"card": torch.cuda.get_device_name(), "batch": args.batch,
+                                          "engines": {v or "(defaults)": e.canonical() for v, e in engines.items()},
                                           "rows": rows, "block_checks": checks, "profiles": profiles}, indent=1))
     print(f"\n{torch.cuda.get_device_name()}, batch {args.batch}, ms per decode step by round")
     print("| variant | " + " | ".join(f"round {r}" for r in range(args.rounds)) + " | worst block |")

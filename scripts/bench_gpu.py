@@ -7,7 +7,7 @@ eager generate beside it, in one process on one card. Prints a table last; write
 
 Build: random bf16 weights of the Llama-2-7B shape (std 0.02) made on the GPU; each mode quantized by the quantize
 stage's own functions (toolchain.quant.rtn / fp8) and packed by compressed-tensors exactly as the compressed-tensors
-exporter writes it (pack_to_int32); the runtime then reads those tensors as stored (toolchain.runtimes.weights).
+exporter writes it (pack_to_int32); the runtime then reads those tensors as stored (toolchain.engine.weights).
 Checks: every kernel against a float64 reference on fresh random inputs; each model's logits against its float32
 reference from the same bytes. Times: batch-1 and batch-16 decode (input 128, output 128), TTFT, effective
 bandwidth over the card's copy bandwidth measured in the same run.
@@ -28,7 +28,7 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 from toolchain import arch  # noqa: E402
-from toolchain.runtimes import kernels  # noqa: E402
+from toolchain.engine import kernels  # noqa: E402
 
 DEVICE = "cuda"  # the CPU smoke test of the build path sets "cpu"
 LINEAR_SHAPES = {"qkv": (12288, 4096), "o": (4096, 4096), "gate_up": (22016, 4096), "down": (4096, 11008)}
@@ -219,17 +219,10 @@ def main() -> int:
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
 
-    from toolchain.runtimes.builtin import (
-        Model,
-        blocks_after,
-        card_info,
-        compile_blocks,
-        compile_fallbacks,
-        copy_bandwidth_gbs,
-        logits_check,
-        time_batch,
-    )
-    from toolchain.runtimes.weights import Checkpoint
+    from toolchain.engine.graph import blocks_after, compile_blocks, compile_fallbacks
+    from toolchain.engine.measure import card_info, copy_bandwidth_gbs, logits_check, time_batch
+    from toolchain.engine.model import Model
+    from toolchain.engine.weights import Checkpoint
 
     device = torch.device("cuda")
     card = card_info(device)

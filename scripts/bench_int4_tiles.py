@@ -19,12 +19,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from toolchain.runtimes import kernels as K  # noqa: E402
-from toolchain.runtimes.builtin import copy_bandwidth_gbs  # noqa: E402
+from toolchain.engine import kernels as K  # noqa: E402
+from toolchain.engine.measure import copy_bandwidth_gbs  # noqa: E402
 
 LINEARS = {"qkv": (12288, 4096), "o": (4096, 4096), "gate_up": (22016, 4096), "down": (4096, 11008)}
 GROUP = 128
-DIVISORS = (4, 8, 16)  # groups of 128 per slice of K (at most 16 slices); the runtime takes 8
+DIVISORS = (4, 8, 16)  # groups of 128 per slice of K (at most 16 slices); EngineConfig.tiled_groups_per_slice
 
 
 def log(msg: str) -> None:
@@ -71,7 +71,6 @@ def main() -> int:
     log(f"{torch.cuda.get_device_name()}, copy {copy_gbs:.0f} GB/s, torch {torch.__version__}, "
         f"triton {K.triton.__version__}")
     gen = torch.Generator("cuda").manual_seed(0)
-    runtime_split = K.tiled_split
     rows = []
     for name, (n, k) in LINEARS.items():
         nbytes = n * k // 2 + 3 * n * (k // GROUP)  # packed words, bf16 scales, uint8 zeros
@@ -87,12 +86,10 @@ def main() -> int:
             row["stored_err"] = (got - want).abs().max().item() / scale
             row["stored_us"] = per_launch_us([lambda c=c, x=x: K.int4_partials(x, *c, GROUP) for c in copies])
             for d in DIVISORS:
-                K.tiled_split = lambda n_, k_, m_, d=d: max(1, min(16, k_ // K.TILE_K // d))  # noqa: E731
-                got = K.int4_tiled_partials(x, *tiles[0], GROUP).sum(0).double()
+                got = K.int4_tiled_partials(x, *tiles[0], GROUP, groups_per_slice=d).sum(0).double()
                 row[f"tiled_k/{d}_err"] = (got - want).abs().max().item() / scale
-                row[f"tiled_k/{d}_us"] = per_launch_us([lambda t=t, x=x: K.int4_tiled_partials(x, *t, GROUP)
-                                                        for t in tiles])
-            K.tiled_split = runtime_split
+                row[f"tiled_k/{d}_us"] = per_launch_us(
+                    [lambda t=t, x=x, d=d: K.int4_tiled_partials(x, *t, GROUP, groups_per_slice=d) for t in tiles])
             rows.append(row)
             log(json.dumps(row))
     Path(a.out).write_text(json.dumps({"card": torch.cuda.get_device_name(), "copy_gbs": copy_gbs, "rows": rows},

@@ -24,8 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from toolchain.runtimes import kernels as K  # noqa: E402
-from toolchain.runtimes.builtin import copy_bandwidth_gbs, rotate  # noqa: E402
+from toolchain.engine import kernels as K  # noqa: E402
+from toolchain.engine.measure import copy_bandwidth_gbs  # noqa: E402
+from toolchain.engine.model import rotate  # noqa: E402
 
 DEVICE = "cuda"
 LINEARS = {"qkv": (12288, 4096), "o": (4096, 4096), "gate_up": (22016, 4096), "down": (4096, 11008)}

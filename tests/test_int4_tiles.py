@@ -1,4 +1,4 @@
-"""INT4 weights as mma tiles (toolchain.runtimes.kernels.tile_int4): the permutation is exact and invertible, and
+"""INT4 weights as mma tiles (toolchain.engine.kernels.tile_int4): the permutation is exact and invertible, and
 the tiles read by the rules of the PTX ISA's mma.m16n8k16 fragments (the way the tiled kernel's inline PTX reads
 them) give the product. On the CPU; the kernel itself runs in tests/test_speed.py's GPU tests."""
 
@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import REPO
 
-from toolchain.runtimes import kernels as K
+from toolchain.engine import kernels as K
 
 
 def _stored(n: int, k: int, group: int, seed: int = 0, zero: bool = True):
@@ -133,7 +133,7 @@ def test_the_tiled_kernel_matches_float64_on_the_gpu(dtype):
         want_w = K.dequantize_int4(packed, scale, z, group, torch.float64).to(dev)
         words, ts, tz = (t.to(dev) if t is not None else None for t in K.tile_int4(packed, scale, z, group))
         assert torch.equal(K.untile_int4_gpu(words).cpu(), packed)
-        for m in (1, 3, 8, 13, K.TILED_MAX_M, K.TILED_MAX_M + 24):
+        for m in (1, 3, 8, 13, K.DEFAULTS.tiled_max_m, K.DEFAULTS.tiled_max_m + 24):
             x = torch.randn(m, k, device=dev, generator=torch.Generator(dev).manual_seed(m)).to(dtype)
             want = x.double() @ want_w.T
             parts = K.int4_partials(x, words, ts, tz, group, tiled=True)

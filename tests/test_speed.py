@@ -104,8 +104,8 @@ def test_reference_runtime_matches_transformers(exports, name):
     stage's loader): FP8 as W8A8 with dynamic per-token activations, as transformers computes it."""
     from transformers import AutoModelForCausalLM
 
-    from toolchain.runtimes.builtin import Model
-    from toolchain.runtimes.weights import Checkpoint
+    from toolchain.engine.model import Model
+    from toolchain.engine.weights import Checkpoint
 
     model = Model(Checkpoint.open(exports[name]), torch.device("cpu"), torch.float32, use_kernels=False)
     model.wo_max_m = 0  # every FP8 product W8A8: the checkpoint's scheme
@@ -124,8 +124,9 @@ def test_reference_runtime_matches_transformers(exports, name):
 
 
 def test_fp8_weight_only_path_stays_within_tolerance_of_the_checkpoint_scheme(exports):
-    from toolchain.runtimes.builtin import LOGITS_TOLERANCE, Model, logits_check
-    from toolchain.runtimes.weights import Checkpoint
+    from toolchain.engine.measure import LOGITS_TOLERANCE, logits_check
+    from toolchain.engine.model import Model
+    from toolchain.engine.weights import Checkpoint
 
     model = Model(Checkpoint.open(exports["fp8"]), torch.device("cpu"), torch.float32, use_kernels=False)
     check = logits_check(model, tokens=70)  # prefill (M=70) W8A8, decode (M=1) weight-only
@@ -138,41 +139,43 @@ def test_fp8_weight_only_path_stays_within_tolerance_of_the_checkpoint_scheme(ex
 def test_a_wrong_scaled_mm_is_caught_and_replaced_by_the_weight_only_path(exports, monkeypatch):
     """The model checks torch._scaled_mm on its card before using it: a product that disagrees with float64 (as
     seen once on an H200) sends every FP8 product through the weight-only path, said in the result."""
-    from toolchain.runtimes import builtin, kernels
-    from toolchain.runtimes.weights import Checkpoint
+    from toolchain.engine import kernels, measure
+    from toolchain.engine import model as engine_model
+    from toolchain.engine.weights import Checkpoint
 
     monkeypatch.setattr(kernels, "fp8_scaled_mm", lambda x, w, s: torch.zeros(x.shape[0], w.shape[0], dtype=x.dtype))
     # the weight-only product in plain torch (the Triton kernel itself is tested against float64 below)
-    monkeypatch.setattr(builtin, "fp8_mm", lambda x, w, s, split: (x.float() @ (w.float() * s).T)[None])  # 1 slice
-    model = builtin.Model(Checkpoint.open(exports["fp8"]), torch.device("cpu"), torch.float32, use_kernels=True)
+    monkeypatch.setattr(engine_model, "fp8_mm", lambda x, w, s, split: (x.float() @ (w.float() * s).T)[None])
+    model = engine_model.Model(Checkpoint.open(exports["fp8"]), torch.device("cpu"), torch.float32, use_kernels=True)
     assert model.w8a8["used"] is False and "relative error 1" in model.w8a8["reason"]
-    check = builtin.logits_check(model, tokens=70)
+    check = measure.logits_check(model, tokens=70)
     assert check["same_dataflow"]["prefill_rel_err"] < 1e-5 and check["passed"], check
 
 
 def test_block_check_catches_a_kernel_that_skips_the_end_of_k(exports, monkeypatch):
     """The per-block check compares each block with its float32 twin on the same input: exact for the twin itself,
     and a product that drops the last 32 columns of K (the first GPU run's autotuning bug) fails it."""
-    from toolchain.runtimes import builtin
-    from toolchain.runtimes.weights import Checkpoint
+    from toolchain.engine import kernels, measure
+    from toolchain.engine import model as engine_model
+    from toolchain.engine.weights import Checkpoint
 
-    model = builtin.Model(Checkpoint.open(exports["int4-sym"]), torch.device("cpu"), torch.float32,
-                          use_kernels=False)
-    exact = builtin.block_errors(model, tokens=8)
+    model = engine_model.Model(Checkpoint.open(exports["int4-sym"]), torch.device("cpu"), torch.float32,
+                               use_kernels=False)
+    exact = measure.block_errors(model, tokens=8)
     assert len(exact) == 4 and set(exact.values()) == {0.0}, exact
 
-    def short_k(x, packed, scale, zero, group, tiled, split):
+    def short_k(x, packed, scale, zero, group, tiled, split, tiled_max_m, groups_per_slice):
         assert not tiled  # CPU: the stored layout
-        w = builtin.kernels.dequantize_int4(packed, scale, zero, group)
+        w = kernels.dequantize_int4(packed, scale, zero, group)
         w[:, -32:] = 0
         return (x.float() @ w.T)[None]  # the custom op's partial sums: one slice
 
-    monkeypatch.setattr(builtin, "int4_mm", short_k)
-    model = builtin.Model(Checkpoint.open(exports["int4-sym"]), torch.device("cpu"), torch.float32,
-                          use_kernels=True)
-    errs = builtin.block_errors(model, tokens=8)
-    assert errs["decode_max_rel_err"] > builtin.BLOCK_TOLERANCE["int4"], errs
-    assert not builtin.logits_check(model, tokens=8)["passed"]
+    monkeypatch.setattr(engine_model, "int4_mm", short_k)
+    model = engine_model.Model(Checkpoint.open(exports["int4-sym"]), torch.device("cpu"), torch.float32,
+                               use_kernels=True)
+    errs = measure.block_errors(model, tokens=8)
+    assert errs["decode_max_rel_err"] > measure.BLOCK_TOLERANCE["int4"], errs
+    assert not measure.logits_check(model, tokens=8)["passed"]
 
 
 def test_a_compiled_block_that_dynamo_runs_eagerly_is_reported_as_eager(monkeypatch):
@@ -180,7 +183,7 @@ def test_a_compiled_block_that_dynamo_runs_eagerly_is_reported_as_eager(monkeypa
     others did on the H200): the report must then not say torch.compile."""
     import torch._dynamo
 
-    from toolchain.runtimes import builtin
+    from toolchain.engine import graph as builtin
 
     monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
 
@@ -199,8 +202,8 @@ def test_a_compiled_block_that_dynamo_runs_eagerly_is_reported_as_eager(monkeypa
 def test_zero_point_unpacking_matches_compressed_tensors():
     from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
 
-    from toolchain.runtimes.kernels import unpack_int4
-    from toolchain.runtimes.weights import unpack_rows_int4
+    from toolchain.engine.kernels import unpack_int4
+    from toolchain.engine.weights import unpack_rows_int4
 
     g = torch.Generator().manual_seed(0)
     codes = torch.randint(-8, 8, (37, 64), generator=g, dtype=torch.int8)
@@ -220,7 +223,7 @@ KERNEL_CASES = [(1, 48, 256, 128, False), (3, 40, 512, 32, True), (1, 64, 384, 6
 
 def _kernel_errors(device: str, dtype: torch.dtype, cases=None, config: dict | None = None
                    ) -> list[tuple[str, float]]:
-    from toolchain.runtimes import kernels as K
+    from toolchain.engine import kernels as K
 
     out = []
     g = torch.Generator().manual_seed(7)
@@ -281,7 +284,7 @@ def test_kernels_match_float64_in_the_interpreter():
 def _autotune_choices() -> list[tuple[str, dict, list]]:
     """Every GEMV configuration the autotuner may pick for SmolLM2's K=576 (group 64) and a K below one block, as
     fixed configs the interpreter can run."""
-    from toolchain.runtimes import kernels as K
+    from toolchain.engine.kernels import linear as K
 
     out = []
     for k, group in ((576, 64), (192, 32)):
@@ -321,7 +324,7 @@ ATTENTION_CASES = [(1, 4, 4, 64, 80, 70, 1), (2, 8, 2, 32, 40, 0, 2), (3, 9, 3, 
 def _attention_errors(device: str = "cpu", dtype: torch.dtype = torch.float32) -> list[tuple[str, float]]:
     """The decode-attention kernel (rotary, cache write, attention over the cache) against float64 torch: the
     output, and every cache entry afterwards (the new position written, nothing else touched)."""
-    from toolchain.runtimes import kernels as K
+    from toolchain.engine import kernels as K
 
     out = []
     g = torch.Generator().manual_seed(3)
@@ -356,8 +359,8 @@ def _norm_errors(device: str = "cpu", dtype: torch.dtype = torch.float32) -> lis
     """residual_norm against its float64 reference (the same roundings to the activation dtype): the new stream
     and w h (largest difference over the largest entry), the sums of squares (relative), RMSNorm rebuilt from
     them against the plain-torch norm the rest of the runtime uses, and silu_product on those sums."""
-    from toolchain.runtimes import builtin
-    from toolchain.runtimes import kernels as K
+    from toolchain.engine import kernels as K
+    from toolchain.engine import model as builtin
 
     g = torch.Generator().manual_seed(5)
     out = []
@@ -408,8 +411,9 @@ def _fast_path_checks() -> list[tuple[str, float, float]]:
     import bench_gpu
 
     from toolchain import arch
-    from toolchain.runtimes import builtin
-    from toolchain.runtimes.weights import Checkpoint
+    from toolchain.engine import measure
+    from toolchain.engine import model as builtin
+    from toolchain.engine.weights import Checkpoint
 
     bench_gpu.DEVICE = "cpu"
     cfg = {**arch.ARCHS["llama-2-7b"], "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2,
@@ -422,7 +426,7 @@ def _fast_path_checks() -> list[tuple[str, float, float]]:
                           tensors.__contains__)
         model = builtin.Model(ckpt, torch.device("cpu"), torch.float32, use_kernels=True)
         assert model.fused_attention and model.split_norm
-        check = builtin.logits_check(model, tokens=20)  # prefill of 20 rows: the tensor-core INT4 kernel
+        check = measure.logits_check(model, tokens=20)  # prefill of 20 rows: the tensor-core INT4 kernel
         out += [(f"{mode} {k}", v, 1e-5) for k, v in check["blocks"].items() if k != "tolerance"]
         out.append((f"{mode} decode logits", check["same_dataflow"]["decode_rel_err"], 1e-5))
     return out

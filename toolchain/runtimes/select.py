@@ -1,7 +1,8 @@
 """Which runtime times a target, on which card: decided at plan time, without importing torch.
 
 The speed stage's key holds the runtime and its version and the card (name + compute capability), so a rebuild on
-another card or with another runtime re-times, and the same card does not. A target is timed by its own runtime's
+another card or with another runtime re-times, and the same card does not; for the built-in runtime also its
+EngineConfig (the variant switches, as the environment sets their defaults). A target is timed by its own runtime's
 benchmark where that is installed (vLLM, TensorRT-LLM, llama.cpp, onnxruntime); otherwise by our built-in GPU
 runtime, which reads compressed-tensors and plain Hugging Face checkpoints. With neither, the stage is skipped with
 the reason: never a made-up figure.
@@ -19,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 BUILTIN_VERSION = "5"  # bump when the built-in runtime's timing method or kernels change
-# Formats whose files the built-in runtime reads (toolchain.runtimes.weights).
+# Formats whose files the built-in runtime reads (toolchain.engine.weights).
 BUILTIN_FORMATS = ("compressed-tensors",)
 # The target's own benchmark, by format, in order of preference.
 NATIVE = {
@@ -150,4 +151,8 @@ def stage_config(fmt: str, spec: Any) -> tuple[dict[str, Any], Choice]:
     gates = settings.pop("gates")
     config = {"format": fmt, "runtime": choice.runtime, "runtime_version": choice.version,
               "card": _card_key(choice.card), "settings": settings, "gates": gates}
+    if choice.runtime == "builtin":  # its variant switches, environment defaults included (issue 22, item 6)
+        from ..engine.config import EngineConfig
+
+        config["engine"] = EngineConfig.from_env().canonical()
     return config, choice

@@ -18,9 +18,11 @@ def run(ctx: StageContext) -> dict[str, Any]:
     model_cfg = ctx.model_config
     ctx.reporter.info(f"  timing {cfg['format']} with {runtime} {cfg['runtime_version']} on {cfg['card']['name']}")
     if runtime == "builtin":
-        from ..runtimes.builtin import measure
+        from ..engine.config import EngineConfig
+        from ..engine.measure import measure
 
-        result = measure(export, settings, ctx.reporter)
+        # the engine in the key, not the environment of this process: what is keyed is what is timed
+        result = measure(export, settings, ctx.reporter, engine=EngineConfig.from_dict(cfg["engine"]))
     else:
         from ..runtimes import external
 

@@ -7,7 +7,7 @@ compressors/pack_quantized/base.py and helpers.py define the layout) or a plain 
                        along N (asymmetric only); weight_shape
   float-quantized FP8  weight float8_e4m3fn (N, K); weight_scale (N, 1)
   dense                weight (N, K)
-The packed INT4 words are used as they are by the kernels (toolchain.runtimes.kernels), or on a GPU, for groups of
+The packed INT4 words are used as they are by the kernels (toolchain.engine.kernels), or on a GPU, for groups of
 128k, permuted once into mma tiles (Linear.as_tiles: the same values, invertible bit for bit); only the small
 zero-point tensor is unpacked. Activation-order checkpoints (weight_g_idx) are refused: the kernels assume groups
 in order.

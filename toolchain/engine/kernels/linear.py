@@ -1,6 +1,6 @@
-"""Matrix products on quantized weights as stored, dequantized in registers (Triton), with plain-torch references.
+"""Linears: products on quantized weights as stored, dequantized in registers (Triton), with plain-torch references.
 
-Weights are read in the layout the artifact stores them (compressed-tensors, toolchain.runtimes.weights):
+Weights are read in the layout the artifact stores them (compressed-tensors, toolchain.engine.weights):
   int4  packed int32 (N, K/8): element k of a row in word k // 8, bits 4*(k % 8).., as unsigned q = code + 8;
         scale (N, K/group); zero (N, K/group) as unsigned z = zero + 8 (absent: 8). w = (q - z) * scale
   fp8   float8_e4m3fn (N, K) with one float32 scale per output channel. w = weight * scale
@@ -39,6 +39,8 @@ import os
 
 import torch
 
+from ..config import EngineConfig
+
 try:
     import triton
     import triton.language as tl
@@ -53,6 +55,9 @@ INTERPRET_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 128}  # the interpr
 # Products smaller than this (weights) take SMALL_CONFIG: autotuning them costs seconds and gains microseconds.
 SMALL_WEIGHTS = 1 << 22
 SMALL_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 128}
+# The variant switches (tiles, dense GEMV, split norm, groups per slice, block sizes) are no module globals: each
+# function takes what it needs as an argument, from the model's EngineConfig; these are the defaults.
+DEFAULTS = EngineConfig()
 
 
 def interpret() -> bool:
@@ -71,8 +76,8 @@ def split_k(n: int, k: int, m: int) -> int:
 
 
 def available(device: torch.device) -> bool:
-    """Whether the Triton kernels run on `device` (TOOLCHAIN_KERNELS=0 turns them off)."""
-    if triton is None or os.environ.get("TOOLCHAIN_KERNELS", "1") == "0":
+    """Whether the Triton kernels can run on `device` (EngineConfig.kernels decides whether they do)."""
+    if triton is None:
         return False
     return device.type == "cuda" or interpret()
 
@@ -113,10 +118,9 @@ def quantize_fp8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
 # lane j's x over the 8 steps are then 32 contiguous values, four 16-byte loads. Scales and zero points are
 # stored (tiles, groups, 16 rows), each lane's two rows 8 apart.
 TILE_ROWS, TILE_K = 16, 128
-# Up to this many rows the tiled kernel runs (chunks of 8 rows sharing each tile's words through L2; on the H200
-# M=4 took 1.0-1.05x the time of M=1, M=16 0.5-0.9x int4_tc's); above, the tiles go back to the stored layout
-# for the tensor-core kernels (not measured against the tiles there yet).
-TILED_MAX_M = 16
+# Up to EngineConfig.tiled_max_m rows (16) the tiled kernel runs (chunks of 8 rows sharing each tile's words
+# through L2; on the H200 M=4 took 1.0-1.05x the time of M=1, M=16 0.5-0.9x int4_tc's); above, the tiles go back
+# to the stored layout for the tensor-core kernels (not measured against the tiles there yet).
 
 
 def tiles_fit(n: int, k: int, group: int) -> bool:
@@ -168,17 +172,14 @@ def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
 
 def tiles_run(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether the tiled INT4 kernel runs here: compiled Triton on a CUDA card of compute capability >= 8.0
-    (mma.sync with bf16), bf16 or fp16 activations; TOOLCHAIN_INT4_TILES=0 turns it off."""
-    if os.environ.get("TOOLCHAIN_INT4_TILES", "1") == "0" or interpret() or not available(device):
+    (mma.sync with bf16), bf16 or fp16 activations (EngineConfig.int4_tiles decides whether it does)."""
+    if interpret() or not available(device):
         return False
     return dtype in (torch.bfloat16, torch.float16) and torch.cuda.get_device_capability(device)[0] >= 8
 
 
-TILED_GROUPS_PER_SLICE = 4
-
-
-def tiled_split(n: int, k: int, m: int) -> int:
-    """Programs per output sharing K in the tiled kernel: about TILED_GROUPS_PER_SLICE groups of 128 each, at most
+def tiled_split(n: int, k: int, m: int, groups_per_slice: int = DEFAULTS.tiled_groups_per_slice) -> int:
+    """Programs per output sharing K in the tiled kernel: about `groups_per_slice` groups of 128 each, at most
     16. Measured on the H200 in the decoder (Llama-2-7B, batch 1), side by side: with norms of one program per
     row, eight groups per program 2.146 ms per step, four 2.195, two 2.370 (each partial sum costs the norm
     that reads it); with residual_norm spread over many programs, eight 1.879, four 1.792, two 1.887. Each warp
@@ -186,7 +187,7 @@ def tiled_split(n: int, k: int, m: int) -> int:
     ptxas interleaved the second group's loads with the first's products)."""
     if interpret():
         return 2
-    return max(1, min(16, k // TILE_K // TILED_GROUPS_PER_SLICE))
+    return max(1, min(16, k // TILE_K // groups_per_slice))
 
 
 # -- Triton kernels -------------------------------------------------------------------------------------------
@@ -564,16 +565,17 @@ def _partials(m: int, n: int, split: int, device: torch.device) -> torch.Tensor:
 
 
 def int4_partials(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
-                  group: int, config: dict | None = None, path: str | None = None, tiled: bool = False
-                  ) -> torch.Tensor:
+                  group: int, config: dict | None = None, path: str | None = None, tiled: bool = False,
+                  tiled_max_m: int = DEFAULTS.tiled_max_m,
+                  groups_per_slice: int = DEFAULTS.tiled_groups_per_slice) -> torch.Tensor:
     """x (M, K) @ dequant(int4)^T as (partials_split, M, N) float32 partial sums (their sum is the product).
-    `tiled`: packed, scale and zero are mma tiles (tile_int4): up to TILED_MAX_M rows the tiled kernel reads them,
+    `tiled`: packed, scale and zero are mma tiles (tile_int4): up to tiled_max_m rows the tiled kernel reads them,
     above it they are put back into the stored layout first. `config` fixes the launch parameters (tests,
     interpreter), otherwise autotuned; `path` ("tc", "gemv", "dot") forces a kernel on the stored layout (tests,
     benchmarks), otherwise: gemv up to GEMV_MAX_M rows, above it tc for groups of at least TC_MIN_GROUP, else dot."""
     if tiled:
-        if x.shape[0] <= TILED_MAX_M:
-            return int4_tiled_partials(x, packed, scale, zero, group)
+        if x.shape[0] <= tiled_max_m:
+            return int4_tiled_partials(x, packed, scale, zero, group, groups_per_slice)
         packed, scale = untile_int4_gpu(packed), untile_rows(scale)
         zero = untile_rows(zero) if zero is not None else None
     m, k = x.shape
@@ -623,7 +625,7 @@ def int4_matmul(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero
 
 
 def int4_tiled_partials(x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
-                        group: int) -> torch.Tensor:
+                        group: int, groups_per_slice: int = DEFAULTS.tiled_groups_per_slice) -> torch.Tensor:
     """x (M, K) in bf16 or fp16 @ the INT4 weight as mma tiles (`tile_int4`) -> (tiled_split, M, N) float32 partial
     sums. CUDA only (inline PTX); M of any size, in chunks of 8 rows (a grid dimension, so that the chunks of one
     tile run together and read its words from L2)."""
@@ -633,7 +635,7 @@ def int4_tiled_partials(x: torch.Tensor, words: torch.Tensor, scale: torch.Tenso
         raise ValueError(f"the tiled INT4 kernel takes bf16 or fp16 activations, not {x.dtype}")
     if not tiles_fit(n, k, group):
         raise ValueError(f"no INT4 tiles for N={n}, K={k}, group {group} (16 | N, 128 | group, group | K)")
-    split = tiled_split(n, k, m)
+    split = tiled_split(n, k, m, groups_per_slice)
     y = _partials(m, n, split, x.device)
     xi = x.contiguous().view(torch.int32)
     z = zero if zero is not None else scale  # never read without HAS_ZERO
@@ -652,9 +654,11 @@ def untile_int4_gpu(words: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def partials_split(n: int, k: int, m: int, tiled: bool = False) -> int:
+def partials_split(n: int, k: int, m: int, tiled: bool = False, engine: EngineConfig = DEFAULTS) -> int:
     """How many partial sums the INT4 / FP8 / dense linears return for an (M, K) x (N, K) product."""
-    return tiled_split(n, k, m) if tiled and m <= TILED_MAX_M else split_k(n, k, m)
+    if tiled and m <= engine.tiled_max_m:
+        return tiled_split(n, k, m, engine.tiled_groups_per_slice)
+    return split_k(n, k, m)
 
 
 def fp8_partials(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, config: dict | None = None
@@ -698,13 +702,6 @@ def dense_partials(x: torch.Tensor, weight: torch.Tensor, config: dict | None = 
     return y
 
 
-def dense_gemv() -> bool:
-    """Whether bf16 / fp16 linears of at most GEMV_MAX_M rows take dense_partials instead of cuBLAS (on unless
-    TOOLCHAIN_DENSE_GEMV=0). On the H200 a bf16 Llama-2-7B decoded 4.5% faster at batch 1 with it, side by side in
-    one call (BENCHMARKS.md): its partial sums fuse into the next kernel where cuBLAS adds a split-K reduction."""
-    return os.environ.get("TOOLCHAIN_DENSE_GEMV", "1") != "0"
-
-
 def fp8_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, config: dict | None = None
                ) -> torch.Tensor:
     """x (M, K) @ (weight * scale)^T -> (M, N) in x's dtype (fp8_partials, summed)."""
@@ -735,262 +732,3 @@ def fp8_scaled_mm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) ->
     xq, xs = quantize_fp8_per_token(x)
     return torch._scaled_mm(xq, weight.t(), scale_a=xs, scale_b=scale.reshape(1, -1).to(torch.float32),
                             out_dtype=x.dtype)
-
-
-# -- the residual add and RMSNorm of a decode step, across many programs -------------------------------------
-# RMSNorm's 1 / rms is one number per row, so it commutes with the linear that follows: W (w h / rms) =
-# (W (w h)) / rms. residual_norm stores h and w h and, per program, its share of the sum of squares of h; the
-# consumer of the next product (the attention kernel, the SiLU product) applies the scale. A norm computed
-# whole needs every column of a row in one program: one program per row at batch 1, which on the H200 took
-# 4.6-6.3 us per norm, two norms per block (BENCHMARKS.md). Columns per program, measured on the H200 in the
-# decoder (Llama-2-7B, batch 1): 128 for the norm (256: 0.02 ms per step slower), 128 for silu_product (256:
-# 0.014 ms slower; 1,024: 2.0 us per call where inductor's kernel, more programs, took 1.2).
-NORM_BLOCK = 128
-SILU_BLOCK = 128
-
-if triton is not None:
-
-    @triton.jit
-    def _residual_norm(h_ptr, d_ptr, w_ptr, hout_ptr, u_ptr, ss_ptr, N, stride_ds, stride_dm, stride_hm,
-                       stride_ssm, S: tl.constexpr, BLOCK: tl.constexpr):
-        # h + (the sum of the S partial sums d, cast to h's dtype: as `summed(d).to(h.dtype)` rounds it), then
-        # u = w h in h's dtype and the sum of squares of this program's columns of h (float32).
-        m, p = tl.program_id(0), tl.program_id(1)
-        cols = p * BLOCK + tl.arange(0, BLOCK)
-        mask = cols < N
-        h = tl.load(h_ptr + m * stride_hm + cols, mask=mask, other=0.0)
-        if S > 0:
-            d = tl.load(d_ptr + m * stride_dm + cols, mask=mask, other=0.0)
-            for s in tl.static_range(1, S):
-                d += tl.load(d_ptr + s * stride_ds + m * stride_dm + cols, mask=mask, other=0.0)
-            h = (h.to(tl.float32) + d.to(h.dtype).to(tl.float32)).to(h.dtype)
-        w = tl.load(w_ptr + cols, mask=mask, other=0.0)
-        hf = h.to(tl.float32)
-        tl.store(hout_ptr + m * stride_hm + cols, h, mask=mask)
-        tl.store(u_ptr + m * stride_hm + cols, (w.to(tl.float32) * hf).to(h.dtype), mask=mask)
-        tl.store(ss_ptr + m * stride_ssm + p, tl.sum(hf * hf, 0))
-
-    @triton.jit
-    def _silu_product(p_ptr, ss_ptr, out_ptr, INTER, stride_ps, stride_pm, stride_ssm, stride_om, inv_n, eps,
-                      S: tl.constexpr, P: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK: tl.constexpr):
-        # The gate/up product's partial sums (S, M, 2 INTER) summed, scaled by the row's 1 / rms, then
-        # silu(gate) * up in out's dtype.
-        m, c = tl.program_id(0), tl.program_id(1)
-        rp = tl.arange(0, BLOCK_P)
-        ss = tl.sum(tl.load(ss_ptr + m * stride_ssm + rp, mask=rp < P, other=0.0), 0)
-        cols = c * BLOCK + tl.arange(0, BLOCK)
-        mask = cols < INTER
-        row = p_ptr + m * stride_pm + cols
-        gate = tl.load(row, mask=mask, other=0.0)
-        up = tl.load(row + INTER, mask=mask, other=0.0)
-        for s in tl.static_range(1, S):
-            gate += tl.load(row + s * stride_ps, mask=mask, other=0.0)
-            up += tl.load(row + s * stride_ps + INTER, mask=mask, other=0.0)
-        r = 1.0 / tl.sqrt(ss * inv_n + eps)
-        gate, up = gate * r, up * r
-        out = gate / (1.0 + tl.exp(-gate)) * up
-        tl.store(out_ptr + m * stride_om + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
-
-
-def split_norm() -> bool:
-    """Whether the decode step's norms take residual_norm (on unless TOOLCHAIN_SPLIT_NORM=0)."""
-    return os.environ.get("TOOLCHAIN_SPLIT_NORM", "1") != "0"
-
-
-def norm_programs(n: int) -> int:
-    """How many partial sums of squares residual_norm returns per row of n columns."""
-    return -(-n // NORM_BLOCK)
-
-
-def residual_norm(h: torch.Tensor, d: torch.Tensor | None, w: torch.Tensor
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """h (M, N) plus the partial sums d (S, M, N) float32 (or None), and RMSNorm's weight w (N,): returns the new
-    h, u = w h (both in h's dtype) and ss (M, norm_programs(N)) float32, partial sums of squares of the new h.
-    RMSNorm(h) W^T = rms_scale(ss, N, eps) * (u W^T)."""
-    h = h.contiguous()
-    m, n = h.shape
-    hout, u = torch.empty_like(h), torch.empty_like(h)
-    ss = torch.empty((m, norm_programs(n)), device=h.device, dtype=torch.float32)
-    s = 0 if d is None else d.shape[0]
-    d = h if d is None else d.contiguous()
-    _residual_norm[(m, ss.shape[1])](h, d, w, hout, u, ss, n, d.stride(0) if s else 0, d.stride(1) if s else 0,
-                                      h.stride(0), ss.stride(0), S=s, BLOCK=NORM_BLOCK,
-                                      num_warps=max(1, min(4, NORM_BLOCK // 128)))
-    return hout, u, ss
-
-
-def rms_scale(ss: torch.Tensor, n: int, eps: float) -> torch.Tensor:
-    """1 / rms per row from residual_norm's partial sums of squares (M, P), as P - 1 adds (fuses when compiled)."""
-    total = ss[:, 0]
-    for i in range(1, ss.shape[1]):
-        total = total + ss[:, i]
-    return torch.rsqrt(total / n + eps)
-
-
-def residual_norm_reference(h: torch.Tensor, d: torch.Tensor | None, w: torch.Tensor
-                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """residual_norm in plain torch: the same roundings to h's dtype, sums of squares in float64 (tests)."""
-    if d is not None:
-        h = (h.double() + d.double().sum(0).to(h.dtype).double()).to(h.dtype)
-    u = (w.double() * h.double()).to(h.dtype)
-    m, n = h.shape
-    p = norm_programs(n)
-    hf = torch.nn.functional.pad(h.double(), (0, p * NORM_BLOCK - n))
-    return h, u, (hf.view(m, p, NORM_BLOCK) ** 2).sum(-1)
-
-
-def silu_product(parts: torch.Tensor, ss: torch.Tensor, n: int, eps: float, dtype: torch.dtype) -> torch.Tensor:
-    """The MLP's silu(gate) * up from the gate/up product's partial sums (S, M, 2 I) of residual_norm's w h,
-    scaled by rms_scale(ss, n, eps) first: (M, I) in `dtype`. One launch (inductor, given the same expression,
-    computed the scale in kernels of its own: two more launches per block on the H200)."""
-    s, m, two_i = parts.shape
-    parts = parts.contiguous()
-    out = torch.empty((m, two_i // 2), device=parts.device, dtype=dtype)
-    _silu_product[(m, triton.cdiv(two_i // 2, SILU_BLOCK))](
-        parts, ss, out, two_i // 2, parts.stride(0), parts.stride(1), ss.stride(0), out.stride(0), 1.0 / n, eps,
-        S=s, P=ss.shape[1], BLOCK_P=triton.next_power_of_2(ss.shape[1]), BLOCK=SILU_BLOCK, num_warps=2)
-    return out
-
-
-def silu_product_reference(parts: torch.Tensor, ss: torch.Tensor, n: int, eps: float) -> torch.Tensor:
-    """silu_product in float64 (tests)."""
-    gu = parts.double().sum(0) * rms_scale(ss.double(), n, eps)[:, None]
-    inter = gu.shape[-1] // 2
-    return torch.nn.functional.silu(gu[:, :inter]) * gu[:, inter:]
-
-
-# -- decode attention -----------------------------------------------------------------------------------------
-
-if triton is not None:
-
-    @triton.jit
-    def _rotated(p_ptr, S: tl.constexpr, stride_ps, base, rd, cos, sin, sign, HALF: tl.constexpr, mask):
-        # Rows of heads (base: one offset per row) summed over the partial slices, rotary applied in float32:
-        # x cos + rotate_half(x) sin, rotate_half(x) = (-x[HALF:], x[:HALF]).
-        partner = (rd + HALF) % (2 * HALF)
-        x = tl.load(p_ptr + base[:, None] + rd[None, :], mask=mask, other=0.0).to(tl.float32)
-        y = tl.load(p_ptr + base[:, None] + partner[None, :], mask=mask, other=0.0).to(tl.float32)
-        for s in tl.static_range(1, S):
-            x += tl.load(p_ptr + s * stride_ps + base[:, None] + rd[None, :], mask=mask, other=0.0).to(tl.float32)
-            y += tl.load(p_ptr + s * stride_ps + base[:, None] + partner[None, :], mask=mask,
-                         other=0.0).to(tl.float32)
-        return x * cos[None, :] + sign[None, :] * y * sin[None, :]
-
-    @triton.jit
-    def _decode_attention(p_ptr, kc_ptr, vc_ptr, cos_ptr, sin_ptr, pos_ptr, out_ptr, ss_ptr, S: tl.constexpr,
-                              stride_ps, stride_pb, stride_cb, stride_ch, stride_cl, stride_ob, stride_cos,
-                              stride_ssb, sm_scale, inv_n, eps, NH: tl.constexpr, NKV: tl.constexpr,
-                              HD: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_G: tl.constexpr, P: tl.constexpr,
-                              BLOCK_P: tl.constexpr):
-        # One program per (sequence, KV head): its query heads as the rows of a tile of BLOCK_G >= 16 rows
-        # (padded), so the cache is read once per group and q K^T, P V are tensor-core products. Rotary on q and
-        # the new k (rotate-half form), the new k and v written into the cache at `pos`, then softmax(q K^T /
-        # sqrt(d)) V over positions 0..pos-1 of the cache and the new token (from registers, as rounded for the
-        # cache: nothing is read back that this launch wrote). P > 0: the product was of the un-normalized
-        # input (residual_norm), and q, k, v are scaled here by the row's 1 / rms from its P partial sums of
-        # squares (loaded first: their latency overlaps the rest).
-        # One program per (sequence, KV head) also where that leaves most of the card idle (32 programs for
-        # Llama-2-7B at batch 1): splitting the positions over 4 programs, combined by the last to finish,
-        # made the decode step 0.2 ms slower on the H200 (BENCHMARKS.md).
-        b, kvh = tl.program_id(0), tl.program_id(1)
-        if P > 0:
-            rp = tl.arange(0, BLOCK_P)
-            r = 1.0 / tl.sqrt(tl.sum(tl.load(ss_ptr + b * stride_ssb + rp, mask=rp < P, other=0.0), 0) * inv_n + eps)
-        G: tl.constexpr = NH // NKV
-        HALF: tl.constexpr = HD // 2
-        kdt = kc_ptr.dtype.element_ty
-        rg = tl.arange(0, BLOCK_G)
-        rd = tl.arange(0, HD)
-        gmask = rg < G
-        pos = tl.load(pos_ptr)
-        cos = tl.load(cos_ptr + pos * stride_cos + rd).to(tl.float32)
-        sin = tl.load(sin_ptr + pos * stride_cos + rd).to(tl.float32)
-        sign = tl.where(rd < HALF, -1.0, 1.0)
-        row = b * stride_pb
-        q = _rotated(p_ptr, S, stride_ps, row + (kvh * G + rg) * HD, rd, cos, sin, sign, HALF, gmask[:, None])
-        q = q * sm_scale
-        one = rg < 1
-        k = _rotated(p_ptr, S, stride_ps, row + (NH + kvh) * HD + rg * 0, rd, cos, sin, sign, HALF, one[:, None])
-        v = tl.load(p_ptr + row + (NH + NKV + kvh) * HD + rd).to(tl.float32)
-        for s in tl.static_range(1, S):
-            v += tl.load(p_ptr + s * stride_ps + row + (NH + NKV + kvh) * HD + rd).to(tl.float32)
-        if P > 0:
-            q, k, v = q * r, k * r, v * r
-        k = tl.sum(k, 0).to(kdt)  # row 0 only (the others masked to zero)
-        v = v.to(kdt)
-        cache = b * stride_cb + kvh * stride_ch
-        tl.store(kc_ptr + cache + pos * stride_cl + rd, k)
-        tl.store(vc_ptr + cache + pos * stride_cl + rd, v)
-        m = tl.sum(q * k.to(tl.float32)[None, :], 1)  # the new token's scores: a finite running maximum
-        den = m * 0.0 + 1.0
-        acc = tl.zeros((BLOCK_G, HD), tl.float32) + v.to(tl.float32)[None, :]
-        qd = q.to(kdt)
-        rl = tl.arange(0, BLOCK_L)
-        for l0 in range(0, pos, BLOCK_L):
-            lmask = (l0 + rl) < pos
-            at = cache + (l0 + rl)[:, None] * stride_cl + rd[None, :]
-            kb = tl.load(kc_ptr + at, mask=lmask[:, None], other=0.0)
-            vb = tl.load(vc_ptr + at, mask=lmask[:, None], other=0.0)
-            sc = tl.dot(qd, tl.trans(kb))
-            sc = tl.where(lmask[None, :], sc, float("-inf"))
-            m_new = tl.maximum(m, tl.max(sc, 1))
-            alpha = tl.exp(m - m_new)
-            p = tl.exp(sc - m_new[:, None])
-            den = den * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(kdt), vb)
-            m = m_new
-        o = out_ptr + b * stride_ob + (kvh * G + rg)[:, None] * HD + rd[None, :]
-        tl.store(o, acc / den[:, None], mask=gmask[:, None])
-
-
-# Measured on the H200 (BENCHMARKS.md), Llama-2-7B heads, 160 cached positions: 64-position blocks at batch 1
-# (6.2-6.5 us), 32 at batch 16 (13.9-14.6 us; 64: 18.6-20.1 us), 4 warps.
-ATTENTION_WARPS = 4
-def decode_attention(qkv: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                     pos: torch.Tensor, n_heads: int, n_kv: int, ss: torch.Tensor | None = None, n: int = 1,
-                     eps: float = 0.0) -> torch.Tensor:
-    """One decode step's attention from the q/k/v product's partial sums `qkv` (S, B, (n_heads + 2 n_kv) d):
-    rotary at position `pos` (a 0-d device tensor), the new k and v written into the caches (B, n_kv, L, d) at
-    `pos`, attention over positions 0..pos. Returns (B, n_heads d) in the caches' dtype. With `ss` (B, P), the
-    partial sums of squares of residual_norm over n columns, q, k and v are first scaled by rms_scale(ss, n,
-    eps): the product was taken of the norm's un-normalized output."""
-    s, b, _ = qkv.shape
-    hd = kc.shape[-1]
-    if hd & (hd - 1) or hd < 32 or n_heads % n_kv:
-        raise ValueError(f"decode attention needs a power-of-two head size of at least 32 (got {hd}) and whole "
-                         f"query groups ({n_heads} heads, {n_kv} KV heads)")
-    out = torch.empty((b, n_heads * hd), device=qkv.device, dtype=kc.dtype)
-    p = 0 if ss is None else ss.shape[1]
-    _decode_attention[(b, n_kv)](
-        qkv, kc, vc, cos, sin, pos, out, out if ss is None else ss, s, qkv.stride(0), qkv.stride(1), kc.stride(0),
-        kc.stride(1), kc.stride(2), out.stride(0), cos.stride(0), 0 if ss is None else ss.stride(0), hd ** -0.5,
-        1.0 / n, eps, NH=n_heads, NKV=n_kv, HD=hd, BLOCK_L=64 if b <= 4 else 32,
-        BLOCK_G=max(16, triton.next_power_of_2(n_heads // n_kv)), P=p, BLOCK_P=triton.next_power_of_2(max(p, 1)),
-        num_warps=ATTENTION_WARPS)
-    return out
-
-
-def decode_attention_reference(qkv: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, cos: torch.Tensor,
-                               sin: torch.Tensor, pos: int, n_heads: int, n_kv: int, ss: torch.Tensor | None = None,
-                               n: int = 1, eps: float = 0.0) -> torch.Tensor:
-    """The same step in plain torch, float64 (tests): returns the output and leaves the caches updated."""
-    b = qkv.shape[1]
-    hd = kc.shape[-1]
-    x = qkv.double().sum(0)
-    if ss is not None:
-        x = x * rms_scale(ss.double(), n, eps)[:, None]
-    q = x[:, : n_heads * hd].view(b, n_heads, hd)
-    k = x[:, n_heads * hd : (n_heads + n_kv) * hd].view(b, n_kv, hd)
-    v = x[:, (n_heads + n_kv) * hd :].view(b, n_kv, hd)
-    c, s = cos[pos].double(), sin[pos].double()
-
-    def rot(t):
-        return t * c + torch.cat((-t[..., hd // 2 :], t[..., : hd // 2]), -1) * s
-
-    q, k = rot(q), rot(k)
-    kc[:, :, pos] = k.to(kc.dtype)
-    vc[:, :, pos] = v.to(vc.dtype)
-    keys = kc[:, :, : pos + 1].double().repeat_interleave(n_heads // n_kv, 1)
-    vals = vc[:, :, : pos + 1].double().repeat_interleave(n_heads // n_kv, 1)
-    att = torch.softmax((q[:, :, None] @ keys.transpose(-1, -2)) / hd ** 0.5, -1) @ vals
-    return att.reshape(b, n_heads * hd)

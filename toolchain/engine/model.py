@@ -42,7 +42,6 @@ BLOCK_LINEARS = ("qkv", "o", "gate_up", "down")
 # Per-block tensors beside the linears, None where the family has none: passed to every block after the linears'
 # tensors (tensors only, so that one compiled graph serves every layer).
 BLOCK_EXTRAS = ("qkv_bias", "o_bias", "q_norm", "k_norm")
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 
 
 @dataclass(frozen=True)
@@ -54,20 +53,23 @@ class AttentionTraits:
 
 
 def attention_traits(cfg: dict[str, Any]) -> AttentionTraits:
-    """What a family's attention adds to Llama's, read from config.json as transformers' modeling code does
-    (transformers 5: Qwen2Attention q/k/v bias=True, o bias=False; LlamaAttention and Qwen3Attention
-    bias=config.attention_bias on all four; MistralAttention none; Qwen3 q_norm/k_norm; Mistral's sliding_window,
-    Qwen's only under use_sliding_window). One function, so that the family registry (toolchain.families) can
-    take its place."""
-    mt = cfg.get("model_type")
-    if mt not in FAMILIES:
-        raise BuildError(f"the built-in runtime runs {', '.join(FAMILIES)} decoders, not model_type {mt!r}")
+    """What a family's attention adds to Llama's, from its description (toolchain.families): q/k/v (and o)
+    biases, per-head q/k RMSNorm, and the sliding window where the config turns it on (Mistral's on every layer,
+    Qwen's only under use_sliding_window)."""
+    from .. import families
+    from ..families.base import O_PROJ, Q_PROJ
+
+    try:
+        fam = families.family_of(cfg)
+    except families.UnsupportedModel as e:
+        raise BuildError(f"the built-in runtime: {e}") from None
     if cfg.get("mlp_bias"):
         raise BuildError("the built-in runtime has no MLP bias (config.json mlp_bias: true)")
-    both = bool(cfg.get("attention_bias")) and mt in ("llama", "qwen3")
+    biased = fam.biases(cfg)
+    mt = cfg.get("model_type")
     window = cfg.get("sliding_window") if mt == "mistral" or cfg.get("use_sliding_window") else None
-    return AttentionTraits(qkv_bias=mt == "qwen2" or both, o_bias=both, qk_norm=mt == "qwen3", window=window or None)
-
+    return AttentionTraits(qkv_bias=Q_PROJ in biased, o_bias=O_PROJ in biased,
+                           qk_norm=fam.qk_norm, window=window or None)
 
 
 def concat(parts: list[Linear]) -> Linear:

@@ -13,7 +13,9 @@ def execute_all(plans: list[Any], store: Any, reporter: Any, executor: str = "lo
     if executor == "ray":
         from .ray import execute
 
-        return execute(plans, store, reporter, **options)
+        # --verify and --force are the local executor's (the CLI refuses them with ray): not options of a cluster run
+        rest = {k: v for k, v in options.items() if k not in ("verify", "force")}
+        return execute(plans, store, reporter, **rest)
     from .local import execute
 
     return execute(plans, store, reporter, remote=options.get("remote"), verify=options.get("verify", False),

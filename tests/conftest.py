@@ -92,6 +92,17 @@ def build_shared_stages(profile: dict, store_dir: Path) -> dict[str, Path]:
     return {s.name: store.object_dir(s.key) for s in shared.stages if store.has(s.key)}
 
 
+def tensors_of(directory: Path) -> dict:
+    """Every tensor of a directory's safetensors files, by name."""
+    from safetensors import safe_open
+
+    out = {}
+    for f in sorted(directory.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as h:
+            out.update({k: h.get_tensor(k) for k in h.keys()})
+    return out
+
+
 def build_json(*args: str) -> dict:
     r = run_cli("build", *args, "--json")
     assert r.stdout, r.stderr

@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import build_json, have, run_cli, tiny_profile, write_profile
-from safetensors import safe_open
+from conftest import build_json, have, run_cli, tensors_of, tiny_profile, write_profile
 
 from toolchain.ir import IRReader
 from toolchain.store import Store
@@ -28,12 +27,6 @@ SCHEMES = {
 }
 
 
-def tensors_of(directory: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in sorted(directory.glob("*.safetensors")):
-        with safe_open(str(f), framework="pt") as h:
-            out.update({k: h.get_tensor(k) for k in h.keys()})
-    return out
 
 
 def build_tiny(tmp_path: Path, quantize: dict) -> tuple[dict, Store]:

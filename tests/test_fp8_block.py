@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import build_json, have, run_cli, tiny_profile, write_profile
-from safetensors import safe_open
+from conftest import build_json, have, run_cli, tensors_of, tiny_profile, write_profile
 from safetensors.torch import save_file
 from trtllm_testlib import MODELOPT_SKIP, compare_hf_json, compare_tensors, export, make_ir, modelopt_python, run_oracle
 
@@ -25,12 +24,6 @@ BLOCK_Q = {"method": "fp8", "strategy": "block"}
 B128 = {"hidden_size": 256, "intermediate_size": 512, "head_dim": 64}
 
 
-def tensors_of(directory: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in sorted(directory.glob("*.safetensors")):
-        with safe_open(str(f), framework="pt") as h:
-            out.update({k: h.get_tensor(k) for k in h.keys()})
-    return out
 
 
 @pytest.mark.parametrize("shape", [(256, 384), (200, 300)])  # whole blocks, and ragged edges (zero-padded)

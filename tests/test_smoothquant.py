@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import build_json, have, tiny_profile, write_profile
-from safetensors import safe_open
+from conftest import build_json, have, tensors_of, tiny_profile, write_profile
 
 from toolchain.ir import IRReader
 from toolchain.quant.smoothquant import fake_act_int8, search_alpha, smoothing_scales, w8a8_error
@@ -19,12 +18,6 @@ from toolchain.store import Store
 SQ = {"method": "smoothquant", "calibration": {"dataset": "random", "samples": 4, "seq_len": 64}, "device": "cpu"}
 
 
-def tensors_of(directory: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in sorted(directory.glob("*.safetensors")):
-        with safe_open(str(f), framework="pt") as h:
-            out.update({k: h.get_tensor(k) for k in h.keys()})
-    return out
 
 
 def test_activation_quantizer_against_float64():
